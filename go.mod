@@ -3,12 +3,14 @@ module github.com/hwkms/hwkms
 go 1.26.0
 
 require (
-	github.com/fsnotify/fsnotify v1.10.1 // indirect
-	github.com/google/go-tpm v0.9.8 // indirect
-	github.com/miekg/pkcs11 v1.1.2 // indirect
-	github.com/prometheus/client_golang v1.25.0 // indirect
-	go.yaml.in/yaml/v2 v2.4.4 // indirect
+	google.golang.org/grpc v1.82.1
+	k8s.io/kms v0.37.2
+)
+
+require (
+	golang.org/x/net v0.59.0 // indirect
 	golang.org/x/sys v0.48.0 // indirect
-	k8s.io/kms v0.37.2 // indirect
-	sigs.k8s.io/yaml v1.6.0 // indirect
+	golang.org/x/text v0.42.0 // indirect
+	google.golang.org/genproto/googleapis/rpc v0.0.0-20260526163538-3dc84a4a5aaa // indirect
+	google.golang.org/protobuf v1.36.12 // indirect
 )

@@ -1,0 +1,324 @@
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/kms/pkg/service"
+)
+
+// StatusVersion is the only Status.version kube-apiserver accepts for KMS v2.
+const StatusVersion = "v2"
+
+// Defaults for Options.
+const (
+	DefaultHealthInterval = 10 * time.Second
+	DefaultProbeTimeout   = 3 * time.Second
+)
+
+// Options configures a Service. The zero value is usable.
+type Options struct {
+	// Logger receives one debug line per request and one warn line per failure. It never
+	// receives plaintext, seeds, PINs or auth values. Default: slog.Default().
+	Logger *slog.Logger
+	// HealthInterval is how often Run probes the primary KEK. Default 10 s.
+	HealthInterval time.Duration
+	// ProbeTimeout bounds one probe. Default 3 s.
+	ProbeTimeout time.Duration
+	// Observer, if set, is told about every request and probe (metrics).
+	Observer Observer
+}
+
+// Observer receives request and probe outcomes, for metrics. Implementations must be
+// fast and safe for concurrent use; they must not block the request path.
+type Observer interface {
+	// ObserveRequest is called once per RPC with its method ("Encrypt", "Decrypt",
+	// "Status"), the gRPC code returned and its duration.
+	ObserveRequest(method string, code codes.Code, d time.Duration)
+	// ObserveProbe is called after each health probe.
+	ObserveProbe(h Health)
+}
+
+// Service implements k8s.io/kms/pkg/service.Service over a Keyring. It is safe for
+// concurrent use. Status answers from the cached health probe and never touches a
+// device; Encrypt and Decrypt call the device once each.
+type Service struct {
+	ring     atomic.Pointer[Keyring]
+	health   healthCache
+	log      *slog.Logger
+	obs      Observer
+	interval time.Duration
+	timeout  time.Duration
+}
+
+var _ service.Service = (*Service)(nil)
+
+// NewService returns a Service serving ring. Call Run (or ProbeNow) to fill the health
+// cache; until the first probe, Status reports the plugin as not yet healthy.
+func NewService(ring *Keyring, opts Options) *Service {
+	s := &Service{
+		log:      opts.Logger,
+		obs:      opts.Observer,
+		interval: opts.HealthInterval,
+		timeout:  opts.ProbeTimeout,
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.interval <= 0 {
+		s.interval = DefaultHealthInterval
+	}
+	if s.timeout <= 0 {
+		s.timeout = DefaultProbeTimeout
+	}
+	s.ring.Store(ring)
+	return s
+}
+
+// Keyring returns the keyring currently serving.
+func (s *Service) Keyring() *Keyring { return s.ring.Load() }
+
+// SwapKeyring atomically installs ring, whose primary passed the probe h, and returns
+// the previous keyring. The caller closes the old keyring; Keyring.Close waits for the
+// requests still using it, so no in-flight request fails.
+func (s *Service) SwapKeyring(ring *Keyring, h Health) *Keyring {
+	old := s.ring.Swap(ring)
+	s.recordProbe(h)
+	return old
+}
+
+// Health returns the cached result of the latest probe.
+func (s *Service) Health() Health { return s.health.get() }
+
+// ProbeNow probes the current primary KEK, stores and returns the result.
+func (s *Service) ProbeNow(ctx context.Context) Health {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var h Health
+	err := s.withRing(func(r *Keyring) error {
+		h = Probe(ctx, r.Primary())
+		return nil
+	})
+	if err != nil {
+		h = Health{Reason: "no keyring: " + reasonOf(err), At: time.Now(), Err: err}
+	}
+	s.recordProbe(h)
+	return h
+}
+
+func (s *Service) recordProbe(h Health) {
+	prev := s.health.get()
+	s.health.set(h)
+	switch {
+	case !h.OK:
+		s.log.Warn("health probe failed", "key_id", h.KeyID, "reason", h.Reason, "err", h.Err)
+	case !prev.OK || prev.KeyID != h.KeyID:
+		s.log.Info("health probe ok", "key_id", h.KeyID)
+	}
+	if s.obs != nil {
+		s.obs.ObserveProbe(h)
+	}
+}
+
+// Run probes the primary KEK now and then every HealthInterval until ctx is done.
+func (s *Service) Run(ctx context.Context) {
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	for {
+		s.ProbeNow(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// withRing runs fn with the current keyring held against Close. If a reload closes the
+// keyring between loading and acquiring it, it retries with the new one.
+func (s *Service) withRing(fn func(*Keyring) error) error {
+	for range 1000 {
+		r := s.ring.Load()
+		if r.acquire() {
+			defer r.release()
+			return fn(r)
+		}
+		runtime.Gosched()
+	}
+	return fmt.Errorf("keyring is closed: %w", ErrClosed)
+}
+
+// Status implements service.Service. It reads the cached probe; it never touches a device.
+func (s *Service) Status(ctx context.Context) (*service.StatusResponse, error) {
+	start := time.Now()
+	primary := s.ring.Load().Primary().ID()
+	h := s.health.get()
+	resp := &service.StatusResponse{Version: StatusVersion, Healthz: "ok", KeyID: primary}
+	switch {
+	case h.At.IsZero():
+		resp.Healthz = "no health probe has completed yet"
+	case !h.OK:
+		resp.Healthz = h.Reason
+	case h.KeyID != primary:
+		resp.Healthz = "primary key_id " + primary + " has not been probed yet"
+	case time.Since(h.At) > 3*s.interval+s.timeout:
+		resp.Healthz = "health probe result is stale (last at " + h.At.UTC().Format(time.RFC3339) + ")"
+	}
+	s.done(ctx, "Status", "", primary, start, nil)
+	return resp, nil
+}
+
+// Encrypt implements service.Service: it wraps a DEK seed with the primary KEK.
+func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*service.EncryptResponse, error) {
+	start := time.Now()
+	if n := len(plaintext); n == 0 || n > MaxPlaintext {
+		err := status.Errorf(codes.InvalidArgument, "encrypt: plaintext is %d bytes; hwkms accepts 1 to %d", n, MaxPlaintext)
+		s.done(ctx, "Encrypt", uid, "", start, err)
+		return nil, err
+	}
+	var resp *service.EncryptResponse
+	var keyID string
+	err := s.withRing(func(r *Keyring) error {
+		k := r.Primary()
+		keyID = k.ID()
+		body, err := k.Wrap(ctx, plaintext, frameAAD(k.Backend(), keyID))
+		if err != nil {
+			return err
+		}
+		frame := encodeFrame(k.Backend(), body)
+		if len(frame) > MaxCiphertext {
+			return fmt.Errorf("frame of %d bytes exceeds the %d-byte limit", len(frame), MaxCiphertext)
+		}
+		resp = &service.EncryptResponse{Ciphertext: frame, KeyID: keyID}
+		return nil
+	})
+	if err != nil {
+		gerr := toStatus(ctx, "encrypt", keyID, err)
+		s.done(ctx, "Encrypt", uid, keyID, start, gerr, "err", err)
+		return nil, gerr
+	}
+	s.done(ctx, "Encrypt", uid, keyID, start, nil)
+	return resp, nil
+}
+
+// Decrypt implements service.Service: it unwraps a frame made by Encrypt, with the KEK
+// named by req.KeyID.
+func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) ([]byte, error) {
+	start := time.Now()
+	if err := checkDecryptRequest(req); err != nil {
+		s.done(ctx, "Decrypt", uid, "", start, err)
+		return nil, err
+	}
+	var plaintext []byte
+	err := s.withRing(func(r *Keyring) error {
+		k, ok := r.Lookup(req.KeyID)
+		if !ok {
+			return errUnknownKey
+		}
+		b, body, err := parseFrame(req.Ciphertext)
+		if err != nil {
+			return err
+		}
+		if b != k.Backend() {
+			return fmt.Errorf("frame backend %s does not match key backend %s: %w", b, k.Backend(), ErrInvalidCiphertext)
+		}
+		plaintext, err = k.Unwrap(ctx, body, frameAAD(b, req.KeyID))
+		if err != nil {
+			return err
+		}
+		if n := len(plaintext); n == 0 || n > MaxPlaintext {
+			clear(plaintext)
+			return fmt.Errorf("unwrapped %d bytes, outside 1..%d: %w", n, MaxPlaintext, ErrInvalidCiphertext)
+		}
+		return nil
+	})
+	if err != nil {
+		gerr := toStatus(ctx, "decrypt", req.KeyID, err)
+		s.done(ctx, "Decrypt", uid, req.KeyID, start, gerr, "err", err)
+		return nil, gerr
+	}
+	s.done(ctx, "Decrypt", uid, req.KeyID, start, nil)
+	return plaintext, nil
+}
+
+var errUnknownKey = errors.New("key_id is not in the keyring")
+
+func checkDecryptRequest(req *service.DecryptRequest) error {
+	if req == nil {
+		return status.Error(codes.InvalidArgument, "decrypt: empty request")
+	}
+	if err := ValidateKeyID(req.KeyID); err != nil {
+		return status.Errorf(codes.InvalidArgument, "decrypt: %v", err)
+	}
+	if n := len(req.Ciphertext); n == 0 || n > MaxCiphertext {
+		return status.Errorf(codes.InvalidArgument, "decrypt: ciphertext is %d bytes; expected 1 to %d", n, MaxCiphertext)
+	}
+	if len(req.Annotations) != 0 {
+		// hwkms never returns annotations, so a request carrying some was not produced
+		// by hwkms (or was altered in etcd).
+		return status.Errorf(codes.InvalidArgument, "decrypt: request carries %d annotations; hwkms produces none", len(req.Annotations))
+	}
+	return nil
+}
+
+// toStatus maps an error from the keyring or a KEK to a gRPC status. This is the one
+// place where device errors become codes (DESIGN.md section 1). The message names the
+// operation and key_id only; the device error goes to the log, never to the client.
+func toStatus(ctx context.Context, op, keyID string, err error) error {
+	kid := printableKeyID(keyID)
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return status.Errorf(codes.DeadlineExceeded, "%s: deadline exceeded waiting for the device (key_id %s)", op, kid)
+	case errors.Is(err, context.Canceled) || errors.Is(ctx.Err(), context.Canceled):
+		return status.Errorf(codes.Canceled, "%s: request canceled (key_id %s)", op, kid)
+	case errors.Is(err, errUnknownKey):
+		return status.Errorf(codes.NotFound, "%s: key_id %s is not in the keyring (was it removed before storage migration finished?)", op, kid)
+	case errors.Is(err, ErrInvalidCiphertext):
+		return status.Errorf(codes.InvalidArgument, "%s: ciphertext is malformed or not authentic for key_id %s", op, kid)
+	case errors.Is(err, ErrInvalidInput):
+		return status.Errorf(codes.InvalidArgument, "%s: invalid input for key_id %s", op, kid)
+	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrClosed):
+		return status.Errorf(codes.Unavailable, "%s: device unavailable for key_id %s", op, kid)
+	default:
+		return status.Errorf(codes.Internal, "%s: internal error with key_id %s", op, kid)
+	}
+}
+
+// printableKeyID quotes a client-supplied key_id for messages and logs, bounded in length.
+func printableKeyID(id string) string {
+	const max = 128
+	if len(id) > max {
+		cut := max
+		for cut > 0 && !utf8.RuneStart(id[cut]) {
+			cut--
+		}
+		return fmt.Sprintf("%q...", id[:cut])
+	}
+	return fmt.Sprintf("%q", id)
+}
+
+// done logs and observes the end of a request.
+func (s *Service) done(ctx context.Context, method, uid, keyID string, start time.Time, gerr error, extra ...any) {
+	d := time.Since(start)
+	code := status.Code(gerr)
+	if s.obs != nil {
+		s.obs.ObserveRequest(method, code, d)
+	}
+	attrs := append([]any{"method", method, "uid", uid, "key_id", keyID, "code", code.String(), "duration", d}, extra...)
+	switch code {
+	case codes.OK:
+		s.log.Log(ctx, slog.LevelDebug, "request", attrs...)
+	case codes.Internal, codes.Unavailable, codes.DeadlineExceeded:
+		s.log.Log(ctx, slog.LevelError, "request failed", attrs...)
+	default:
+		s.log.Log(ctx, slog.LevelWarn, "request failed", attrs...)
+	}
+}
