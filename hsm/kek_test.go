@@ -642,25 +642,33 @@ func TestClose(t *testing.T) {
 	}
 	body := roundTrip(t, k, []byte("seed"), aad)
 
-	// An operation waiting for a session when Close starts returns ErrClosed, and Close
-	// waits for the operation holding the session.
+	// Close waits for an operation that holds a session (simulated: the test holds the
+	// read lock and the only session), and wakes an operation waiting for a session with
+	// ErrClosed.
 	k.mu.RLock()
 	s, err := k.pool.acquire(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
+	isWaiting := make(chan struct{})
+	k.pool.onWait = func() { close(isWaiting) }
 	waiting := make(chan error, 1)
-	go func() { _, err := k.Wrap(context.Background(), []byte("seed"), aad); waiting <- err }()
-	time.Sleep(20 * time.Millisecond) // let it block on the pool; the test holds either way
+	go func() {
+		k.mu.RLock() // a second reader, admitted before Close asks for the write lock
+		defer k.mu.RUnlock()
+		_, err := k.pool.acquire(context.Background())
+		waiting <- err
+	}()
+	<-isWaiting
 	closed := make(chan error, 1)
 	go func() { closed <- k.Close() }()
 	if err := <-waiting; !errors.Is(err, plugin.ErrClosed) {
-		t.Errorf("waiting Wrap = %v, want ErrClosed", err)
+		t.Errorf("waiting acquire = %v, want ErrClosed", err)
 	}
 	select {
 	case <-closed:
 		t.Fatal("Close returned while an operation held a session")
-	case <-time.After(20 * time.Millisecond):
+	case <-time.After(20 * time.Millisecond): // Close must still be waiting
 	}
 	k.pool.release(s)
 	k.mu.RUnlock()

@@ -24,6 +24,8 @@ type pool struct {
 	tok   *token
 	slots chan *session
 	done  <-chan struct{} // closed when the KEK closes; wakes waiters
+
+	onWait func() // test hook: called before blocking for a session; nil in production
 }
 
 // newPool opens n sessions eagerly, so that a token that cannot give us n sessions
@@ -60,10 +62,17 @@ func (p *pool) acquire(ctx context.Context) (*session, error) {
 	var s *session
 	select {
 	case s = <-p.slots:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("hsm: waiting for a session on token %q: %w", p.tok.label, ctx.Err())
-	case <-p.done:
-		return nil, plugin.ErrClosed
+	default:
+		if p.onWait != nil {
+			p.onWait()
+		}
+		select {
+		case s = <-p.slots:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("hsm: waiting for a session on token %q: %w", p.tok.label, ctx.Err())
+		case <-p.done:
+			return nil, plugin.ErrClosed
+		}
 	}
 	if !s.open {
 		if err := p.open(s); err != nil {

@@ -79,12 +79,19 @@ func New(t testing.TB) *softhsm.Fixture {
 		t.Fatal("softhsmtest: call softhsmtest.Main(m) from TestMain: SoftHSM2 reads SOFTHSM2_CONF once per process")
 	}
 	if setupErr != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("softhsmtest: SoftHSM2 is required when CI is set: %v", setupErr)
-		}
-		t.Skipf("softhsmtest: SoftHSM2 not available, skipping (install softhsm2; with CI set this fails): %v", setupErr)
+		unavailable(t, setupErr)
 	}
 	return fixture
+}
+
+// unavailable skips t, or fails it when the CI environment variable is set.
+func unavailable(t testing.TB, err error) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Fatalf("softhsmtest: SoftHSM2 is required when CI is set: %v", err)
+		return
+	}
+	t.Skipf("softhsmtest: SoftHSM2 not available, skipping (install softhsm2; with CI set this fails): %v", err)
 }
 
 // TokenInfo is a token made for one test. PIN and SOPIN are random throw-away values;
