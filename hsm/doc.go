@@ -85,8 +85,10 @@
 //     CKR_DEVICE_ERROR (and CKR_DEVICE_MEMORY, CKR_TOKEN_NOT_RECOGNIZED,
 //     CKR_USER_NOT_LOGGED_IN, CKR_SESSION_COUNT): the session is dropped and the error
 //     returned wrapping plugin.ErrUnavailable. Re-initialising the module and logging in
-//     again is not done yet; a KEK stays unavailable until the failure clears by itself
-//     or it is closed and opened again.
+//     again is not done yet; a KEK stays unavailable until the failure clears by itself,
+//     or until every KEK on the module has been closed (which finalises it) and one is
+//     opened again. The PIN is not kept in memory for a later login: re-initialisation
+//     will read it again from the configured file or variable.
 //   - at C_Decrypt, CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE and
 //     CKR_GENERAL_ERROR (what SoftHSM2 returns for a bad GCM tag): plugin.ErrInvalidCiphertext.
 //

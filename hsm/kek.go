@@ -36,6 +36,10 @@ const (
 // plugin.ErrClosed, waits for operations already on the device to finish, then closes
 // the sessions and releases the shared module and token (logging out and finalising
 // the module when no other KEK in the process uses them).
+//
+// A context bounds the wait for a session, not a PKCS#11 call already running: Cryptoki
+// calls cannot be interrupted, so an operation on a hung token returns when the token
+// does.
 type KEK struct {
 	id          string
 	keyLabel    string

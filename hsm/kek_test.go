@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -754,4 +755,31 @@ func TestRecovery(t *testing.T) {
 		}
 		roundTrip(t, k, []byte("seed"), aad) // the slot reopens once the device is back
 	})
+}
+
+func TestModuleSharedAcrossPaths(t *testing.T) {
+	fx, toks := newTokens(t, 1)
+	cfg := cfgFor(fx, toks[0], "kek")
+	createKey(t, cfg)
+	link := t.TempDir() + "/libalias.so"
+	if err := os.Symlink(fx.Module, link); err != nil {
+		t.Fatal(err)
+	}
+	a := openKEK(t, cfg)
+	aliased := cfg
+	aliased.Module = link
+	b := openKEK(t, aliased)
+	registry.Lock()
+	n := len(registry.modules)
+	registry.Unlock()
+	if n != 1 {
+		t.Errorf("%d modules loaded for one library reached by two paths, want 1", n)
+	}
+	if a.tok != b.tok {
+		t.Error("two KEKs on one token do not share the token login")
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, b, []byte("seed"), aad)
 }

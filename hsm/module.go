@@ -200,8 +200,8 @@ func releaseModuleLocked(m *module) error {
 		if ferr := m.ctx.Finalize(); ferr != nil {
 			err = fmt.Errorf("hsm: C_Finalize of module %q: %w", m.path, ferr)
 		}
-		m.ctx.Destroy()
 	}
+	m.ctx.Destroy() // dlclose drops only our reference to the library
 	return err
 }
 
