@@ -1,0 +1,300 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/hwkms/hwkms/plugin"
+)
+
+// Body format version 1 (see doc.go). These values are stored in etcd inside every
+// ciphertext and can never change meaning.
+const (
+	// mechAESGCM: CKM_AES_GCM, 12-byte IV chosen by hwkms, 128-bit tag.
+	mechAESGCM byte = 0x01
+
+	gcmIVSize  = 12
+	gcmTagSize = 16
+	headerSize = 1 + gcmIVSize
+	minBody    = headerSize + gcmTagSize + 1
+	maxBody    = headerSize + plugin.MaxPlaintext + gcmTagSize
+)
+
+// KEK is an AES key on a PKCS#11 token, used with CKM_AES_GCM to wrap and unwrap
+// kube-apiserver DEK seeds. Its value never leaves the token.
+//
+// A KEK is safe for concurrent use: each operation takes a session from a pool of
+// Config.Sessions sessions and waits for one at most until its context is done. Close
+// is idempotent; it makes waiting and new operations return an error wrapping
+// plugin.ErrClosed, waits for operations already on the device to finish, then closes
+// the sessions and releases the shared module and token (logging out and finalising
+// the module when no other KEK in the process uses them).
+//
+// A context bounds the wait for a session, not a PKCS#11 call already running: Cryptoki
+// calls cannot be interrupted, so an operation on a hung token returns when the token
+// does.
+type KEK struct {
+	id          string
+	keyLabel    string
+	ckaID       []byte // raw CKA_ID of the key found at Open; refinds match it exactly
+	allowUnsafe bool
+	tok         *token
+	pool        *pool
+
+	key     atomic.Uint64 // pkcs11.ObjectHandle of the key
+	refind  sync.Mutex    // serialises finding the key again
+	mu      sync.RWMutex  // held shared by operations, exclusively by Close
+	closed  atomic.Bool
+	done    chan struct{}
+	closing sync.Once
+}
+
+var _ plugin.KEK = (*KEK)(nil)
+
+// Open loads cfg.Module (once per process, shared and reference-counted with every
+// other KEK on it), selects the token, logs in as CKU_USER unless this process already
+// is (C_Login is attempted at most once: a refused PIN is returned as *PINError and never
+// retried), opens the session pool, finds the one AES secret key labelled cfg.KeyLabel
+// (and with CKA_ID cfg.KeyCKAID if set), checks that its attributes keep it inside the
+// token unless cfg.AllowExtractable, and caches its handle.
+func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
+	if err := cfg.Validate(""); err != nil {
+		return nil, fmt.Errorf("hsm: invalid config: %w", err)
+	}
+	pin, err := cfg.readPIN()
+	if err != nil {
+		return nil, err
+	}
+	tok, err := acquireToken(ctx, cfg, pin)
+	if err != nil {
+		return nil, err
+	}
+	k := &KEK{
+		keyLabel:    cfg.KeyLabel,
+		allowUnsafe: cfg.AllowExtractable,
+		tok:         tok,
+		done:        make(chan struct{}),
+	}
+	k.pool, err = newPool(tok, cfg.sessions(), k.done)
+	if err != nil {
+		return nil, errors.Join(err, releaseToken(tok))
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, k.pool.closeAll(), releaseToken(tok))
+		}
+	}()
+	s, err := k.pool.acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer k.pool.release(s)
+	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), cfg.AllowExtractable)
+	if err != nil {
+		if oe, ok := err.(opError); ok {
+			return nil, tokenError(tok, oe)
+		}
+		return nil, err
+	}
+	k.id, k.ckaID = ki.KeyID, id
+	k.key.Store(uint64(h))
+	return k, nil
+}
+
+// ID returns the key_id: KeyID(CKA_LABEL, CKA_ID) of the key. It is valid after Close.
+func (k *KEK) ID() string { return k.id }
+
+// Backend returns plugin.BackendPKCS11.
+func (k *KEK) Backend() plugin.Backend { return plugin.BackendPKCS11 }
+
+// Wrap encrypts plaintext (1..plugin.MaxPlaintext bytes) with C_EncryptInit/C_Encrypt,
+// CKM_AES_GCM, a fresh random 12-byte IV, aad as GCM additional data and a 128-bit tag,
+// and returns a version 1 body: 0x01 | IV | ciphertext || tag (doc.go).
+func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
+	if n := len(plaintext); n == 0 || n > plugin.MaxPlaintext {
+		return nil, fmt.Errorf("hsm: plaintext is %d bytes, want 1..%d: %w", n, plugin.MaxPlaintext, plugin.ErrInvalidInput)
+	}
+	leave, err := k.enter()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
+
+	iv := make([]byte, gcmIVSize)
+	if _, err := rand.Read(iv); err != nil {
+		return nil, fmt.Errorf("hsm: generating IV: %w", err)
+	}
+	var ct []byte
+	err = k.run(ctx, func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error {
+		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
+		defer params.Free()
+		if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, key); err != nil {
+			return opError{op: "C_EncryptInit", err: err}
+		}
+		out, err := c.Encrypt(sh, plaintext)
+		if err != nil {
+			return opError{op: "C_Encrypt", err: err}
+		}
+		// Some tokens ignore the caller's IV and write their own back into the
+		// parameters; a body carrying our IV would then never decrypt.
+		if !bytes.Equal(params.IV(), iv) {
+			return fmt.Errorf("hsm: token %q replaced the GCM IV; it needs a token-generated-IV mechanism, which body version 1 does not have", k.tok.label)
+		}
+		ct = out
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(ct) != len(plaintext)+gcmTagSize {
+		return nil, fmt.Errorf("hsm: C_Encrypt on token %q returned %d bytes for %d bytes of plaintext, want %d",
+			k.tok.label, len(ct), len(plaintext), len(plaintext)+gcmTagSize)
+	}
+	body := make([]byte, 0, headerSize+len(ct))
+	body = append(body, mechAESGCM)
+	body = append(body, iv...)
+	return append(body, ct...), nil
+}
+
+// Unwrap checks that body is a version 1 body of a valid length and mechanism, then
+// decrypts it with C_DecryptInit/C_Decrypt, CKM_AES_GCM and aad. A body that fails
+// authentication (wrong key, aad or any changed bit) returns an error wrapping
+// plugin.ErrInvalidCiphertext; tokens report that as CKR_ENCRYPTED_DATA_INVALID,
+// CKR_ENCRYPTED_DATA_LEN_RANGE, or (SoftHSM2) CKR_GENERAL_ERROR.
+func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
+	if len(body) < minBody || len(body) > maxBody {
+		return nil, fmt.Errorf("hsm: body is %d bytes, want %d..%d: %w", len(body), minBody, maxBody, plugin.ErrInvalidCiphertext)
+	}
+	if body[0] != mechAESGCM {
+		return nil, fmt.Errorf("hsm: unknown body mechanism 0x%02x: %w", body[0], plugin.ErrInvalidCiphertext)
+	}
+	leave, err := k.enter()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
+
+	iv, ct := body[1:headerSize], body[headerSize:]
+	var pt []byte
+	err = k.run(ctx, func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error {
+		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
+		defer params.Free()
+		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, key); err != nil {
+			return opError{op: "C_DecryptInit", err: err}
+		}
+		out, err := c.Decrypt(sh, ct)
+		if err != nil {
+			if isRV(err, pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
+				return fmt.Errorf("hsm: C_Decrypt on token %q: %w: %w", k.tok.label, plugin.ErrInvalidCiphertext, err)
+			}
+			return opError{op: "C_Decrypt", err: err}
+		}
+		pt = out
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(pt) != len(ct)-gcmTagSize {
+		return nil, fmt.Errorf("hsm: C_Decrypt on token %q returned %d bytes for %d bytes of ciphertext, want %d",
+			k.tok.label, len(pt), len(ct), len(ct)-gcmTagSize)
+	}
+	return pt, nil
+}
+
+// Close closes the KEK's sessions and releases its module and token references. It is
+// idempotent: later calls return nil. Operations after Close return plugin.ErrClosed.
+func (k *KEK) Close() error {
+	var err error
+	k.closing.Do(func() {
+		k.closed.Store(true)
+		close(k.done) // wakes operations waiting for a session
+		k.mu.Lock()   // waits for operations on the device
+		defer k.mu.Unlock()
+		err = errors.Join(k.pool.closeAll(), releaseToken(k.tok))
+	})
+	return err
+}
+
+// enter admits an operation unless the KEK is closed; call the returned func when done.
+func (k *KEK) enter() (func(), error) {
+	k.mu.RLock()
+	if k.closed.Load() {
+		k.mu.RUnlock()
+		return nil, fmt.Errorf("hsm: key %q: %w", k.keyLabel, plugin.ErrClosed)
+	}
+	return k.mu.RUnlock, nil
+}
+
+// opFunc runs one operation on a session with the key handle.
+type opFunc func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error
+
+// run runs op on a pooled session, with the recovery described in doc.go: a lost
+// session is dropped and op retried once on a fresh one; a stale key handle is refreshed
+// and op retried once. Errors come back with the token named and the right sentinel.
+func (k *KEK) run(ctx context.Context, op opFunc) error {
+	var err error
+	for attempt := 0; attempt < 2; attempt++ {
+		var retry bool
+		retry, err = k.attempt(ctx, op)
+		if !retry {
+			break
+		}
+	}
+	if oe, ok := err.(opError); ok {
+		return tokenError(k.tok, oe)
+	}
+	return err
+}
+
+// attempt runs op once and reports whether a retry could help.
+func (k *KEK) attempt(ctx context.Context, op opFunc) (retry bool, err error) {
+	s, err := k.pool.acquire(ctx)
+	if err != nil {
+		if errors.Is(err, plugin.ErrClosed) {
+			return false, fmt.Errorf("hsm: key %q: %w", k.keyLabel, err)
+		}
+		return false, err
+	}
+	defer k.pool.release(s)
+	key := pkcs11.ObjectHandle(k.key.Load())
+	err = op(k.tok.ctx, s.h, key)
+	switch classify(err) {
+	case rvSession:
+		s.broken = true
+		return true, err
+	case rvObject:
+		if ferr := k.findAgain(s.h, key); ferr != nil {
+			return false, ferr
+		}
+		return true, err
+	case rvDevice:
+		s.broken = true
+	}
+	return false, err
+}
+
+// findAgain refreshes the cached key handle after CKR_OBJECT_HANDLE_INVALID, unless
+// another goroutine already has. It matches the label and the exact CKA_ID found at
+// Open, so it can only find the same key (and key_id) again.
+func (k *KEK) findAgain(sh pkcs11.SessionHandle, stale pkcs11.ObjectHandle) error {
+	k.refind.Lock()
+	defer k.refind.Unlock()
+	if k.key.Load() != uint64(stale) {
+		return nil
+	}
+	h, _, _, err := selectKey(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.allowUnsafe)
+	if err != nil {
+		return fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
+			k.keyLabel, k.tok.label, plugin.ErrUnavailable, err)
+	}
+	k.key.Store(uint64(h))
+	return nil
+}

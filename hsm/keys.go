@@ -1,0 +1,345 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Errors about key selection and attributes, wrapped by Open, CreateKey and DestroyKey.
+var (
+	// ErrKeyNotFound means no AES secret key on the token has the configured label (and
+	// CKA_ID, if set).
+	ErrKeyNotFound = errors.New("key not found")
+	// ErrKeyAmbiguous means several AES secret keys have the configured label and no
+	// keyCKAID was given to choose one.
+	ErrKeyAmbiguous = errors.New("key selection is ambiguous")
+	// ErrKeyExists means CreateKey found an object with the label already.
+	ErrKeyExists = errors.New("a key with this label already exists")
+	// ErrUnsafeKey means the key's attributes would let its value leave the token
+	// (CKA_EXTRACTABLE true, CKA_SENSITIVE false, CKA_NEVER_EXTRACTABLE false) or it
+	// lacks a CKA_ID, and Config.AllowExtractable is not set.
+	ErrUnsafeKey = errors.New("key attributes are unsafe")
+	// ErrTokenNotFound means no token in the module matches the configured selector.
+	ErrTokenNotFound = errors.New("token not found")
+)
+
+// keyIDDomain separates hwkms key_id hashes from any other use of SHA-256.
+const keyIDDomain = "hwkms/pkcs11/key_id\x00"
+
+// KeyID derives the key_id of a PKCS#11 KEK from its CKA_LABEL and raw CKA_ID:
+//
+//	"p11:" + hex(SHA-256("hwkms/pkcs11/key_id\x00" + label + "\x00" + ckaID)[:16])
+//
+// It depends only on the key object, never on slot or token serial, so every node that
+// reaches the same key computes the same key_id, and a key re-created with the same
+// label gets a new random CKA_ID and so a new key_id.
+func KeyID(label string, ckaID []byte) string {
+	h := sha256.New()
+	h.Write([]byte(keyIDDomain))
+	h.Write([]byte(label))
+	h.Write([]byte{0})
+	h.Write(ckaID)
+	return "p11:" + hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// KeyInfo describes an AES secret key on a token. It holds no key material.
+type KeyInfo struct {
+	// KeyID is KeyID(Label, CKA_ID): the key_id reported to kube-apiserver.
+	KeyID string
+	// Label is CKA_LABEL.
+	Label string
+	// CKAID is CKA_ID, lower-case hex.
+	CKAID string
+	// Extractable is CKA_EXTRACTABLE: the key may be wrapped out of the token.
+	Extractable bool
+	// Sensitive is CKA_SENSITIVE: the key value cannot be read in plaintext.
+	Sensitive bool
+	// NeverExtractable is CKA_NEVER_EXTRACTABLE: the key has never been extractable.
+	NeverExtractable bool
+}
+
+// Safe reports whether the key's value can never have left the token: Sensitive,
+// NeverExtractable, not Extractable, and with a CKA_ID (which key_id uniqueness needs).
+func (k KeyInfo) Safe() bool { return k.unsafeReason() == "" }
+
+// unsafeReason names the first attribute that makes the key unsafe, or "".
+func (k KeyInfo) unsafeReason() string {
+	switch {
+	case k.Extractable:
+		return "CKA_EXTRACTABLE is true: the key can be wrapped out of the token"
+	case !k.Sensitive:
+		return "CKA_SENSITIVE is false: the key value can be read in plaintext"
+	case !k.NeverExtractable:
+		return "CKA_NEVER_EXTRACTABLE is false: the key was extractable at some time and may exist outside the token"
+	case k.CKAID == "":
+		return "CKA_ID is empty: the key_id would not change if the key were re-created with the same label"
+	}
+	return ""
+}
+
+// keyTemplate is the search template of hsm keys: token AES secret keys.
+func keyTemplate(label string, ckaID []byte) []*pkcs11.Attribute {
+	t := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+	}
+	if label != "" {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_LABEL, label))
+	}
+	if ckaID != nil {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_ID, ckaID))
+	}
+	return t
+}
+
+// maxFound bounds a search so that a token full of objects cannot make us loop forever.
+const maxFound = 10000
+
+// findObjects runs C_FindObjectsInit/C_FindObjects/C_FindObjectsFinal with tmpl.
+func findObjects(c p11, sh pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := c.FindObjectsInit(sh, tmpl); err != nil {
+		return nil, opError{op: "C_FindObjectsInit", err: err}
+	}
+	defer c.FindObjectsFinal(sh) //nolint:errcheck // nothing to do if it fails
+	var all []pkcs11.ObjectHandle
+	for len(all) < maxFound {
+		hs, _, err := c.FindObjects(sh, 64)
+		if err != nil {
+			return nil, opError{op: "C_FindObjects", err: err}
+		}
+		if len(hs) == 0 {
+			break
+		}
+		all = append(all, hs...)
+	}
+	return all, nil
+}
+
+// readKeyInfo reads the non-secret attributes of a secret key.
+func readKeyInfo(c p11, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (KeyInfo, []byte, error) {
+	attrs, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_NEVER_EXTRACTABLE, nil),
+	})
+	if err != nil {
+		return KeyInfo{}, nil, opError{op: "C_GetAttributeValue", err: err}
+	}
+	var (
+		ki    KeyInfo
+		ckaID []byte
+	)
+	for _, a := range attrs {
+		switch a.Type {
+		case pkcs11.CKA_LABEL:
+			ki.Label = string(a.Value)
+		case pkcs11.CKA_ID:
+			ckaID = bytes.Clone(a.Value)
+		case pkcs11.CKA_EXTRACTABLE:
+			// Anything but a one-byte CK_FALSE counts as extractable.
+			ki.Extractable = !(len(a.Value) == 1 && a.Value[0] == 0)
+		case pkcs11.CKA_SENSITIVE:
+			ki.Sensitive = len(a.Value) == 1 && a.Value[0] != 0
+		case pkcs11.CKA_NEVER_EXTRACTABLE:
+			ki.NeverExtractable = len(a.Value) == 1 && a.Value[0] != 0
+		}
+	}
+	if ckaID == nil {
+		ckaID = []byte{} // non-nil: a refind must match the empty CKA_ID, not any
+	}
+	ki.CKAID = hex.EncodeToString(ckaID)
+	ki.KeyID = KeyID(ki.Label, ckaID)
+	return ki, ckaID, nil
+}
+
+// selectKey finds the one key with label (and ckaID if non-nil), reads its attributes
+// and, unless allowUnsafe, refuses it if they are unsafe.
+func selectKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID []byte, allowUnsafe bool) (pkcs11.ObjectHandle, KeyInfo, []byte, error) {
+	hs, err := findObjects(c, sh, keyTemplate(label, ckaID))
+	if err != nil {
+		return 0, KeyInfo{}, nil, err
+	}
+	desc := fmt.Sprintf("AES secret key labelled %q", label)
+	if ckaID != nil {
+		desc += fmt.Sprintf(" with CKA_ID %x", ckaID)
+	}
+	switch {
+	case len(hs) == 0:
+		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: no %s on token %q: %w", desc, tokenLabel, ErrKeyNotFound)
+	case len(hs) > 1:
+		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: %d keys match %s on token %q: ambiguous; set keyCKAID to choose one: %w",
+			len(hs), desc, tokenLabel, ErrKeyAmbiguous)
+	}
+	ki, id, err := readKeyInfo(c, sh, hs[0])
+	if err != nil {
+		return 0, KeyInfo{}, nil, err
+	}
+	if reason := ki.unsafeReason(); reason != "" && !allowUnsafe {
+		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: %s on token %q refused: %s (set allowExtractable to accept it): %w",
+			desc, tokenLabel, reason, ErrUnsafeKey)
+	}
+	return hs[0], ki, id, nil
+}
+
+// adminSession opens the token cfg selects, logs in, opens a session (read-write if rw)
+// and runs fn. It is the common part of CreateKey, ListKeys and DestroyKey.
+func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh pkcs11.SessionHandle) error) (err error) {
+	if err := cfg.Validate(""); err != nil {
+		return fmt.Errorf("hsm: invalid config: %w", err)
+	}
+	pin, err := cfg.readPIN()
+	if err != nil {
+		return err
+	}
+	t, err := acquireToken(ctx, cfg, pin)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if rerr := releaseToken(t); rerr != nil && err == nil {
+			err = rerr
+		}
+	}()
+	flags := uint(pkcs11.CKF_SERIAL_SESSION)
+	if rw {
+		flags |= pkcs11.CKF_RW_SESSION
+	}
+	sh, err := t.ctx.OpenSession(t.slot, flags)
+	if err != nil {
+		return tokenError(t, opError{op: "C_OpenSession", err: err})
+	}
+	defer t.ctx.CloseSession(sh) //nolint:errcheck // the session holds nothing we need
+	if err := fn(t, sh); err != nil {
+		if oe, ok := err.(opError); ok {
+			return tokenError(t, oe)
+		}
+		return err
+	}
+	return nil
+}
+
+// CreateKey generates an AES-256 KEK on the token selected by cfg with C_GenerateKey
+// (CKM_AES_KEY_GEN) and the template: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true;
+// CKA_EXTRACTABLE false; CKA_ENCRYPT and CKA_DECRYPT true; CKA_WRAP, CKA_UNWRAP,
+// CKA_SIGN, CKA_VERIFY, CKA_DERIVE false; CKA_LABEL cfg.KeyLabel; a random 16-byte
+// CKA_ID. It refuses (ErrKeyExists) if any object labelled cfg.KeyLabel exists, and
+// refuses a cfg with KeyCKAID set (the CKA_ID must be fresh and random). It reads the
+// attributes back and destroys the key again if the token did not honour them.
+//
+// The existence check and the creation are not atomic: two concurrent CreateKey calls
+// with the same label on different hosts may both succeed; Open then reports ambiguity.
+func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
+	if cfg.KeyCKAID != "" {
+		return KeyInfo{}, errors.New("hsm: keyCKAID must not be set when creating a key: a random CKA_ID is generated")
+	}
+	var ki KeyInfo
+	err := adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
+		existing, err := findObjects(t.ctx, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel)})
+		if err != nil {
+			return err
+		}
+		if len(existing) > 0 {
+			return fmt.Errorf("hsm: token %q already has %d object(s) labelled %q: %w", t.label, len(existing), cfg.KeyLabel, ErrKeyExists)
+		}
+		id := make([]byte, 16)
+		if _, err := rand.Read(id); err != nil {
+			return fmt.Errorf("hsm: generating CKA_ID: %w", err)
+		}
+		h, err := t.ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+			pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
+			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel),
+			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+		})
+		if err != nil {
+			return opError{op: "C_GenerateKey", err: err}
+		}
+		ki, _, err = readKeyInfo(t.ctx, sh, h)
+		if err == nil && !ki.Safe() {
+			err = fmt.Errorf("hsm: token %q did not honour the key template: %s: %w", t.label, ki.unsafeReason(), ErrUnsafeKey)
+		}
+		if err != nil {
+			if derr := t.ctx.DestroyObject(sh, h); derr != nil {
+				return errors.Join(err, fmt.Errorf("hsm: C_DestroyObject of the new key failed; destroy it by hand: %w", derr))
+			}
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	return ki, nil
+}
+
+// ListKeys lists the AES secret token keys on the token selected by cfg (KeyLabel and
+// KeyCKAID are ignored), sorted by label then CKA_ID. It logs in to see private keys.
+func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
+	if cfg.KeyLabel == "" {
+		cfg.KeyLabel = "-" // not used; keeps Validate from complaining
+	}
+	var out []KeyInfo
+	err := adminSession(ctx, cfg, false, func(t *token, sh pkcs11.SessionHandle) error {
+		hs, err := findObjects(t.ctx, sh, keyTemplate("", nil))
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			ki, _, err := readKeyInfo(t.ctx, sh, h)
+			if err != nil {
+				return err
+			}
+			out = append(out, ki)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Label != out[j].Label {
+			return out[i].Label < out[j].Label
+		}
+		return out[i].CKAID < out[j].CKAID
+	})
+	return out, nil
+}
+
+// DestroyKey destroys, with C_DestroyObject, the one AES secret key selected by
+// cfg.KeyLabel and (if set) cfg.KeyCKAID. It refuses when the selection is ambiguous.
+// Data wrapped by the key can never be unwrapped again.
+func DestroyKey(ctx context.Context, cfg Config) error {
+	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
+		h, _, _, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
+		if err != nil {
+			return err
+		}
+		if err := t.ctx.DestroyObject(sh, h); err != nil {
+			return opError{op: "C_DestroyObject", err: err}
+		}
+		return nil
+	})
+}

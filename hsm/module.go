@@ -1,0 +1,309 @@
+package hsm
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/hwkms/hwkms/plugin"
+)
+
+// p11 is the slice of *pkcs11.Ctx that hsm uses. Every PKCS#11 call goes through it so
+// that a test can wrap the real module (count calls, inject CK_RV faults).
+type p11 interface {
+	Initialize(opts ...pkcs11.InitializeOption) error
+	Finalize() error
+	Destroy()
+	GetSlotList(tokenPresent bool) ([]uint, error)
+	GetTokenInfo(slotID uint) (pkcs11.TokenInfo, error)
+	OpenSession(slotID uint, flags uint) (pkcs11.SessionHandle, error)
+	CloseSession(sh pkcs11.SessionHandle) error
+	Login(sh pkcs11.SessionHandle, userType uint, pin string) error
+	Logout(sh pkcs11.SessionHandle) error
+	FindObjectsInit(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) error
+	FindObjects(sh pkcs11.SessionHandle, max int) ([]pkcs11.ObjectHandle, bool, error)
+	FindObjectsFinal(sh pkcs11.SessionHandle) error
+	GetAttributeValue(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, a []*pkcs11.Attribute) ([]*pkcs11.Attribute, error)
+	GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error)
+	DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error
+	EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
+	Encrypt(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
+	DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
+	Decrypt(sh pkcs11.SessionHandle, cipher []byte) ([]byte, error)
+}
+
+var _ p11 = (*pkcs11.Ctx)(nil)
+
+// loadModule dlopens a PKCS#11 module. Tests replace it to wrap the real module.
+var loadModule = func(path string) (p11, error) {
+	c := pkcs11.New(path)
+	if c == nil {
+		return nil, fmt.Errorf("hsm: cannot load PKCS#11 module %q (dlopen failed or C_GetFunctionList missing)", path)
+	}
+	return c, nil
+}
+
+// registry holds every module loaded in this process, by canonical path. C_Initialize
+// and C_Finalize are per process, and login state is per token per process, so KEKs that
+// share a module or a token share one module and one token entry, reference-counted.
+var registry = struct {
+	sync.Mutex
+	modules map[string]*module
+}{modules: map[string]*module{}}
+
+// module is one loaded and initialised PKCS#11 module. Guarded by registry.
+type module struct {
+	path     string
+	ctx      p11
+	refs     int  // token references
+	ownsInit bool // false if C_Initialize said CKR_CRYPTOKI_ALREADY_INITIALIZED
+	tokens   map[uint]*token
+}
+
+// token is a logged-in token. It keeps one session open for its lifetime: login state
+// lasts while the application has a session open with the token (PKCS#11 v2.40 section
+// 5.6, C_CloseSession), so pool sessions may come and go without logging out.
+type token struct {
+	mod    *module
+	ctx    p11
+	slot   uint
+	label  string
+	serial string
+	refs   int                  // guarded by registry
+	hold   pkcs11.SessionHandle // session that carries the login
+	pinMAC []byte               // HMAC of the PIN under pinMACKey, to compare later logins
+}
+
+// pinMACKey is a per-process random key. token.pinMAC lets a second Open on a token that
+// is already logged in prove it knows the same PIN without the PIN being kept in memory.
+var pinMACKey = func() []byte {
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		panic("hsm: crypto/rand failed: " + err.Error())
+	}
+	return k
+}()
+
+func macPIN(pin string) []byte {
+	m := hmac.New(sha256.New, pinMACKey)
+	m.Write([]byte(pin))
+	return m.Sum(nil)
+}
+
+// PINError reports that the token refused the user PIN at C_Login: CKR_PIN_INCORRECT,
+// CKR_PIN_LOCKED, CKR_PIN_EXPIRED, CKR_PIN_INVALID or CKR_PIN_LEN_RANGE. hsm never
+// retries such a login (another attempt could lock the token). It unwraps to the
+// pkcs11.Error and to plugin.ErrUnavailable. It never contains the PIN.
+type PINError struct {
+	// Token names the token (its label) that refused the PIN.
+	Token string
+	// Err is the pkcs11.Error returned by C_Login.
+	Err error
+}
+
+// Error implements error.
+func (e *PINError) Error() string {
+	return fmt.Sprintf("hsm: token %q refused the user PIN at C_Login: %v (not retried: another attempt could lock the token)", e.Token, e.Err)
+}
+
+// Unwrap returns the pkcs11.Error and plugin.ErrUnavailable.
+func (e *PINError) Unwrap() []error { return []error{e.Err, plugin.ErrUnavailable} }
+
+// acquireToken loads and initialises the module if needed, selects the token, opens its
+// login session and logs in as CKU_USER if this process has not yet, and takes a
+// reference. Release it with releaseToken.
+func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	registry.Lock()
+	defer registry.Unlock()
+
+	mod, err := acquireModuleLocked(cfg.Module)
+	if err != nil {
+		return nil, err
+	}
+	tok, err := mod.tokenLocked(cfg, pin)
+	if err != nil {
+		releaseModuleLocked(mod)
+		return nil, err
+	}
+	return tok, nil
+}
+
+// releaseToken drops a reference taken by acquireToken. The last reference to a token
+// logs out and closes its login session; the last reference to a module finalises and
+// unloads it.
+func releaseToken(t *token) error {
+	registry.Lock()
+	defer registry.Unlock()
+	var errs []error
+	t.refs--
+	if t.refs == 0 {
+		delete(t.mod.tokens, t.slot)
+		if err := t.ctx.Logout(t.hold); err != nil && !isRV(err, pkcs11.CKR_USER_NOT_LOGGED_IN) {
+			errs = append(errs, fmt.Errorf("hsm: C_Logout on token %q: %w", t.label, err))
+		}
+		if err := t.ctx.CloseSession(t.hold); err != nil {
+			errs = append(errs, fmt.Errorf("hsm: C_CloseSession on token %q: %w", t.label, err))
+		}
+	}
+	if err := releaseModuleLocked(t.mod); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func acquireModuleLocked(path string) (*module, error) {
+	key := path
+	if p, err := filepath.EvalSymlinks(path); err == nil {
+		key = p
+	}
+	if m, ok := registry.modules[key]; ok {
+		m.refs++
+		return m, nil
+	}
+	c, err := loadModule(path)
+	if err != nil {
+		return nil, err
+	}
+	m := &module{path: key, ctx: c, refs: 1, ownsInit: true, tokens: map[uint]*token{}}
+	if err := c.Initialize(); err != nil {
+		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+			c.Destroy()
+			return nil, fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, plugin.ErrUnavailable, err)
+		}
+		// Someone else in this process initialised it (another path to the same
+		// library): use it, but never finalise it.
+		m.ownsInit = false
+	}
+	registry.modules[key] = m
+	return m, nil
+}
+
+func releaseModuleLocked(m *module) error {
+	m.refs--
+	if m.refs > 0 {
+		return nil
+	}
+	delete(registry.modules, m.path)
+	var err error
+	if m.ownsInit {
+		if ferr := m.ctx.Finalize(); ferr != nil {
+			err = fmt.Errorf("hsm: C_Finalize of module %q: %w", m.path, ferr)
+		}
+	}
+	m.ctx.Destroy() // dlclose drops only our reference to the library
+	return err
+}
+
+// tokenLocked finds the configured token and returns it with a new reference, logging
+// in if this process has no login on it yet.
+func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
+	slot, info, err := m.selectSlot(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if t, ok := m.tokens[slot]; ok {
+		if !hmac.Equal(t.pinMAC, macPIN(pin)) {
+			return nil, fmt.Errorf("hsm: token %q is already logged in by this process with a different PIN; refusing a second configuration with another PIN", t.label)
+		}
+		t.refs++
+		return t, nil
+	}
+	t := &token{
+		mod:    m,
+		ctx:    m.ctx,
+		slot:   slot,
+		label:  strings.TrimRight(info.Label, " \x00"),
+		serial: strings.TrimRight(info.SerialNumber, " \x00"),
+		pinMAC: macPIN(pin),
+	}
+	t.hold, err = m.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		return nil, fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+	}
+	// Exactly one C_Login attempt: a wrong PIN is never retried.
+	if err := m.ctx.Login(t.hold, pkcs11.CKU_USER, pin); err != nil && !isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		_ = m.ctx.CloseSession(t.hold)
+		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
+			pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
+			return nil, &PINError{Token: t.label, Err: err}
+		}
+		return nil, fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+	}
+	t.refs = 1
+	m.tokens[slot] = t
+	return t, nil
+}
+
+// selectSlot returns the slot holding the one token that matches cfg's selector.
+func (m *module) selectSlot(cfg Config) (uint, pkcs11.TokenInfo, error) {
+	slots, err := m.ctx.GetSlotList(true)
+	if err != nil {
+		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: C_GetSlotList of module %q: %w: %w", cfg.Module, plugin.ErrUnavailable, err)
+	}
+	var (
+		found []uint
+		infos []pkcs11.TokenInfo
+	)
+	for _, s := range slots {
+		if cfg.Slot != nil && s != *cfg.Slot {
+			continue
+		}
+		info, err := m.ctx.GetTokenInfo(s)
+		if err != nil {
+			if cfg.Slot != nil {
+				return 0, info, fmt.Errorf("hsm: C_GetTokenInfo of slot %d: %w: %w", s, plugin.ErrUnavailable, err)
+			}
+			continue // a slot we cannot read is not the one we are looking for
+		}
+		switch {
+		case cfg.Slot != nil:
+		case cfg.TokenLabel != "" && strings.TrimRight(info.Label, " \x00") == cfg.TokenLabel:
+		case cfg.TokenSerial != "" && strings.TrimRight(info.SerialNumber, " \x00") == cfg.TokenSerial:
+		default:
+			continue
+		}
+		if info.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
+			if cfg.Slot != nil {
+				return 0, info, fmt.Errorf("hsm: token in slot %d is not initialised", s)
+			}
+			continue
+		}
+		found = append(found, s)
+		infos = append(infos, info)
+	}
+	switch len(found) {
+	case 0:
+		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: no %s in module %q (%d slots with a token present): %w",
+			cfg.tokenName(), cfg.Module, len(slots), ErrTokenNotFound)
+	case 1:
+		return found[0], infos[0], nil
+	default:
+		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: %s is ambiguous: %d tokens match (slots %v); select by tokenSerial or slot",
+			cfg.tokenName(), len(found), found)
+	}
+}
+
+// isRV reports whether err is a pkcs11.Error equal to one of rvs.
+func isRV(err error, rvs ...uint) bool {
+	var e pkcs11.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	for _, rv := range rvs {
+		if uint(e) == rv {
+			return true
+		}
+	}
+	return false
+}
