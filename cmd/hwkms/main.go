@@ -1,0 +1,106 @@
+// Command hwkms is a Kubernetes KMS v2 plugin whose key-encryption key never leaves a
+// PKCS#11 token or a TPM 2.0. Run "hwkms help" for the commands.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `hwkms: Kubernetes KMS v2 plugin with the KEK in an HSM or TPM
+
+Usage:
+  hwkms serve   --config FILE           serve KMS v2 on the configured unix socket
+  hwkms dev     [--socket PATH] [--dir DIR]
+                                        throwaway SoftHSM2 token and KEK, served until Ctrl-C
+  hwkms key create  --config FILE [--key N]   create keys[N] (default 0) on its device, print its key_id
+  hwkms key list    --config FILE             list configured keys: key_id, backend, role, present
+  hwkms status  --socket PATH [--timeout D]   call Status on a KMS v2 socket and print it
+  hwkms version
+
+Secrets (PINs, auth values) are read from files or environment variables named in the
+config, never from the command line.
+`
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hwkms: %v\n", err)
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(int(ee))
+		}
+		os.Exit(1)
+	}
+}
+
+// exitError carries a specific exit code.
+type exitError int
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitError(2)
+	}
+	switch args[0] {
+	case "serve":
+		return cmdServe(ctx, args[1:], stderr)
+	case "dev":
+		return cmdDev(ctx, args[1:], stdout, stderr)
+	case "key":
+		if len(args) < 2 {
+			fmt.Fprint(stderr, usage)
+			return exitError(2)
+		}
+		switch args[1] {
+		case "create":
+			return cmdKeyCreate(ctx, args[2:], stdout, stderr)
+		case "list":
+			return cmdKeyList(ctx, args[2:], stdout, stderr)
+		}
+	case "status":
+		return cmdStatus(ctx, args[1:], stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "hwkms", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprintf(stderr, "unknown command %q\n\n%s", args[0], usage)
+	return exitError(2)
+}
+
+// newFlags returns a FlagSet that reports errors instead of exiting.
+func newFlags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+// parseFlags parses args and refuses positional leftovers.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("%s: unexpected arguments %q", fs.Name(), fs.Args())
+	}
+	return nil
+}

@@ -1,0 +1,306 @@
+package config
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/hwkms/hwkms/hsm"
+	"github.com/hwkms/hwkms/plugin"
+)
+
+// maxConfigSize bounds the config file read.
+const maxConfigSize = 1 << 20
+
+// Config is the hwkms configuration file. Field names are the YAML keys.
+type Config struct {
+	// Socket is where kube-apiserver connects.
+	Socket Socket `json:"socket"`
+	// Timeout is the gRPC connection timeout; match the provider timeout of the
+	// EncryptionConfiguration (default 3s).
+	Timeout Duration `json:"timeout,omitempty"`
+	// ShutdownTimeout bounds graceful shutdown (default 5s).
+	ShutdownTimeout Duration `json:"shutdownTimeout,omitempty"`
+	// Health configures the cached health probe that answers Status.
+	Health Health `json:"health,omitempty"`
+	// Log configures structured logging.
+	Log Log `json:"log,omitempty"`
+	// Keys lists the KEKs: the first encrypts, the others only decrypt.
+	Keys []Key `json:"keys"`
+}
+
+// Socket configures the unix socket.
+type Socket struct {
+	// Path is the socket file; kube-apiserver's endpoint is "unix://" + Path.
+	Path string `json:"path"`
+	// Mode is the socket's permission bits as an octal string (default "0600").
+	Mode string `json:"mode,omitempty"`
+	// Group, if set, is the socket's group, by name or numeric gid.
+	Group string `json:"group,omitempty"`
+}
+
+// Health configures the background probe.
+type Health struct {
+	// Interval between probes (default 10s).
+	Interval Duration `json:"interval,omitempty"`
+	// Timeout of one probe (default 3s).
+	Timeout Duration `json:"timeout,omitempty"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Level is debug, info, warn or error (default info). Debug logs one line per request.
+	Level string `json:"level,omitempty"`
+	// Format is text or json (default text).
+	Format string `json:"format,omitempty"`
+}
+
+// Key is one KEK: exactly one backend block is set.
+type Key struct {
+	// PKCS11 selects a key in a PKCS#11 token.
+	PKCS11 *hsm.Config `json:"pkcs11,omitempty"`
+}
+
+// Backend returns the name of the key's backend block ("pkcs11" or "tpm").
+func (k Key) Backend() string {
+	switch {
+	case k.PKCS11 != nil:
+		return plugin.BackendPKCS11.String()
+	default:
+		return ""
+	}
+}
+
+// Duration is a time.Duration written as a Go duration string ("3s", "250ms").
+type Duration time.Duration
+
+// UnmarshalJSON parses a duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration must be a string like \"3s\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// MarshalJSON writes the duration string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// Load reads, strictly parses and validates a config file.
+func Load(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read config %s: %w", path, err)
+	}
+	if len(data) > maxConfigSize {
+		return nil, fmt.Errorf("config %s is larger than %d bytes", path, maxConfigSize)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse strictly parses and validates YAML config bytes. Unknown and duplicate fields
+// are errors.
+func Parse(data []byte) (*Config, error) {
+	var c Config
+	if err := yaml.UnmarshalStrict(data, &c); err != nil {
+		return nil, fmt.Errorf("parse: %w", err)
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.Socket.Mode == "" {
+		c.Socket.Mode = "0600"
+	}
+	if c.Timeout == 0 {
+		c.Timeout = Duration(3 * time.Second)
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = Duration(5 * time.Second)
+	}
+	if c.Health.Interval == 0 {
+		c.Health.Interval = Duration(plugin.DefaultHealthInterval)
+	}
+	if c.Health.Timeout == 0 {
+		c.Health.Timeout = Duration(plugin.DefaultProbeTimeout)
+	}
+	if c.Log.Level == "" {
+		c.Log.Level = "info"
+	}
+	if c.Log.Format == "" {
+		c.Log.Format = "text"
+	}
+}
+
+// Validate checks every field; the error lists every problem, each naming its field.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	switch {
+	case c.Socket.Path == "":
+		bad("socket.path", "is required")
+	case !filepath.IsAbs(c.Socket.Path):
+		bad("socket.path", "must be an absolute path, got %q", c.Socket.Path)
+	case len(c.Socket.Path) > 107:
+		bad("socket.path", "is %d bytes; unix socket paths are limited to 107", len(c.Socket.Path))
+	}
+	if _, err := c.SocketMode(); err != nil {
+		bad("socket.mode", "%v", err)
+	}
+	if _, err := c.SocketGID(); err != nil {
+		bad("socket.group", "%v", err)
+	}
+	for name, d := range map[string]Duration{"timeout": c.Timeout, "shutdownTimeout": c.ShutdownTimeout, "health.interval": c.Health.Interval, "health.timeout": c.Health.Timeout} {
+		if d <= 0 {
+			bad(name, "must be positive, got %s", time.Duration(d))
+		}
+	}
+	if c.Health.Interval > 0 && c.Health.Interval < Duration(time.Second) {
+		bad("health.interval", "must be at least 1s, got %s", time.Duration(c.Health.Interval))
+	}
+	if _, err := parseLevel(c.Log.Level); err != nil {
+		bad("log.level", "%v", err)
+	}
+	if c.Log.Format != "text" && c.Log.Format != "json" {
+		bad("log.format", "must be text or json, got %q", c.Log.Format)
+	}
+	if len(c.Keys) == 0 {
+		bad("keys", "at least one key is required (the first one encrypts)")
+	}
+	for i, k := range c.Keys {
+		prefix := fmt.Sprintf("keys[%d]", i)
+		n := 0
+		if k.PKCS11 != nil {
+			n++
+			if err := k.PKCS11.Validate(prefix + ".pkcs11"); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if n != 1 {
+			bad(prefix, "exactly one backend block (pkcs11) is required, got %d", n)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SocketMode parses Socket.Mode.
+func (c *Config) SocketMode() (fs.FileMode, error) {
+	v, err := strconv.ParseUint(c.Socket.Mode, 8, 32)
+	if err != nil || v&^0o777 != 0 {
+		return 0, fmt.Errorf("must be octal permission bits like \"0660\", got %q", c.Socket.Mode)
+	}
+	if v&0o007 != 0 {
+		return 0, fmt.Errorf("%q gives access to every local user; use group access instead", c.Socket.Mode)
+	}
+	if v&0o600 != 0o600 {
+		return 0, fmt.Errorf("%q must give the owner read and write", c.Socket.Mode)
+	}
+	return fs.FileMode(v), nil
+}
+
+// SocketGID resolves Socket.Group; -1 means unset.
+func (c *Config) SocketGID() (int, error) {
+	g := c.Socket.Group
+	if g == "" {
+		return -1, nil
+	}
+	if id, err := strconv.Atoi(g); err == nil && id >= 0 {
+		return id, nil
+	}
+	grp, err := user.LookupGroup(g)
+	if err != nil {
+		return -1, fmt.Errorf("unknown group %q", g)
+	}
+	return strconv.Atoi(grp.Gid)
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("must be debug, info, warn or error, got %q", s)
+	}
+	return l, nil
+}
+
+// Logger returns a slog.Logger writing to w as the config says.
+func (c *Config) Logger(w interface{ Write([]byte) (int, error) }) *slog.Logger {
+	lvl, _ := parseLevel(c.Log.Level)
+	opts := &slog.HandlerOptions{Level: lvl}
+	if strings.EqualFold(c.Log.Format, "json") {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// OpenKey opens one configured key on its backend.
+func OpenKey(ctx context.Context, k Key) (plugin.KEK, error) {
+	switch {
+	case k.PKCS11 != nil:
+		kek, err := hsm.Open(ctx, *k.PKCS11)
+		if err != nil {
+			return nil, err
+		}
+		return kek, nil
+	default:
+		return nil, errors.New("no backend block")
+	}
+}
+
+// OpenKeyring opens every key of cfg and builds the keyring (first key primary). On
+// error, keys already opened are closed again. Errors name the key by index.
+func OpenKeyring(ctx context.Context, cfg *Config) (*plugin.Keyring, error) {
+	keks := make([]plugin.KEK, 0, len(cfg.Keys))
+	fail := func(err error) (*plugin.Keyring, error) {
+		for _, k := range keks {
+			k.Close()
+		}
+		return nil, err
+	}
+	for i, k := range cfg.Keys {
+		kek, err := OpenKey(ctx, k)
+		if err != nil {
+			return fail(fmt.Errorf("keys[%d] (%s): %w", i, k.Backend(), err))
+		}
+		keks = append(keks, kek)
+	}
+	ring, err := plugin.NewKeyring(keks[0], keks[1:]...)
+	if err != nil {
+		return fail(err)
+	}
+	return ring, nil
+}
