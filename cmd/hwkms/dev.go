@@ -27,8 +27,12 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	socket := fs.String("socket", "./.dev/kms.sock", "path of the unix socket to serve")
 	dir := fs.String("dir", "", "directory for the throwaway token and config (default: a new temp dir, removed on exit)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	backend := fs.String("backend", "pkcs11", "backend of the throwaway KEK: pkcs11 (SoftHSM2)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if *backend != "pkcs11" {
+		return fmt.Errorf("dev: --backend %q: supported backends are pkcs11", *backend)
 	}
 	sock, err := filepath.Abs(*socket)
 	if err != nil {

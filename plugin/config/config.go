@@ -83,8 +83,19 @@ func (k Key) Backend() string {
 	}
 }
 
-// Duration is a time.Duration written as a Go duration string ("3s", "250ms").
-type Duration time.Duration
+// Duration is a time.Duration written as a Go duration string ("3s", "250ms"). A
+// string that does not parse is kept as invalid and reported by Validate, so the
+// message can name the field.
+type Duration struct {
+	d   time.Duration
+	bad string
+}
+
+// Dur returns a Duration of d.
+func Dur(d time.Duration) Duration { return Duration{d: d} }
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return d.d }
 
 // UnmarshalJSON parses a duration string.
 func (d *Duration) UnmarshalJSON(b []byte) error {
@@ -94,17 +105,26 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return err
+		*d = Duration{bad: s}
+		return nil
 	}
-	*d = Duration(v)
+	*d = Duration{d: v}
 	return nil
 }
 
-// D returns the value as a time.Duration.
-func (d Duration) D() time.Duration { return time.Duration(d) }
-
 // MarshalJSON writes the duration string.
-func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.d.String()) }
+
+// check validates a duration field.
+func (d Duration) check(field string, min time.Duration) error {
+	switch {
+	case d.bad != "":
+		return fmt.Errorf("%s: invalid duration %q (use a value like \"3s\")", field, d.bad)
+	case d.d < min:
+		return fmt.Errorf("%s: must be at least %s, got %s", field, min, d.d)
+	}
+	return nil
+}
 
 // Load reads, strictly parses and validates a config file.
 func Load(path string) (*Config, error) {
@@ -145,17 +165,18 @@ func (c *Config) applyDefaults() {
 	if c.Socket.Mode == "" {
 		c.Socket.Mode = "0600"
 	}
-	if c.Timeout == 0 {
-		c.Timeout = Duration(3 * time.Second)
-	}
-	if c.ShutdownTimeout == 0 {
-		c.ShutdownTimeout = Duration(5 * time.Second)
-	}
-	if c.Health.Interval == 0 {
-		c.Health.Interval = Duration(plugin.DefaultHealthInterval)
-	}
-	if c.Health.Timeout == 0 {
-		c.Health.Timeout = Duration(plugin.DefaultProbeTimeout)
+	for _, f := range []struct {
+		d   *Duration
+		def time.Duration
+	}{
+		{&c.Timeout, 3 * time.Second},
+		{&c.ShutdownTimeout, 5 * time.Second},
+		{&c.Health.Interval, plugin.DefaultHealthInterval},
+		{&c.Health.Timeout, plugin.DefaultProbeTimeout},
+	} {
+		if *f.d == (Duration{}) {
+			*f.d = Dur(f.def)
+		}
 	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
@@ -185,13 +206,15 @@ func (c *Config) Validate() error {
 	if _, err := c.SocketGID(); err != nil {
 		bad("socket.group", "%v", err)
 	}
-	for name, d := range map[string]Duration{"timeout": c.Timeout, "shutdownTimeout": c.ShutdownTimeout, "health.interval": c.Health.Interval, "health.timeout": c.Health.Timeout} {
-		if d <= 0 {
-			bad(name, "must be positive, got %s", time.Duration(d))
+	for _, err := range []error{
+		c.Timeout.check("timeout", time.Millisecond),
+		c.ShutdownTimeout.check("shutdownTimeout", 0),
+		c.Health.Interval.check("health.interval", time.Second),
+		c.Health.Timeout.check("health.timeout", time.Millisecond),
+	} {
+		if err != nil {
+			errs = append(errs, err)
 		}
-	}
-	if c.Health.Interval > 0 && c.Health.Interval < Duration(time.Second) {
-		bad("health.interval", "must be at least 1s, got %s", time.Duration(c.Health.Interval))
 	}
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		bad("log.level", "%v", err)

@@ -1,0 +1,44 @@
+# hwkms: `make run` serves a dev KMS v2 socket; `make test` runs every test.
+GO      ?= go
+BACKEND ?= pkcs11
+SOCKET  ?= ./.dev/kms.sock
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+export CGO_ENABLED := 1
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: all deps build run test test-unit test-api vet fmt-check bench clean
+
+all: build
+
+deps:
+	@./.ci/deps.sh
+
+build:
+	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/hwkms ./cmd/hwkms
+
+## run: build and serve KMS v2 on a throwaway dev token (Ctrl-C to stop)
+run: deps build
+	./bin/hwkms dev --backend $(BACKEND) --socket $(SOCKET)
+
+## test: formatting, vet, unit and device tests with -race, then the apiserver-client suite
+test: deps fmt-check vet test-unit test-api
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+	@if [ -f test/go.mod ]; then cd test && $(GO) vet ./...; fi
+
+test-unit:
+	$(GO) test -race -count=1 ./...
+
+test-api:
+	@if [ -f test/go.mod ]; then cd test && $(GO) test -race -count=1 -timeout 20m ./...; fi
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 2000x ./hsm/ ./plugin/...
+
+clean:
+	rm -rf bin .dev

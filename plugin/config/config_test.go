@@ -1,0 +1,173 @@
+package config
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hwkms/hwkms/hsm"
+	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/softhsm/softhsmtest"
+	"k8s.io/kms/pkg/service"
+)
+
+func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestMain(m *testing.M) { softhsmtest.Main(m) }
+
+const validYAML = `
+socket:
+  path: /run/hwkms/kms.sock
+keys:
+  - pkcs11:
+      module: /usr/lib/softhsm/libsofthsm2.so
+      tokenLabel: t
+      pinFile: /etc/hwkms/pin
+      keyLabel: k
+`
+
+func TestParseDefaults(t *testing.T) {
+	c, err := Parse([]byte(validYAML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Timeout.D() != 3*time.Second || c.Health.Interval.D() != 10*time.Second || c.Socket.Mode != "0600" || c.Log.Format != "text" {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+	if m, _ := c.SocketMode(); m != 0o600 {
+		t.Fatalf("mode %o", m)
+	}
+	if c.Keys[0].Backend() != "pkcs11" {
+		t.Fatalf("backend %q", c.Keys[0].Backend())
+	}
+}
+
+func TestParseErrorsNameTheField(t *testing.T) {
+	for _, tc := range []struct {
+		name, yaml, want string
+	}{
+		{"unknown top-level field", validYAML + "bogus: 1\n", `unknown field "bogus"`},
+		{"unknown nested field", strings.Replace(validYAML, "keyLabel: k", "keyLabel: k\n      keyLable: k", 1), `unknown field "keyLable"`},
+		{"not yaml", "socket: [\n", "parse"},
+		{"no socket", strings.Replace(validYAML, "path: /run/hwkms/kms.sock", "mode: \"0600\"", 1), "socket.path: is required"},
+		{"relative socket", strings.Replace(validYAML, "/run/hwkms/kms.sock", "kms.sock", 1), "socket.path: must be an absolute path"},
+		{"world-readable socket", validYAML + "  mode: \"0666\"\n", ""},
+		{"bad timeout", validYAML + "timeout: soon\n", "timeout"},
+		{"negative timeout", validYAML + "timeout: -1s\n", "timeout: must be at least 1ms"},
+		{"fast health", validYAML + "health:\n  interval: 10ms\n", "health.interval: must be at least 1s"},
+		{"bad log level", validYAML + "log:\n  level: loud\n", "log.level"},
+		{"bad log format", validYAML + "log:\n  format: xml\n", "log.format"},
+		{"no keys", "socket:\n  path: /run/k.sock\n", "keys: at least one key"},
+		{"empty key", validYAML + "  - {}\n", "keys[1]: exactly one backend block"},
+		{"two token selectors", strings.Replace(validYAML, "tokenLabel: t", "tokenLabel: t\n      tokenSerial: \"123\"", 1), "keys[0].pkcs11"},
+		{"no pin", strings.Replace(validYAML, "pinFile: /etc/hwkms/pin", "sessions: 2", 1), "keys[0].pkcs11"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml))
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestSocketModeRules(t *testing.T) {
+	for mode, ok := range map[string]bool{"0600": true, "0660": true, "0640": true, "0666": false, "0400": false, "600x": false, "01600": false} {
+		c := Config{Socket: Socket{Mode: mode}}
+		if _, err := c.SocketMode(); (err == nil) != ok {
+			t.Errorf("mode %s: err %v, want ok=%v", mode, err, ok)
+		}
+	}
+}
+
+// writeConfig writes a config serving the given keys and returns its path.
+func writeConfig(t *testing.T, path string, keys ...hsm.Config) {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString("socket:\n  path: /tmp/unused.sock\nkeys:\n")
+	for _, k := range keys {
+		b.WriteString("  - pkcs11:\n")
+		b.WriteString("      module: " + k.Module + "\n")
+		b.WriteString("      tokenLabel: " + k.TokenLabel + "\n")
+		b.WriteString("      pinFile: " + k.PINFile + "\n")
+		b.WriteString("      keyLabel: " + k.KeyLabel + "\n")
+	}
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReloadKeepsOldKeyringOnError rotates A -> B by reload, then checks that broken
+// configs (bad YAML, missing key, wrong PIN) leave the B keyring serving.
+func TestReloadKeepsOldKeyringOnError(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := softhsmtest.NewToken(t, fx)
+	ctx := context.Background()
+	mk := func(label string) hsm.Config {
+		c := hsm.Config{Module: fx.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, KeyLabel: label}
+		if _, err := hsm.CreateKey(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b := mk("kek-a"), mk("kek-b")
+	path := filepath.Join(t.TempDir(), "hwkms.yaml")
+	writeConfig(t, path, a)
+	cfg, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring, err := OpenKeyring(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := plugin.NewService(ring, plugin.Options{})
+	t.Cleanup(func() { svc.Keyring().Close() })
+	idA := ring.Primary().ID()
+	encA, err := svc.Encrypt(ctx, "", []byte("0123456789abcdef0123456789abcdef"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	writeConfig(t, path, b, a)
+	if _, err := Reload(ctx, svc, cfg, path, discard()); err != nil {
+		t.Fatalf("reload to B: %v", err)
+	}
+	idB := svc.Keyring().Primary().ID()
+	if idB == idA {
+		t.Fatal("primary did not change")
+	}
+
+	wrongPIN := filepath.Join(t.TempDir(), "wrong.pin")
+	os.WriteFile(wrongPIN, []byte("not-the-pin\n"), 0o600)
+	missing := b
+	missing.KeyLabel = "no-such-key"
+	badPIN := b
+	badPIN.PINFile = wrongPIN
+	for name, write := range map[string]func(){
+		"bad yaml":    func() { os.WriteFile(path, []byte("keys: [\n"), 0o600) },
+		"missing key": func() { writeConfig(t, path, missing, a) },
+		"wrong pin":   func() { writeConfig(t, path, badPIN, a) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			write()
+			if _, err := Reload(ctx, svc, cfg, path, discard()); err == nil {
+				t.Fatal("reload of a broken config succeeded")
+			}
+			if got := svc.Keyring().Primary().ID(); got != idB {
+				t.Fatalf("primary changed to %s", got)
+			}
+			if _, err := svc.Decrypt(ctx, "", &service.DecryptRequest{Ciphertext: encA.Ciphertext, KeyID: idA}); err != nil {
+				t.Fatalf("old data no longer decrypts: %v", err)
+			}
+		})
+	}
+}
