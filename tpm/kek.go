@@ -3,6 +3,7 @@ package tpm
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
@@ -118,7 +119,34 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 		return nil, fmt.Errorf("tpm: open %s: %w", dev, err)
 	}
 	k.id = keyID(k.name)
+	if err := k.selfTest(ctx); err != nil {
+		k.Close()
+		return nil, fmt.Errorf("tpm: open %s: self-test: %w", dev, err)
+	}
 	return k, nil
+}
+
+// selfTest wraps and unwraps a random value, so that a wrong auth value, an
+// unusable PCR bank or a broken session fails Open rather than the first request.
+func (k *KEK) selfTest(ctx context.Context) error {
+	var probe [32]byte
+	if _, err := rand.Read(probe[:]); err != nil {
+		return err
+	}
+	aad := []byte("hwkms tpm self-test")
+	body, err := k.Wrap(ctx, probe[:], aad)
+	if err != nil {
+		return err
+	}
+	got, err := k.Unwrap(ctx, body, aad)
+	if err != nil {
+		return err
+	}
+	defer clear(got)
+	if subtle.ConstantTimeCompare(got, probe[:]) != 1 {
+		return errors.New("unwrapped value differs")
+	}
+	return nil
 }
 
 func keyID(name []byte) string { return "tpm:" + hex.EncodeToString(name) }
@@ -573,10 +601,12 @@ func startup(c *conn) error {
 	return nil
 }
 
-// listHandles returns the handles of one type (TPM_HT_TRANSIENT,
-// TPM_HT_LOADED_SESSION, TPM_HT_SAVED_SESSION) currently in the TPM (Part 3 section
-// 30.2, TPM_CAP_HANDLES).
+// listHandles returns the handles of one type currently in the TPM (Part 3 section
+// 30.2, TPM_CAP_HANDLES): TPM_HT_TRANSIENT objects, or sessions with
+// TPM_HT_LOADED_SESSION (0x02) / TPM_HT_SAVED_SESSION (0x03). A session query
+// returns HMAC (0x02xxxxxx) and policy (0x03xxxxxx) session handles alike.
 func listHandles(c *conn, ht tpm2.TPMHT) ([]tpm2.TPMHandle, error) {
+	session := ht == tpm2.TPMHTHMACSession || ht == tpm2.TPMHTPolicySession
 	var out []tpm2.TPMHandle
 	next := uint32(ht) << 24
 	for {
@@ -589,7 +619,8 @@ func listHandles(c *conn, ht tpm2.TPMHT) ([]tpm2.TPMHandle, error) {
 			return nil, err
 		}
 		for _, h := range hs.Handle {
-			if uint32(h)>>24 != uint32(ht) {
+			top := tpm2.TPMHT(uint32(h) >> 24)
+			if top != ht && !(session && (top == tpm2.TPMHTHMACSession || top == tpm2.TPMHTPolicySession)) {
 				return out, nil
 			}
 			out = append(out, h)
@@ -597,7 +628,7 @@ func listHandles(c *conn, ht tpm2.TPMHT) ([]tpm2.TPMHandle, error) {
 		if !rsp.MoreData || len(hs.Handle) == 0 {
 			return out, nil
 		}
-		next = uint32(hs.Handle[len(hs.Handle)-1]) + 1
+		next = uint32(ht)<<24 | (uint32(hs.Handle[len(hs.Handle)-1])&0x00ffffff + 1)
 	}
 }
 

@@ -40,48 +40,60 @@ type Sim struct {
 	// Device is the value for tpm.Config.Device: "unix:///path" or "tcp://127.0.0.1:port".
 	Device string
 
-	network string // "unix" or "tcp"
-	address string // socket path or host:port
-	sockDir string // short temp dir holding the unix socket, removed by Stop; "" if none
+	network   string // "unix" or "tcp"
+	address   string // socket path or host:port
+	sockDir   string // short temp dir holding the unix socket, removed by Close; "" if none
+	noStartup bool
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{} // closed when cmd has been waited for
 }
 
+// Options tune StartWith.
+type Options struct {
+	// TCP serves on a free loopback TCP port instead of a unix socket.
+	TCP bool
+	// NoStartup leaves the TPM powered on but not started: the first command
+	// answers TPM_RC_INITIALIZE until a client sends TPM2_Startup.
+	NoStartup bool
+}
+
 // Start launches swtpm serving on a unix socket, with its state in dir (created if
 // missing; reused if it already holds a TPM state), and waits until a TPM command
 // answers or ctx ends.
 func Start(ctx context.Context, dir string) (*Sim, error) {
-	if _, err := exec.LookPath(Binary); err != nil {
-		return nil, ErrNotInstalled
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("swtpm: state dir: %w", err)
-	}
-	// sun_path is limited to 108 bytes and test temp dirs are long: keep the socket in
-	// a short private directory.
-	sockDir, err := os.MkdirTemp("", "swtpm")
-	if err != nil {
-		return nil, fmt.Errorf("swtpm: socket dir: %w", err)
-	}
-	path := filepath.Join(sockDir, "tpm.sock")
-	s := &Sim{Dir: dir, Device: "unix://" + path, network: "unix", address: path, sockDir: sockDir}
-	if err := s.start(ctx); err != nil {
-		os.RemoveAll(sockDir)
-		return nil, err
-	}
-	return s, nil
+	return StartWith(ctx, dir, Options{})
 }
 
 // StartTCP is Start with the server on a free loopback TCP port chosen at run time
 // (the port is kept across Restart).
 func StartTCP(ctx context.Context, dir string) (*Sim, error) {
+	return StartWith(ctx, dir, Options{TCP: true})
+}
+
+// StartWith is Start with options.
+func StartWith(ctx context.Context, dir string, opts Options) (*Sim, error) {
 	if _, err := exec.LookPath(Binary); err != nil {
 		return nil, ErrNotInstalled
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("swtpm: state dir: %w", err)
+	}
+	if !opts.TCP {
+		// sun_path is limited to 108 bytes and test temp dirs are long: keep the
+		// socket in a short private directory.
+		sockDir, err := os.MkdirTemp("", "swtpm")
+		if err != nil {
+			return nil, fmt.Errorf("swtpm: socket dir: %w", err)
+		}
+		path := filepath.Join(sockDir, "tpm.sock")
+		s := &Sim{Dir: dir, Device: "unix://" + path, network: "unix", address: path, sockDir: sockDir, noStartup: opts.NoStartup}
+		if err := s.start(ctx); err != nil {
+			os.RemoveAll(sockDir)
+			return nil, err
+		}
+		return s, nil
 	}
 	var lastErr error
 	for range 5 { // another process may take the port between probe and bind
@@ -90,7 +102,7 @@ func StartTCP(ctx context.Context, dir string) (*Sim, error) {
 			return nil, err
 		}
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		s := &Sim{Dir: dir, Device: "tcp://" + addr, network: "tcp", address: addr}
+		s := &Sim{Dir: dir, Device: "tcp://" + addr, network: "tcp", address: addr, noStartup: opts.NoStartup}
 		if lastErr = s.start(ctx); lastErr == nil {
 			return s, nil
 		}
@@ -116,10 +128,14 @@ func (s *Sim) start(ctx context.Context) error {
 		_, port, _ := net.SplitHostPort(s.address)
 		server = "type=tcp,bindaddr=127.0.0.1,port=" + port
 	}
+	flags := "not-need-init,startup-clear"
+	if s.noStartup {
+		flags = "not-need-init"
+	}
 	cmd := exec.Command(Binary, "socket", "--tpm2",
 		"--tpmstate", "dir="+s.Dir,
 		"--server", server,
-		"--flags", "not-need-init,startup-clear",
+		"--flags", flags,
 		"--log", "file="+filepath.Join(s.Dir, "swtpm.log")+",level=1",
 	)
 	cmd.Stdin = nil
@@ -148,7 +164,7 @@ func (s *Sim) waitReady(ctx context.Context, done <-chan struct{}) error {
 	defer cancel()
 	wait := time.Millisecond
 	for {
-		err := ping(ctx, s.network, s.address)
+		err := ping(ctx, s.network, s.address, s.noStartup)
 		if err == nil {
 			return nil
 		}
@@ -171,8 +187,9 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
-// ping sends TPM2_GetRandom(8) and checks for a TPM_RC_SUCCESS response.
-func ping(ctx context.Context, network, address string) error {
+// ping sends TPM2_GetRandom(8) and checks for a TPM_RC_SUCCESS response (or
+// TPM_RC_INITIALIZE when the TPM is expected not to be started).
+func ping(ctx context.Context, network, address string, noStartup bool) error {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, network, address)
 	if err != nil {
@@ -188,7 +205,7 @@ func ping(ctx context.Context, network, address string) error {
 	if _, err := io.ReadFull(c, hdr[:]); err != nil {
 		return err
 	}
-	if rc := binary.BigEndian.Uint32(hdr[6:]); rc != 0 {
+	if rc := binary.BigEndian.Uint32(hdr[6:]); rc != 0 && !(noStartup && rc == 0x100) {
 		return fmt.Errorf("GetRandom: rc 0x%x", rc)
 	}
 	return nil

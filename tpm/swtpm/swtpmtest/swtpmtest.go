@@ -17,20 +17,21 @@ import (
 // environment variable is set, in which case it fails.
 func New(t testing.TB) *swtpm.Sim {
 	t.Helper()
-	return start(t, swtpm.Start)
+	return NewWith(t, swtpm.Options{})
 }
 
 // NewTCP is New with swtpm serving on a free loopback TCP port.
 func NewTCP(t testing.TB) *swtpm.Sim {
 	t.Helper()
-	return start(t, swtpm.StartTCP)
+	return NewWith(t, swtpm.Options{TCP: true})
 }
 
-func start(t testing.TB, fn func(context.Context, string) (*swtpm.Sim, error)) *swtpm.Sim {
+// NewWith is New with options.
+func NewWith(t testing.TB, opts swtpm.Options) *swtpm.Sim {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	sim, err := fn(ctx, t.TempDir())
+	sim, err := swtpm.StartWith(ctx, t.TempDir(), opts)
 	if errors.Is(err, swtpm.ErrNotInstalled) && os.Getenv("CI") == "" {
 		t.Skipf("skipping: %v; CI is unset", err)
 	}
