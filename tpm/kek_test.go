@@ -457,18 +457,26 @@ func TestHungTPM(t *testing.T) {
 	}
 	cont := func() { syscall.Kill(pid, syscall.SIGCONT) }
 	defer cont()
+	// One call blocks on the TPM, the others wait for the connection: all return
+	// by their deadline.
 	const deadline = 300 * time.Millisecond
-	rctx, cancel := context.WithTimeout(ctx, deadline)
-	start := time.Now()
-	_, err = k.Unwrap(rctx, body, nil)
-	took := time.Since(start)
-	cancel()
-	if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Unwrap on a hung TPM = %v, want ErrUnavailable and DeadlineExceeded", err)
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Go(func() {
+			rctx, cancel := context.WithTimeout(ctx, deadline)
+			defer cancel()
+			start := time.Now()
+			_, err := k.Unwrap(rctx, body, nil)
+			took := time.Since(start)
+			if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("call %d on a hung TPM = %v, want ErrUnavailable and DeadlineExceeded", i, err)
+			}
+			if took > deadline+200*time.Millisecond {
+				t.Errorf("call %d on a hung TPM took %v, deadline %v", i, took, deadline)
+			}
+		})
 	}
-	if took > deadline+200*time.Millisecond {
-		t.Errorf("Unwrap on a hung TPM took %v, deadline %v", took, deadline)
-	}
+	wg.Wait()
 	cont()
 	if got, err := k.Unwrap(ctx, body, nil); err != nil || string(got) != "seed" {
 		t.Fatalf("Unwrap after the TPM continues = %q, %v", got, err)
@@ -600,9 +608,10 @@ func TestCloseDuringCalls(t *testing.T) {
 	}
 	ctx := testCtx(t)
 	var wg sync.WaitGroup
+	started := make(chan struct{}, 4)
 	for range 4 {
 		wg.Go(func() {
-			for range 50 {
+			for i := range 50 {
 				_, err := k.Wrap(ctx, []byte("seed"), nil)
 				if errors.Is(err, plugin.ErrClosed) {
 					return
@@ -611,10 +620,13 @@ func TestCloseDuringCalls(t *testing.T) {
 					t.Errorf("Wrap: %v", err)
 					return
 				}
+				if i == 0 {
+					started <- struct{}{}
+				}
 			}
 		})
 	}
-	time.Sleep(5 * time.Millisecond) // let some calls run; correctness does not depend on it
+	<-started // close while calls are running
 	if err := k.Close(); err != nil {
 		t.Error(err)
 	}
@@ -825,5 +837,50 @@ func TestCreateKeyUnavailable(t *testing.T) {
 	}
 	if _, err := Open(ctx, cfg); err == nil {
 		t.Errorf("Open of a missing TPM succeeded")
+	}
+}
+
+// TestKeyReplaced: after a reconnect the persistent handle holds another key; the
+// KEK refuses to use it (its key_id would be a lie) until it is reopened.
+func TestKeyReplaced(t *testing.T) {
+	sim := swtpmtest.New(t)
+	ctx := testCtx(t)
+	cfg := keyForms[0].cfg(t, sim)
+	createKey(t, cfg)
+	k := openKEK(t, sim, cfg)
+	body, err := k.Wrap(ctx, []byte("seed"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Evict the KEK over the KEK's connection, then drop the connection so that
+	// CreateKey can connect (swtpm serves one connection at a time).
+	err = k.do(ctx, "evict", func() error {
+		_, err := tpm2.EvictControl{
+			Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			ObjectHandle:     tpm2.NamedHandle{Handle: k.persistent, Name: tpm2.TPM2BName{Buffer: k.name}},
+			PersistentHandle: k.persistent,
+		}.Execute(k.c)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.sem <- struct{}{}
+	k.teardown()
+	<-k.sem
+	if _, err := k.Unwrap(ctx, body, nil); !errors.Is(err, ErrKeyNotFound) || !errors.Is(err, plugin.ErrUnavailable) {
+		t.Fatalf("Unwrap with the key evicted = %v, want ErrKeyNotFound and ErrUnavailable", err)
+	}
+	other := createKey(t, cfg)
+	if other.KeyID == k.ID() {
+		t.Fatal("new key has the old key_id")
+	}
+	for _, err := range []error{
+		func() error { _, err := k.Unwrap(ctx, body, nil); return err }(),
+		func() error { _, err := k.Wrap(ctx, []byte("seed"), nil); return err }(),
+	} {
+		if !errors.Is(err, ErrNotKEK) || !errors.Is(err, plugin.ErrUnavailable) {
+			t.Errorf("call with the key replaced = %v, want ErrNotKEK and ErrUnavailable", err)
+		}
 	}
 }

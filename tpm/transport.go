@@ -52,6 +52,9 @@ func dial(ctx context.Context, dev device) (*conn, error) {
 		var d net.Dialer
 		nc, err := d.DialContext(ctx, dev.network, dev.address)
 		if err != nil {
+			if ctxErr := ctx.Err(); ctxErr != nil {
+				return nil, fmt.Errorf("dial %s: %w: %w: %w", dev, errTransport, ctxErr, err)
+			}
 			return nil, fmt.Errorf("dial %s: %w: %w", dev, errTransport, err)
 		}
 		c.nc = nc
@@ -118,20 +121,25 @@ func (c *conn) roundTrip(ctx context.Context, cmd []byte) (rsp []byte, err error
 		// Nothing was sent: the connection is still in sync.
 		return nil, fmt.Errorf("%w: %w", errTransport, err)
 	}
+	deadline, ctxDeadline := ctx.Deadline()
+	if !ctxDeadline {
+		deadline = time.Now().Add(defaultCommandTimeout)
+	}
 	defer func() {
 		if err != nil {
 			c.Close()
-			if ctxErr := ctx.Err(); ctxErr != nil {
+			ctxErr := ctx.Err()
+			if ctxErr == nil && ctxDeadline && errors.Is(err, os.ErrDeadlineExceeded) {
+				// The socket deadline is the ctx deadline; its timer may fire first.
+				ctxErr = context.DeadlineExceeded
+			}
+			if ctxErr != nil {
 				err = fmt.Errorf("%w: %w: %w", errTransport, ctxErr, err)
 			} else {
 				err = fmt.Errorf("%w: %w", errTransport, err)
 			}
 		}
 	}()
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(defaultCommandTimeout)
-	}
 	if err := c.setDeadline(deadline); err != nil && !errors.Is(err, os.ErrNoDeadline) {
 		return nil, err
 	}
