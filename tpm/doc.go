@@ -171,4 +171,31 @@
 // Objects sealed without a policy still unwrap when pcrs is added; objects sealed
 // with one need the same pcrs list in the config to unwrap (the list is not stored
 // in the body; change it only with a new key).
+//
+// # Errors
+//
+// Every error wraps one of the plugin sentinels and, where the TPM answered, the
+// typed tpm2.TPMRC (errors.As/Is work on both): plugin.ErrInvalidCiphertext for a
+// malformed, tampered or foreign body or a wrong aad; plugin.ErrInvalidInput for a
+// plaintext outside 1..96 bytes; plugin.ErrUnavailable for an unreachable TPM, a
+// failed reconnect (also from Open, CreateKey, Probe and DestroyKey), a deadline
+// (also wrapping context.DeadlineExceeded), ErrPolicy, ErrNotKEK and ErrKeyNotFound
+// after a reconnect; plugin.ErrClosed after Close. No error carries a seed,
+// plaintext or auth value.
+//
+// # Other deviations and limits
+//
+//   - Config.BlobFile is the path of one file (version byte 0x01 || TPM2B_PUBLIC ||
+//     TPM2B_PRIVATE, the same layout as a body), not a path prefix. CreateKey writes
+//     it mode 0600 through a temporary file and a hard link, so it is never partial
+//     and never overwritten.
+//   - Open wraps and unwraps a random value before returning, so a wrong auth value
+//     (TPM_RC_BAD_AUTH) or an unusable PCR bank fails Open, not the first request.
+//   - Auth values with a NUL byte are refused: go-tpm v0.9.8 cuts an HMAC key at any
+//     zero byte while the TPM only strips trailing zeros.
+//   - go-tpm keeps its own copies of the command and response buffers; hwkms clears
+//     its copies of the sealed data but cannot clear those.
+//   - The device-file transport (/dev/tpmrm0, /dev/tpm0: one write per command, one
+//     read per response, deadlines where the kernel driver supports poll) is not
+//     exercised by the tests, which run against swtpm sockets.
 package tpm

@@ -107,15 +107,19 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 		k.persistent, _ = parseHandle(cfg.PersistentHandle)
 	} else {
 		pub, pubBytes, priv, err := readBlobFile(cfg.BlobFile)
-		if err != nil {
-			return nil, err
+		if err == nil {
+			k.blobPub, k.blobPriv = pubBytes, priv
+			if k.name, err = objectName(pub); err != nil {
+				err = fmt.Errorf("tpm: blobFile %s: %w: %w", cfg.BlobFile, ErrNotKEK, err)
+			}
 		}
-		k.blobPub, k.blobPriv = pubBytes, priv
-		if k.name, err = objectName(pub); err != nil {
-			return nil, fmt.Errorf("tpm: blobFile %s: %w: %w", cfg.BlobFile, ErrNotKEK, err)
+		if err != nil {
+			clear(auth)
+			return nil, err
 		}
 	}
 	if err := k.connect(ctx); err != nil {
+		clear(auth)
 		return nil, fmt.Errorf("tpm: open %s: %w", dev, err)
 	}
 	k.id = keyID(k.name)

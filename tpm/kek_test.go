@@ -835,8 +835,11 @@ func TestCreateKeyUnavailable(t *testing.T) {
 	if _, err := CreateKey(ctx, cfg); !errors.Is(err, errTransport) {
 		t.Errorf("CreateKey = %v", err)
 	}
-	if _, err := Open(ctx, cfg); err == nil {
-		t.Errorf("Open of a missing TPM succeeded")
+	if _, err := Open(ctx, cfg); !errors.Is(err, plugin.ErrUnavailable) {
+		t.Errorf("Open of a missing TPM = %v, want ErrUnavailable", err)
+	}
+	if _, err := CreateKey(ctx, cfg); !errors.Is(err, plugin.ErrUnavailable) {
+		t.Errorf("CreateKey on a missing TPM = %v, want ErrUnavailable", err)
 	}
 }
 
