@@ -1,0 +1,214 @@
+package tpm
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/google/go-tpm/tpm2"
+)
+
+// DefaultDevice is the TPM used when Config.Device is empty: the kernel's resource
+// manager, which isolates hwkms's handles and sessions from other TPM users.
+const DefaultDevice = "/dev/tpmrm0"
+
+// Persistent handle ranges (TCG "Registry of Reserved TPM 2.0 Handles and Localities").
+const (
+	ownerPersistentFirst = 0x81000000 // first owner-hierarchy persistent handle
+	ownerPersistentLast  = 0x817FFFFF // last owner-hierarchy persistent handle
+	srkRangeLast         = 0x8100FFFF // 0x81000000-0x8100FFFF are reserved for SRKs
+)
+
+// Limits on the KEK auth value read from Config.AuthFile.
+const (
+	// MinAuthLen is the shortest accepted auth value. The KEK and sealed objects are
+	// created with noDA (see doc.go), so the TPM does not rate-limit guesses: the auth
+	// value must carry its own entropy.
+	MinAuthLen = 16
+	// MaxAuthLen is the longest accepted auth value: the TPM limits an object's
+	// authValue to the digest size of its nameAlg (SHA-256).
+	MaxAuthLen = 32
+)
+
+// MaxPCRs is the largest number of PCRs a policy may select: TPM2_PCR_Read returns
+// at most 8 digests per call (TPML_DIGEST).
+const MaxPCRs = 8
+
+// Config selects a TPM and a KEK on it. The zero Device means DefaultDevice.
+// Exactly one of PersistentHandle and BlobFile is set.
+type Config struct {
+	// Device is "/dev/tpmrm0" (default), "/dev/tpm0" (or another absolute device path),
+	// "tcp://host:port" (swtpm's server port) or "unix:///path/to/swtpm.sock".
+	// Only a /dev/tpmrm* device has a resource manager; on any other transport hwkms
+	// assumes it is the TPM's only user (see doc.go).
+	Device string `json:"device,omitempty"`
+	// PersistentHandle is the KEK's owner-hierarchy persistent handle, e.g.
+	// "0x81010010", in 0x81010000-0x817FFFFF (the SRK range 0x81000000-0x8100FFFF is
+	// refused so a KEK can never be confused with, or destroyed as, a system SRK).
+	PersistentHandle string `json:"persistentHandle,omitempty"`
+	// BlobFile is the path of a file holding the KEK's public and private areas
+	// (format in doc.go). The KEK is loaded under the owner SRK at start.
+	BlobFile string `json:"blobFile,omitempty"`
+	// AuthFile optionally names a file holding the KEK's auth value (MinAuthLen to
+	// MaxAuthLen bytes, no NUL byte; one trailing "\n" or "\r\n" is removed).
+	AuthFile string `json:"authFile,omitempty"`
+	// PCRs, when set, seals every new object under a PolicyPCR over these SHA-256
+	// PCRs (0-23, at most MaxPCRs) with their values at Wrap time. See doc.go for
+	// what a PCR change does and how to recover.
+	PCRs []int `json:"pcrs,omitempty"`
+}
+
+// Validate checks the configuration without touching the TPM or the file system.
+// Every error names its field under prefix, e.g. "keys[0].tpm.device: ...".
+func (c Config) Validate(prefix string) error {
+	field := func(name string) string {
+		if prefix == "" {
+			return name
+		}
+		return prefix + "." + name
+	}
+	var errs []error
+	if _, err := parseDevice(c.Device); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", field("device"), err))
+	}
+	switch {
+	case c.PersistentHandle == "" && c.BlobFile == "":
+		errs = append(errs, fmt.Errorf("%s: exactly one of persistentHandle and blobFile is required, neither is set", field("persistentHandle")))
+	case c.PersistentHandle != "" && c.BlobFile != "":
+		errs = append(errs, fmt.Errorf("%s: exactly one of persistentHandle and blobFile is allowed, both are set", field("persistentHandle")))
+	case c.PersistentHandle != "":
+		if _, err := parseHandle(c.PersistentHandle); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", field("persistentHandle"), err))
+		}
+	default:
+		if strings.ContainsRune(c.BlobFile, 0) || strings.HasSuffix(c.BlobFile, "/") {
+			errs = append(errs, fmt.Errorf("%s: %q is not a file path", field("blobFile"), c.BlobFile))
+		}
+	}
+	if strings.ContainsRune(c.AuthFile, 0) {
+		errs = append(errs, fmt.Errorf("%s: not a file path", field("authFile")))
+	}
+	if _, err := pcrList(c.PCRs); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", field("pcrs"), err))
+	}
+	return errors.Join(errs...)
+}
+
+// device is a parsed Config.Device.
+type device struct {
+	network string // "file", "tcp" or "unix"
+	address string // device path, host:port or socket path
+	rm      bool   // a resource manager isolates our handles (only /dev/tpmrm*)
+}
+
+func (d device) String() string {
+	switch d.network {
+	case "file":
+		return d.address
+	default:
+		return d.network + "://" + d.address
+	}
+}
+
+func parseDevice(s string) (device, error) {
+	if s == "" {
+		s = DefaultDevice
+	}
+	switch {
+	case strings.HasPrefix(s, "tcp://"):
+		addr := strings.TrimPrefix(s, "tcp://")
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil || host == "" {
+			return device{}, fmt.Errorf("%q: want tcp://host:port", s)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return device{}, fmt.Errorf("%q: port must be 1-65535", s)
+		}
+		return device{network: "tcp", address: addr}, nil
+	case strings.HasPrefix(s, "unix://"):
+		path := strings.TrimPrefix(s, "unix://")
+		if !filepath.IsAbs(path) {
+			return device{}, fmt.Errorf("%q: want unix:///absolute/path", s)
+		}
+		return device{network: "unix", address: path}, nil
+	case strings.Contains(s, "://"):
+		return device{}, fmt.Errorf("%q: unknown scheme (want a /dev path, tcp:// or unix://)", s)
+	case filepath.IsAbs(s) && !strings.ContainsRune(s, 0):
+		return device{network: "file", address: s, rm: strings.HasPrefix(filepath.Base(s), "tpmrm")}, nil
+	default:
+		return device{}, fmt.Errorf("%q: want an absolute device path such as %s, tcp://host:port or unix:///path", s, DefaultDevice)
+	}
+}
+
+func parseHandle(s string) (tpm2.TPMHandle, error) {
+	if !strings.HasPrefix(s, "0x") && !strings.HasPrefix(s, "0X") {
+		return 0, fmt.Errorf("%q: want a hex handle such as 0x81010010", s)
+	}
+	v, err := strconv.ParseUint(s[2:], 16, 32)
+	if err != nil {
+		return 0, fmt.Errorf("%q: want a hex handle such as 0x81010010", s)
+	}
+	if v < ownerPersistentFirst || v > ownerPersistentLast {
+		return 0, fmt.Errorf("%s is not an owner persistent handle (0x81000000-0x817FFFFF)", s)
+	}
+	if v <= srkRangeLast {
+		return 0, fmt.Errorf("%s is in the SRK range 0x81000000-0x8100FFFF; use 0x81010000-0x817FFFFF", s)
+	}
+	return tpm2.TPMHandle(v), nil
+}
+
+// pcrList returns the PCRs sorted, or an error for out-of-range or repeated entries.
+func pcrList(pcrs []int) ([]uint, error) {
+	if len(pcrs) > MaxPCRs {
+		return nil, fmt.Errorf("%d PCRs selected, at most %d", len(pcrs), MaxPCRs)
+	}
+	out := make([]uint, 0, len(pcrs))
+	for _, p := range pcrs {
+		if p < 0 || p > 23 {
+			return nil, fmt.Errorf("PCR %d out of range 0-23", p)
+		}
+		if slices.Contains(out, uint(p)) {
+			return nil, fmt.Errorf("PCR %d listed twice", p)
+		}
+		out = append(out, uint(p))
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// readAuth reads the auth value from path ("" means no auth value). The value never
+// appears in an error.
+func readAuth(path string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: read authFile: %w", err)
+	}
+	switch {
+	case bytes.HasSuffix(b, []byte("\r\n")):
+		clear(b[len(b)-2:])
+		b = b[:len(b)-2]
+	case bytes.HasSuffix(b, []byte("\n")):
+		b = b[:len(b)-1]
+	}
+	switch {
+	case len(b) < MinAuthLen:
+		clear(b)
+		return nil, fmt.Errorf("tpm: authFile %s: auth value has %d bytes, want at least %d", path, len(b), MinAuthLen)
+	case len(b) > MaxAuthLen:
+		clear(b)
+		return nil, fmt.Errorf("tpm: authFile %s: auth value has %d bytes, want at most %d", path, len(b), MaxAuthLen)
+	case bytes.IndexByte(b, 0) >= 0:
+		clear(b)
+		return nil, fmt.Errorf("tpm: authFile %s: auth value contains a NUL byte", path)
+	}
+	return b, nil
+}

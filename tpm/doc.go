@@ -1,0 +1,201 @@
+// Package tpm is the TPM 2.0 backend of hwkms: a plugin.KEK whose key-encryption key
+// is a storage key inside a TPM and never leaves it.
+//
+// # What this package owns, and what it does not
+//
+// It owns the TPM transport (/dev/tpmrm0, /dev/tpm0, swtpm over TCP or a unix
+// socket), the owner SRK, creating, loading, probing and destroying the KEK, sealing
+// and unsealing, the salted sessions, the optional PCR policy, and recovery after the
+// TPM or swtpm restarts. It does not own gRPC, Kubernetes, the plugin's ciphertext
+// frame, the keyring, metrics or logging (it logs nothing), nor the CLI (cmd/hwkms
+// calls CreateKey, Probe, DestroyKey and Open). The swtpm fixture for tests and
+// `hwkms dev` is the subpackage tpm/swtpm.
+//
+// Commands follow TPM 2.0 Library Part 3 (Commands); structure names follow Part 2.
+// Only go-tpm's tpm2 (direct) API is used.
+//
+// # The KEK
+//
+// The KEK is created by TPM2_Create under the owner-hierarchy SRK. The SRK is made
+// with TPM2_CreatePrimary from the TCG ECC P-256 SRK template (TCG TPM v2.0
+// Provisioning Guidance), so it is re-derived from the owner seed on demand and
+// never needs a persistent handle of its own. The KEK's public area is:
+//
+//	type      TPM_ALG_ECC, curve NIST P-256, scheme NULL, kdf NULL
+//	nameAlg   SHA-256
+//	symmetric AES-128-CFB (the storage key's protection of its children)
+//	attrs     fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt
+//	authValue from Config.AuthFile, or empty; authPolicy empty
+//
+// fixedTPM|fixedParent mean it can never be duplicated off this TPM. ECC P-256
+// rather than RSA-2048: both are mandatory in the PC Client TPM profile, but ECC key
+// generation takes milliseconds where RSA takes up to seconds (the blob form
+// re-creates the SRK at every start and reconnect), and salting a session is one
+// ECDH instead of an RSA-OAEP decryption.
+//
+// noDA is set on the KEK and on every sealed object. hwkms authorises thousands of
+// operations per restart storm; with dictionary-attack protection any burst of
+// authorisation failures (a wrong auth file rolled out, an interposer corrupting
+// HMACs) would put the whole TPM into lockout, taking down this cluster's KMS and
+// every other DA-protected use of the TPM until the lockout auth or the recovery
+// time clears it. Instead the auth value must carry its own entropy: an AuthFile
+// must hold MinAuthLen (16) to MaxAuthLen (32) bytes. Without an AuthFile the KEK
+// has an empty auth value, and anything that can send commands to the TPM (root, or
+// the tss group for /dev/tpmrm0) can use it: the TPM then protects the key from
+// leaving the machine, not from local root.
+//
+// The KEK is kept either at an owner persistent handle (Config.PersistentHandle,
+// TPM2_EvictControl; 0x81010000-0x817FFFFF, the SRK range is refused) or in a blob
+// file (Config.BlobFile) loaded under the SRK at start. The owner hierarchy's auth
+// value must be empty for CreatePrimary and EvictControl. Clearing the owner
+// hierarchy (TPM2_Clear) destroys both forms.
+//
+// # key_id
+//
+// key_id = "tpm:" + lowercase hex of the KEK's TPM Name, i.e. of
+// 0x000b || SHA-256(TPMT_PUBLIC of the KEK): "tpm:000b" followed by 64 hex digits
+// (72 bytes). The Name is computed by hwkms from the public area (never taken on
+// the TPM's word alone), depends only on the key, is the same on every restart of
+// hwkms or of the TPM, and is different for every created key (the public area
+// holds the TPM-generated public point). It is pinned at Open: if, after a
+// reconnect, the persistent handle holds an object with another Name, every call
+// fails with ErrNotKEK and plugin.ErrUnavailable.
+//
+// # Body format v1 (stored in etcd: never change it, add a version instead)
+//
+//	offset  size  field
+//	0       1     format version, 0x01
+//	1       2     P = size of the public area, big-endian uint16
+//	3       P     TPMT_PUBLIC of the sealed object (Part 2 section 12.2.4)
+//	3+P     2     Q = size of the private area, big-endian uint16
+//	5+P     Q     contents of the TPM2B_PRIVATE of the sealed object (Part 2
+//	              section 12.3.7): integrity HMAC and AES-128-CFB encrypted
+//	              sensitive area, keyed from the KEK's seed
+//
+// Bytes 1.. are the TPM2B_PUBLIC followed by the TPM2B_PRIVATE exactly as the TPM
+// marshals them. Measured on swtpm: a 32-byte seed gives a 241-byte body (273
+// with a PCR policy), a 96-byte plaintext 305 (337), well under the 1 KiB limit. Unwrap refuses with plugin.ErrInvalidCiphertext, before touching the TPM,
+// any body whose version is not 0x01, whose sizes run past the end, that has
+// trailing bytes, an empty private area, a public area that does not re-marshal to
+// the same bytes, or a public area other than:
+//
+//	type KEYEDHASH, scheme NULL, nameAlg SHA-256, unique 32 bytes, and either
+//	  fixedTPM|fixedParent|noDA|userWithAuth with an empty authPolicy, or
+//	  fixedTPM|fixedParent|noDA|adminWithPolicy with a 32-byte authPolicy (PCR mode);
+//	never sign, decrypt, restricted or sensitiveDataOrigin.
+//
+// The TPM then checks, in TPM2_Load, the private area's integrity HMAC over the
+// sensitive area and the public area's Name, keyed from the KEK: a tampered public
+// or private area, or a body made under another KEK or another TPM, fails with
+// TPM_RC_INTEGRITY (or another parameter error) and gives plugin.ErrInvalidCiphertext.
+//
+// The sealed data is SHA-256(aad) || plaintext (33 to 128 bytes: a sealed-data
+// object holds at most 128 bytes, hence plugin.MaxPlaintext = 96). After TPM2_Unseal
+// the digest is compared with SHA-256(aad) in constant time; a mismatch gives
+// plugin.ErrInvalidCiphertext. The sealed object's auth value is the KEK's (so the
+// one session below authorises Load and Unseal); in PCR mode it is empty and only
+// the policy authorises Unseal.
+//
+// # Sessions (deviation from DESIGN.md: two HMAC sessions, not one)
+//
+// The seed crosses the bus twice: into the TPM in TPM2_Create (inSensitive) and out
+// in TPM2_Unseal (outData). Both are protected by AES-128-CFB parameter encryption
+// in HMAC sessions salted to the KEK's public key (so only this TPM can derive the
+// session key) and authorised with the KEK's auth value, which therefore never
+// crosses the bus either. The sessions are started once per connection
+// (continueSession) and reused; they are rebuilt after any failure that may have
+// desynchronised them and after a reconnect.
+//
+// DESIGN.md asks for one session encrypting in both directions. That does not work:
+// a TPM refuses a session with the decrypt attribute on a command without an
+// encryptable first parameter, and TPM2_Unseal has none (measured on swtpm:
+// TPM_RC_ATTRIBUTES), while go-tpm fixes a session's attributes at creation. So
+// there are two: one "in" session (decrypt) used for TPM2_Create, one "out"
+// session (encrypt) used for TPM2_Load and TPM2_Unseal. The cost is one more
+// StartAuthSession per connection and one more session slot (of the three a TPM
+// must keep loaded), nothing per request.
+//
+// In PCR mode Unseal is authorised by a third, policy, session (salted, encrypting
+// the response) that is also reused: each Unwrap runs TPM2_PolicyPCR then
+// TPM2_Unseal, after which the TPM resets the session's policy digest. It is
+// flushed and recreated after any failure.
+//
+// For a persistent KEK the public key used for salting is read with TPM2_ReadPublic
+// at Open, which is not authenticated: an active interposer present at the first
+// Open could substitute its own key. Its Name is pinned from then on. The blob form
+// has no such window: the public area comes from the file.
+//
+// # Connection, concurrency and recovery
+//
+// A KEK owns one connection and serialises its commands with a lock that callers
+// wait for no longer than their ctx allows; each command's socket deadline is the
+// ctx deadline. TPM_RC_RETRY, TPM_RC_YIELDED and TPM_RC_TESTING are retried with a
+// backoff from 1 ms doubling to 20 ms, within the ctx. On any device but
+// /dev/tpmrm* there is no resource manager: hwkms assumes it is the TPM's only user
+// and, on every (re)connect, flushes every transient object and loaded or saved
+// session (GetCapability TPM_CAP_HANDLES), which an earlier process or a broken
+// connection may have left. Do not share such a TPM with other software while hwkms
+// runs. CreateKey, Probe and DestroyKey do not flush (a serving hwkms may be on the
+// same TPM; swtpm then makes them wait until it disconnects).
+//
+// A transport failure, TPM_RC_INITIALIZE (the TPM was restarted: TPM2_Startup(CLEAR)
+// is sent), a missing handle or session, full object or session memory, or a
+// response that fails the session HMAC check drops the connection and everything
+// loaded; the call is retried once on a new connection (dial, Startup if needed,
+// flush leftovers, reload the KEK, restart sessions), within its ctx. While the TPM
+// is unreachable every call fails with plugin.ErrUnavailable; the first call after
+// it returns reconnects, without restarting hwkms. Open itself needs the TPM (the
+// key_id is read from it).
+//
+// When the KEK is live it holds at most: the KEK (transient, blob form only), the
+// two HMAC sessions, the policy session (PCR mode, after the first PCR unseal), and
+// for the duration of one Unwrap the loaded sealed object. Close flushes all of them.
+//
+// # PCR policy and recovery
+//
+// With Config.PCRs, Wrap reads the selected SHA-256 PCRs and seals under
+// authPolicy = PolicyPCR(selection, SHA-256 of their current values), userWithAuth
+// clear, adminWithPolicy set. Unwrap then succeeds only while those PCRs hold the
+// same values. After a firmware update, a boot loader or kernel change measured in
+// a selected PCR, or a Secure Boot database change (PCR 7), Unwrap fails with an
+// error wrapping ErrPolicy and plugin.ErrUnavailable (not ErrInvalidCiphertext: the
+// body is authentic). Data sealed before the change is lost to this TPM unless the
+// PCRs return to their old values. Recover by planning for it:
+//
+//   - Before a planned firmware or boot change, rotate (DESIGN.md section 5) to a new
+//     key, or to the same key without pcrs, and migrate storage so that nothing is
+//     sealed under the old values; after the change, rotate back to a PCR key.
+//   - Or keep a second decrypt key without pcrs (another TPM KEK or a PKCS#11 key) in
+//     the keyring and write with it around changes.
+//
+// Objects sealed without a policy still unwrap when pcrs is added; objects sealed
+// with one need the same pcrs list in the config to unwrap (the list is not stored
+// in the body; change it only with a new key).
+//
+// # Errors
+//
+// Every error wraps one of the plugin sentinels and, where the TPM answered, the
+// typed tpm2.TPMRC (errors.As/Is work on both): plugin.ErrInvalidCiphertext for a
+// malformed, tampered or foreign body or a wrong aad; plugin.ErrInvalidInput for a
+// plaintext outside 1..96 bytes; plugin.ErrUnavailable for an unreachable TPM, a
+// failed reconnect (also from Open, CreateKey, Probe and DestroyKey), a deadline
+// (also wrapping context.DeadlineExceeded), ErrPolicy, ErrNotKEK and ErrKeyNotFound
+// after a reconnect; plugin.ErrClosed after Close. No error carries a seed,
+// plaintext or auth value.
+//
+// # Other deviations and limits
+//
+//   - Config.BlobFile is the path of one file (version byte 0x01 || TPM2B_PUBLIC ||
+//     TPM2B_PRIVATE, the same layout as a body), not a path prefix. CreateKey writes
+//     it mode 0600 through a temporary file and a hard link, so it is never partial
+//     and never overwritten.
+//   - Open wraps and unwraps a random value before returning, so a wrong auth value
+//     (TPM_RC_BAD_AUTH) or an unusable PCR bank fails Open, not the first request.
+//   - Auth values with a NUL byte are refused: go-tpm v0.9.8 cuts an HMAC key at any
+//     zero byte while the TPM only strips trailing zeros.
+//   - go-tpm keeps its own copies of the command and response buffers; hwkms clears
+//     its copies of the sealed data but cannot clear those.
+//   - The device-file transport (/dev/tpmrm0, /dev/tpm0: one write per command, one
+//     read per response, deadlines where the kernel driver supports poll) is not
+//     exercised by the tests, which run against swtpm sockets.
+package tpm

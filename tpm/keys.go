@@ -1,0 +1,354 @@
+package tpm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/google/go-tpm/tpm2"
+)
+
+// KeyInfo describes a KEK on a TPM.
+type KeyInfo struct {
+	// KeyID is the key_id reported to kube-apiserver: "tpm:" + hex(Name).
+	KeyID string
+	// Name is the KEK's TPM Name: nameAlg (0x000b, SHA-256) || SHA-256(TPMT_PUBLIC).
+	Name []byte
+	// Handle is the persistent handle ("0x81010010"), or "" for the blob form.
+	Handle string
+	// BlobFile is the blob file path, or "" for the persistent form.
+	BlobFile string
+}
+
+// CreateKey creates a new KEK under the owner-hierarchy SRK (created from the TCG
+// ECC P-256 SRK template with TPM2_CreatePrimary, Part 3 section 24.1): an ECC
+// P-256 restricted-decrypt storage key, AES-128-CFB, nameAlg SHA-256,
+// fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt,
+// with the auth value from cfg.AuthFile (sent encrypted in a salted session). It then
+// makes it persistent at cfg.PersistentHandle (TPM2_EvictControl, section 28.5) or
+// writes cfg.BlobFile (format in doc.go, mode 0600, created atomically). It never
+// overwrites: an occupied handle or an existing file gives ErrKeyExists.
+// The owner hierarchy's auth value must be empty.
+func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
+	if err := cfg.Validate("tpm"); err != nil {
+		return KeyInfo{}, err
+	}
+	dev, _ := parseDevice(cfg.Device)
+	auth, err := readAuth(cfg.AuthFile)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	defer clear(auth)
+	var handle tpm2.TPMHandle
+	if cfg.PersistentHandle != "" {
+		handle, _ = parseHandle(cfg.PersistentHandle)
+	} else if _, err := os.Lstat(cfg.BlobFile); err == nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, ErrKeyExists)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile: %w", err)
+	}
+
+	c, err := openAdmin(ctx, dev)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	defer c.Close()
+	if handle != 0 {
+		_, err := tpm2.ReadPublic{ObjectHandle: handle}.Execute(c)
+		if err == nil {
+			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w", cfg.PersistentHandle, ErrKeyExists)
+		}
+		if !errors.Is(err, tpm2.TPMRCHandle) {
+			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_ReadPublic: %w", err)
+		}
+	}
+	srk, err := createSRK(c)
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+	}
+	defer flushHandle(c, srk.Handle)
+
+	// The KEK's auth value travels in inSensitive: encrypt it with a one-shot
+	// session salted to the SRK.
+	sess := tpm2.HMAC(tpm2.TPMAlgSHA256, nonceSize,
+		tpm2.Salted(srk.Handle, srk.pub), tpm2.AESEncryption(128, tpm2.EncryptIn))
+	cr, err := tpm2.Create{
+		ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: sess},
+		InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
+			UserAuth: tpm2.TPM2BAuth{Buffer: auth},
+		}},
+		InPublic: tpm2.New2B(kekTemplate()),
+	}.Execute(c)
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_Create: %w", err)
+	}
+	pub, err := cr.OutPublic.Contents()
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+	}
+	if err := checkKEKPublic(pub); err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: TPM returned an unexpected key: %w", err)
+	}
+	name, err := objectName(pub)
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+	}
+	info := KeyInfo{KeyID: keyID(name), Name: name}
+
+	if handle != 0 {
+		h, err := loadUnderSRKWith(c, srk, cr.OutPublic.Bytes(), cr.OutPrivate.Buffer, name)
+		if err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+		}
+		defer flushHandle(c, h)
+		_, err = tpm2.EvictControl{
+			Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			ObjectHandle:     tpm2.NamedHandle{Handle: h, Name: tpm2.TPM2BName{Buffer: name}},
+			PersistentHandle: handle,
+		}.Execute(c)
+		if errors.Is(err, tpm2.TPMRCNVDefined) {
+			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w: %w", cfg.PersistentHandle, ErrKeyExists, err)
+		}
+		if err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_EvictControl: %w", err)
+		}
+		info.Handle = fmt.Sprintf("0x%08x", uint32(handle))
+		return info, nil
+	}
+	blob, err := encodeObject(blobV1, cr.OutPublic.Bytes(), cr.OutPrivate.Buffer)
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+	}
+	if err := writeNewFile(cfg.BlobFile, blob); err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, err)
+	}
+	info.BlobFile = cfg.BlobFile
+	return info, nil
+}
+
+// Probe reports whether the KEK in cfg exists and is usable: the persistent object
+// exists and has the KEK's shape, or the blob file parses and loads under this TPM's
+// SRK. It changes nothing on the TPM (a blob is flushed after loading). A missing
+// key gives ErrKeyNotFound.
+func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
+	if err := cfg.Validate("tpm"); err != nil {
+		return KeyInfo{}, err
+	}
+	dev, _ := parseDevice(cfg.Device)
+	var (
+		pub            *tpm2.TPMTPublic
+		pubBytes, priv []byte
+		handle         tpm2.TPMHandle
+		err            error
+		info           KeyInfo
+	)
+	if cfg.PersistentHandle != "" {
+		handle, _ = parseHandle(cfg.PersistentHandle)
+		info.Handle = fmt.Sprintf("0x%08x", uint32(handle))
+	} else {
+		if pub, pubBytes, priv, err = readBlobFile(cfg.BlobFile); err != nil {
+			return KeyInfo{}, err
+		}
+		info.BlobFile = cfg.BlobFile
+	}
+	c, err := openAdmin(ctx, dev)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	defer c.Close()
+	if handle != 0 {
+		if _, info.Name, err = readKEKPublic(c, handle); err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
+		}
+	} else {
+		if info.Name, err = objectName(pub); err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
+		}
+		h, err := loadUnderSRK(c, pubBytes, priv, info.Name)
+		if err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
+		}
+		if err := flushHandle(c, h); err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
+		}
+	}
+	info.KeyID = keyID(info.Name)
+	return info, nil
+}
+
+// DestroyKey evicts the persistent KEK (TPM2_EvictControl) or removes the blob file,
+// after checking that the object is an hwkms KEK. Data wrapped by it can never be
+// unwrapped again. A missing key gives ErrKeyNotFound.
+func DestroyKey(ctx context.Context, cfg Config) error {
+	if err := cfg.Validate("tpm"); err != nil {
+		return err
+	}
+	if cfg.BlobFile != "" {
+		if _, _, _, err := readBlobFile(cfg.BlobFile); err != nil {
+			return err
+		}
+		if err := os.Remove(cfg.BlobFile); err != nil {
+			return fmt.Errorf("tpm: destroy: %w", err)
+		}
+		return syncDir(filepath.Dir(cfg.BlobFile))
+	}
+	dev, _ := parseDevice(cfg.Device)
+	handle, _ := parseHandle(cfg.PersistentHandle)
+	c, err := openAdmin(ctx, dev)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, name, err := readKEKPublic(c, handle)
+	if err != nil {
+		return fmt.Errorf("tpm: destroy: %w", err)
+	}
+	_, err = tpm2.EvictControl{
+		Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		ObjectHandle:     tpm2.NamedHandle{Handle: handle, Name: tpm2.TPM2BName{Buffer: name}},
+		PersistentHandle: handle,
+	}.Execute(c)
+	if err != nil {
+		return fmt.Errorf("tpm: destroy: TPM2_EvictControl: %w", err)
+	}
+	return nil
+}
+
+// openAdmin connects for a one-shot key command. Unlike Open it does not flush other
+// processes' handles: a serving hwkms may be using this TPM.
+func openAdmin(ctx context.Context, dev device) (*conn, error) {
+	c, err := dial(ctx, dev)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %s: %w", dev, err)
+	}
+	if err := startup(c); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("tpm: %s: %w", dev, err)
+	}
+	return c, nil
+}
+
+// readKEKPublic reads a persistent object's public area (TPM2_ReadPublic, Part 3
+// section 12.4), checks it has the KEK's shape and returns it with its Name,
+// computed here and compared with the TPM's.
+func readKEKPublic(c *conn, h tpm2.TPMHandle) (*tpm2.TPMTPublic, []byte, error) {
+	rp, err := tpm2.ReadPublic{ObjectHandle: h}.Execute(c)
+	if errors.Is(err, tpm2.TPMRCHandle) {
+		return nil, nil, fmt.Errorf("persistent handle 0x%08x: %w", uint32(h), ErrKeyNotFound)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("TPM2_ReadPublic(0x%08x): %w", uint32(h), tpmCall(err))
+	}
+	pub, err := rp.OutPublic.Contents()
+	if err != nil {
+		return nil, nil, fmt.Errorf("TPM2_ReadPublic(0x%08x): %w: %w", uint32(h), errDesync, err)
+	}
+	if err := checkKEKPublic(pub); err != nil {
+		return nil, nil, fmt.Errorf("persistent handle 0x%08x: %w: %w", uint32(h), ErrNotKEK, err)
+	}
+	name, err := objectName(pub)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !bytes.Equal(name, rp.Name.Buffer) {
+		return nil, nil, fmt.Errorf("TPM2_ReadPublic(0x%08x): Name does not match the public area: %w", uint32(h), errDesync)
+	}
+	return pub, name, nil
+}
+
+// srkObject is a loaded SRK.
+type srkObject struct {
+	tpm2.NamedHandle
+	pub tpm2.TPMTPublic
+}
+
+// createSRK creates the owner SRK from the TCG ECC P-256 template. The caller
+// flushes it.
+func createSRK(c *conn) (srkObject, error) {
+	rsp, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(srkTemplate),
+	}.Execute(c)
+	if err != nil {
+		return srkObject{}, fmt.Errorf("TPM2_CreatePrimary(owner SRK): %w", tpmCall(err))
+	}
+	pub, err := rsp.OutPublic.Contents()
+	if err != nil {
+		flushHandle(c, rsp.ObjectHandle)
+		return srkObject{}, fmt.Errorf("TPM2_CreatePrimary(owner SRK): %w: %w", errDesync, err)
+	}
+	return srkObject{NamedHandle: tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, pub: *pub}, nil
+}
+
+// loadUnderSRK creates the SRK, loads a KEK blob under it, flushes the SRK and
+// returns the KEK's transient handle. The loaded Name must equal name.
+func loadUnderSRK(c *conn, pubBytes, priv, name []byte) (tpm2.TPMHandle, error) {
+	srk, err := createSRK(c)
+	if err != nil {
+		return 0, err
+	}
+	defer flushHandle(c, srk.Handle)
+	return loadUnderSRKWith(c, srk, pubBytes, priv, name)
+}
+
+func loadUnderSRKWith(c *conn, srk srkObject, pubBytes, priv, name []byte) (tpm2.TPMHandle, error) {
+	lr, err := tpm2.Load{
+		ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+		InPrivate:    tpm2.TPM2BPrivate{Buffer: priv},
+		InPublic:     tpm2.BytesAs2B[tpm2.TPMTPublic](pubBytes),
+	}.Execute(c)
+	if err != nil {
+		err = tpmCall(err)
+		if loadRejectsBody(err) {
+			return 0, fmt.Errorf("KEK blob does not load under this TPM's owner SRK (another TPM, or owner hierarchy cleared): %w: %w", ErrNotKEK, err)
+		}
+		return 0, fmt.Errorf("TPM2_Load(KEK): %w", err)
+	}
+	if !bytes.Equal(lr.Name.Buffer, name) {
+		flushHandle(c, lr.ObjectHandle)
+		return 0, fmt.Errorf("TPM2_Load(KEK): unexpected Name: %w", errDesync)
+	}
+	return lr.ObjectHandle, nil
+}
+
+// writeNewFile writes data to path atomically (temp file, fsync, link), mode 0600,
+// failing with ErrKeyExists if path exists.
+func writeNewFile(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".hwkms-kek-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return ErrKeyExists
+		}
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
