@@ -3,6 +3,7 @@ module github.com/hwkms/hwkms
 go 1.26.0
 
 require (
+	github.com/google/go-tpm v0.9.8
 	github.com/miekg/pkcs11 v1.1.2
 	google.golang.org/grpc v1.82.1
 	k8s.io/kms v0.37.2
