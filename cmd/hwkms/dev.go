@@ -14,6 +14,8 @@ import (
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/config"
 	"github.com/hwkms/hwkms/softhsm"
+	"github.com/hwkms/hwkms/tpm"
+	"github.com/hwkms/hwkms/tpm/swtpm"
 )
 
 // devTokenLabel and devKeyLabel name what dev mode creates in its throwaway token.
@@ -27,12 +29,12 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	socket := fs.String("socket", "./.dev/kms.sock", "path of the unix socket to serve")
 	dir := fs.String("dir", "", "directory for the throwaway token and config (default: a new temp dir, removed on exit)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	backend := fs.String("backend", "pkcs11", "backend of the throwaway KEK: pkcs11 (SoftHSM2)")
+	backend := fs.String("backend", "pkcs11", "backend of the throwaway KEK: pkcs11 (SoftHSM2) or tpm (swtpm)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if *backend != "pkcs11" {
-		return fmt.Errorf("dev: --backend %q: supported backends are pkcs11", *backend)
+	if *backend != "pkcs11" && *backend != "tpm" {
+		return fmt.Errorf("dev: --backend %q: supported backends are pkcs11 and tpm", *backend)
 	}
 	sock, err := filepath.Abs(*socket)
 	if err != nil {
@@ -48,7 +50,21 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	} else if err := os.MkdirAll(work, 0o700); err != nil {
 		return fmt.Errorf("dev: %w", err)
 	}
-	cfg, cfgPath, err := devSetup(ctx, work, sock, *logLevel)
+	var key config.Key
+	switch *backend {
+	case "pkcs11":
+		key, err = devPKCS11(ctx, work)
+	case "tpm":
+		var sim *swtpm.Sim
+		sim, key, err = devTPM(ctx, work)
+		if sim != nil {
+			defer sim.Close()
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("dev: %w", err)
+	}
+	cfg, cfgPath, err := devConfig(work, sock, *logLevel, key)
 	if err != nil {
 		return fmt.Errorf("dev: %w", err)
 	}
@@ -61,36 +77,60 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return fmt.Errorf("dev: %w", err)
 	case <-ready:
 	}
-	fmt.Fprintf(stdout, devBanner, work, cfgPath, sock, sock, sock)
+	fmt.Fprintf(stdout, devBanner, *backend, work, cfgPath, sock, sock, sock)
 	return <-errc
 }
 
-// devSetup creates a SoftHSM2 token with a random PIN in dir, a KEK on it, and the
-// config that serves it. SOFTHSM2_CONF is set for this process before the module loads.
-func devSetup(ctx context.Context, dir, sock, logLevel string) (*config.Config, string, error) {
+// devPKCS11 creates a SoftHSM2 token with a random PIN in dir and a KEK on it.
+// SOFTHSM2_CONF is set for this process before the module loads.
+func devPKCS11(ctx context.Context, dir string) (config.Key, error) {
 	fx, err := softhsm.New(filepath.Join(dir, "softhsm"))
 	if err != nil {
-		return nil, "", err
+		return config.Key{}, err
 	}
 	if err := os.Setenv(softhsm.ConfEnv, fx.ConfPath); err != nil {
-		return nil, "", err
+		return config.Key{}, err
 	}
 	pin, soPIN := randomHex(16), randomHex(16)
 	pinFile := filepath.Join(dir, "user.pin")
 	if err := os.WriteFile(pinFile, []byte(pin+"\n"), 0o600); err != nil {
-		return nil, "", err
+		return config.Key{}, err
 	}
 	if _, err := fx.InitToken(devTokenLabel, soPIN, pin); err != nil {
-		return nil, "", err
+		return config.Key{}, err
 	}
 	key := hsm.Config{Module: fx.Module, TokenLabel: devTokenLabel, PINFile: pinFile, KeyLabel: devKeyLabel}
 	if _, err := hsm.CreateKey(ctx, key); err != nil {
-		return nil, "", err
+		return config.Key{}, err
 	}
+	return config.Key{PKCS11: &key}, nil
+}
+
+// devTPM starts a throwaway swtpm with its state in dir and creates a KEK in it, kept
+// as a blob file with a random auth value. The caller stops the returned swtpm.
+func devTPM(ctx context.Context, dir string) (*swtpm.Sim, config.Key, error) {
+	sim, err := swtpm.Start(ctx, filepath.Join(dir, "swtpm"))
+	if err != nil {
+		return nil, config.Key{}, err
+	}
+	authFile := filepath.Join(dir, "kek.auth")
+	if err := os.WriteFile(authFile, []byte(randomHex(16)), 0o600); err != nil {
+		return sim, config.Key{}, err
+	}
+	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: authFile}
+	if _, err := tpm.CreateKey(ctx, key); err != nil {
+		return sim, config.Key{}, err
+	}
+	return sim, config.Key{TPM: &key}, nil
+}
+
+// devConfig writes the config that serves key on sock into dir and loads it back, so
+// dev mode runs exactly what the file says, defaults included.
+func devConfig(dir, sock, logLevel string, key config.Key) (*config.Config, string, error) {
 	cfg := &config.Config{
 		Socket: config.Socket{Path: sock},
 		Log:    config.Log{Level: logLevel},
-		Keys:   []config.Key{{PKCS11: &key}},
+		Keys:   []config.Key{key},
 	}
 	data, err := yaml.Marshal(cfg)
 	if err != nil {
@@ -100,12 +140,11 @@ func devSetup(ctx context.Context, dir, sock, logLevel string) (*config.Config, 
 	if err := os.WriteFile(cfgPath, data, 0o600); err != nil {
 		return nil, "", err
 	}
-	// Parse it back, so dev mode runs exactly what the file says, defaults included.
-	cfg, err = config.Load(cfgPath)
+	loaded, err := config.Load(cfgPath)
 	if err != nil {
 		return nil, "", err
 	}
-	return cfg, cfgPath, nil
+	return loaded, cfgPath, nil
 }
 
 func randomHex(n int) string {
@@ -116,7 +155,7 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-const devBanner = `hwkms dev: serving KMS v2 on a throwaway SoftHSM2 token (stop with Ctrl-C).
+const devBanner = `hwkms dev: serving KMS v2 with a throwaway %s KEK (stop with Ctrl-C).
   work dir: %s
   config:   %s
   socket:   %s

@@ -9,6 +9,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/tpm"
 )
 
 func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -33,6 +34,13 @@ func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			return fmt.Errorf("key create: keys[%d]: %w", *idx, err)
 		}
 		fmt.Fprintf(stdout, "created keys[%d] on pkcs11 token: label %q CKA_ID %s\nkey_id: %s\n", *idx, info.Label, info.CKAID, info.KeyID)
+		return nil
+	case k.TPM != nil:
+		info, err := tpm.CreateKey(ctx, *k.TPM)
+		if err != nil {
+			return fmt.Errorf("key create: keys[%d]: %w", *idx, err)
+		}
+		fmt.Fprintf(stdout, "created keys[%d] in TPM %s: %s\nkey_id: %s\n", *idx, k.TPM.Device, tpmWhere(info), info.KeyID)
 		return nil
 	}
 	return fmt.Errorf("key create: keys[%d]: no backend block", *idx)
@@ -98,8 +106,21 @@ func describeKey(ctx context.Context, k config.Key) (keyID string, present bool,
 		default:
 			return "-", false, fmt.Sprintf("%d keys labelled %q; set keyCKAID", len(match), c.KeyLabel)
 		}
+	case k.TPM != nil:
+		info, err := tpm.Probe(ctx, *k.TPM)
+		if err != nil {
+			return "-", false, err.Error()
+		}
+		return info.KeyID, true, tpmWhere(info)
 	}
 	return "-", false, "no backend block"
+}
+
+func tpmWhere(info tpm.KeyInfo) string {
+	if info.Handle != "" {
+		return "persistent handle " + info.Handle
+	}
+	return "blob file " + info.BlobFile
 }
 
 func yesNo(b bool) string {

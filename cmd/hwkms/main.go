@@ -17,7 +17,7 @@ const usage = `hwkms: Kubernetes KMS v2 plugin with the KEK in an HSM or TPM
 
 Usage:
   hwkms serve   --config FILE           serve KMS v2 on the configured unix socket
-  hwkms dev     [--backend pkcs11] [--socket PATH] [--dir DIR]
+  hwkms dev     [--backend pkcs11|tpm] [--socket PATH] [--dir DIR]
                                         throwaway SoftHSM2 token and KEK, served until Ctrl-C
   hwkms key create  --config FILE [--key N]   create keys[N] (default 0) on its device, print its key_id
   hwkms key list    --config FILE             list configured keys: key_id, backend, role, present

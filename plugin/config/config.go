@@ -19,6 +19,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/tpm"
 )
 
 // maxConfigSize bounds the config file read.
@@ -71,6 +72,8 @@ type Log struct {
 type Key struct {
 	// PKCS11 selects a key in a PKCS#11 token.
 	PKCS11 *hsm.Config `json:"pkcs11,omitempty"`
+	// TPM selects a KEK in a TPM 2.0.
+	TPM *tpm.Config `json:"tpm,omitempty"`
 }
 
 // Backend returns the name of the key's backend block ("pkcs11" or "tpm").
@@ -78,6 +81,8 @@ func (k Key) Backend() string {
 	switch {
 	case k.PKCS11 != nil:
 		return plugin.BackendPKCS11.String()
+	case k.TPM != nil:
+		return plugin.BackendTPM.String()
 	default:
 		return ""
 	}
@@ -234,8 +239,14 @@ func (c *Config) Validate() error {
 				errs = append(errs, err)
 			}
 		}
+		if k.TPM != nil {
+			n++
+			if err := k.TPM.Validate(prefix + ".tpm"); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		if n != 1 {
-			bad(prefix, "exactly one backend block (pkcs11) is required, got %d", n)
+			bad(prefix, "exactly one backend block (pkcs11 or tpm) is required, got %d", n)
 		}
 	}
 	return errors.Join(errs...)
@@ -295,6 +306,12 @@ func OpenKey(ctx context.Context, k Key) (plugin.KEK, error) {
 	switch {
 	case k.PKCS11 != nil:
 		kek, err := hsm.Open(ctx, *k.PKCS11)
+		if err != nil {
+			return nil, err
+		}
+		return kek, nil
+	case k.TPM != nil:
+		kek, err := tpm.Open(ctx, *k.TPM)
 		if err != nil {
 			return nil, err
 		}

@@ -141,7 +141,9 @@ func (s *Sim) start(ctx context.Context) error {
 	cmd.Stdin = nil
 	cmd.Stdout = nil
 	cmd.Stderr = nil
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Own process group: a Ctrl-C at the terminal reaches hwkms, which then stops swtpm
+	// by PID after its own graceful shutdown; Pdeathsig covers a crashed parent.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("swtpm: start: %w", err)
 	}
