@@ -61,7 +61,10 @@ func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Lo
 	svc.ProbeNow(runCtx) // the first Status answers from a real probe
 	go svc.Run(runCtx)
 	if cfgPath != "" {
-		go reloadOnSIGHUP(runCtx, svc, cfg, cfgPath, log)
+		rl := config.NewReloader(svc, cfg, cfgPath, log)
+		hup := make(chan struct{}, 1)
+		go forwardSIGHUP(runCtx, hup)
+		go rl.Watch(runCtx, hup)
 	}
 
 	log.Info("serving KMS v2", "socket", cfg.Socket.Path, "primary_key_id", ring.Primary().ID(), "keys", len(cfg.Keys), "version", version)
@@ -76,7 +79,8 @@ func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Lo
 	return err
 }
 
-func reloadOnSIGHUP(ctx context.Context, svc *plugin.Service, cfg *config.Config, path string, log *slog.Logger) {
+// forwardSIGHUP turns SIGHUP into reload triggers until ctx is done.
+func forwardSIGHUP(ctx context.Context, trigger chan<- struct{}) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -85,12 +89,10 @@ func reloadOnSIGHUP(ctx context.Context, svc *plugin.Service, cfg *config.Config
 		case <-ctx.Done():
 			return
 		case <-hup:
-			next, err := config.Reload(ctx, svc, cfg, path, log)
-			if err != nil {
-				log.Error("config reload failed; still serving the previous keys", "err", err)
-				continue
+			select {
+			case trigger <- struct{}{}:
+			default: // a reload is already pending
 			}
-			cfg = next
 		}
 	}
 }

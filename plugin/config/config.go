@@ -331,12 +331,17 @@ func OpenKeyring(ctx context.Context, cfg *Config) (*plugin.Keyring, error) {
 		}
 		return nil, err
 	}
+	seen := make(map[string]int, len(cfg.Keys))
 	for i, k := range cfg.Keys {
 		kek, err := OpenKey(ctx, k)
 		if err != nil {
 			return fail(fmt.Errorf("keys[%d] (%s): %w", i, k.Backend(), err))
 		}
 		keks = append(keks, kek)
+		if j, dup := seen[kek.ID()]; dup {
+			return fail(fmt.Errorf("keys[%d]: same key as keys[%d] (key_id %s); each key may be listed once", i, j, kek.ID()))
+		}
+		seen[kek.ID()] = i
 	}
 	ring, err := plugin.NewKeyring(keks[0], keks[1:]...)
 	if err != nil {
