@@ -21,6 +21,8 @@ Usage:
                                         throwaway SoftHSM2 token and KEK, served until Ctrl-C
   hwkms key create  --config FILE [--key N]   create keys[N] (default 0) on its device, print its key_id
   hwkms key list    --config FILE             list configured keys: key_id, backend, role, present
+  hwkms key rotate  --config FILE [--apply]   create a new primary key on the primary's device; print or write the config
+  hwkms key destroy --config FILE --key-id ID destroy a key that is no longer in the config (asks to confirm)
   hwkms status  --socket PATH [--timeout D]   call Status on a KMS v2 socket and print it
   hwkms version
 
@@ -34,7 +36,7 @@ var version = "dev"
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
 	}
@@ -53,7 +55,7 @@ type exitError int
 
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return exitError(2)
@@ -73,6 +75,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return cmdKeyCreate(ctx, args[2:], stdout, stderr)
 		case "list":
 			return cmdKeyList(ctx, args[2:], stdout, stderr)
+		case "rotate":
+			return cmdKeyRotate(ctx, args[2:], stdout, stderr)
+		case "destroy":
+			return cmdKeyDestroy(ctx, args[2:], stdin, stdout, stderr)
 		}
 	case "status":
 		return cmdStatus(ctx, args[1:], stdout, stderr)
