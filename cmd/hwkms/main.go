@@ -24,6 +24,9 @@ Usage:
   hwkms key rotate  --config FILE [--apply]   create a new primary key on the primary's device; print or write the config
   hwkms key destroy --config FILE --key-id ID destroy a key that is no longer in the config (asks to confirm)
   hwkms status  --socket PATH [--timeout D]   call Status on a KMS v2 socket and print it
+  hwkms bench   --socket PATH [--op encrypt|decrypt|status|mixed] [--concurrency 1,8,64]
+                [--duration 5s | --ops N] [--distinct N] [--conns one|per-worker] [--pid PID] [--json]
+                                        load-test any KMS v2 plugin; verifies every Decrypt
   hwkms version
 
 Secrets (PINs, auth values) are read from files or environment variables named in the
@@ -82,6 +85,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		}
 	case "status":
 		return cmdStatus(ctx, args[1:], stdout, stderr)
+	case "bench":
+		return cmdBench(ctx, args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "hwkms", version)
 		return nil
