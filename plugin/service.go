@@ -181,7 +181,7 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 	start := time.Now()
 	if n := len(plaintext); n == 0 || n > MaxPlaintext {
 		err := status.Errorf(codes.InvalidArgument, "encrypt: plaintext is %d bytes; hwkms accepts 1 to %d", n, MaxPlaintext)
-		s.done(ctx, "Encrypt", uid, "", start, err)
+		s.done(ctx, "Encrypt", uid, "", start, err, "reason", status.Convert(err).Message())
 		return nil, err
 	}
 	var resp *service.EncryptResponse
@@ -214,7 +214,11 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) ([]byte, error) {
 	start := time.Now()
 	if err := checkDecryptRequest(req); err != nil {
-		s.done(ctx, "Decrypt", uid, "", start, err)
+		keyID := ""
+		if req != nil {
+			keyID = printableKeyID(req.KeyID)
+		}
+		s.done(ctx, "Decrypt", uid, keyID, start, err, "reason", status.Convert(err).Message())
 		return nil, err
 	}
 	var plaintext []byte
