@@ -129,6 +129,9 @@ func RecoverKEKMaterial(escrowBlob, escrowPrivPEM []byte) (*KEKMaterial, error) 
 // returns the marshalled TPMT_SENSITIVE.
 func openDuplicate(priv *ecdh.PrivateKey, ib *importBlob) ([]byte, error) {
 	pt, err := safeUnmarshal[tpm2.TPMSECCPoint](ib.seed)
+	if err == nil && !bytes.Equal(tpm2.Marshal(pt), ib.seed) {
+		err = errMalformed
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: inSymSeed", errMalformed)
 	}
