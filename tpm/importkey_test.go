@@ -34,6 +34,7 @@ func newNodes(t *testing.T, n int) []*node {
 		if err != nil {
 			t.Fatalf("ExportSRK(node %d): %v", i, err)
 		}
+		assertNoHandles(t, sim)
 		if _, _, err := ParseSRKPublic(srk.EncodeSRKPEM()); err != nil {
 			t.Fatalf("ParseSRKPublic(node %d): %v", i, err)
 		}
@@ -61,6 +62,7 @@ func provision(t *testing.T, m *KEKMaterial, nodes []*node) {
 		if info.KeyID != m.KeyID() {
 			t.Fatalf("node %d imported key_id %s, want %s", i, info.KeyID, m.KeyID())
 		}
+		assertNoHandles(t, n.sim) // ImportKey flushed the SRK and the loaded KEK
 		if _, err := ImportKey(testCtx(t), n.cfg, blob); !errors.Is(err, ErrKeyExists) {
 			t.Fatalf("second ImportKey(node %d) = %v, want ErrKeyExists", i, err)
 		}
