@@ -50,6 +50,11 @@ type Config struct {
 	// (CKA_EXTRACTABLE true, CKA_SENSITIVE false or CKA_NEVER_EXTRACTABLE false).
 	// Default false: such keys are refused.
 	AllowExtractable bool `json:"allowExtractable,omitempty"`
+	// AllowReplicated accepts, more narrowly than AllowExtractable, a KEK copied
+	// between tokens by ReplicateKey (replicate.go): a sensitive, non-extractable
+	// copy whose CKA_NEVER_EXTRACTABLE is false, or a replicable source key with
+	// CKA_WRAP_WITH_TRUSTED. Default false.
+	AllowReplicated bool `json:"allowReplicated,omitempty"`
 }
 
 // Validate checks c without touching the module or the PIN source. Every error names the

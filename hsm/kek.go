@@ -78,7 +78,7 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	}
 	k := &KEK{
 		keyLabel:    cfg.KeyLabel,
-		allowUnsafe: cfg.AllowExtractable,
+		allowUnsafe: cfg.AllowExtractable || cfg.AllowReplicated,
 		tok:         tok,
 		done:        make(chan struct{}),
 	}
@@ -96,7 +96,14 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 		return nil, err
 	}
 	defer k.pool.release(s)
-	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), cfg.AllowExtractable)
+	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), k.allowUnsafe)
+	if err == nil && !cfg.AllowExtractable && !ki.Safe() {
+		var ok bool
+		if ok, err = replicaAcceptable(tok.ctx, s.h, h, ki); err == nil && !ok {
+			err = fmt.Errorf("hsm: key %q on token %q refused: %s, and it is not a replicated key that allowReplicated accepts: %w",
+				cfg.KeyLabel, tok.label, ki.unsafeReason(), ErrUnsafeKey)
+		}
+	}
 	if err != nil {
 		if oe, ok := err.(opError); ok {
 			return nil, tokenError(tok, oe)

@@ -28,6 +28,7 @@ Usage:
                 [--duration 5s | --ops N] [--distinct N] [--conns one|per-worker] [--pid PID] [--json]
                                         load-test any KMS v2 plugin; verifies every Decrypt
   hwkms version
+  hwkms tpm ... | key import | key replicate | cluster-check    several nodes, one KEK: see "hwkms tpm"
 
 Secrets (PINs, auth values) are read from files or environment variables named in the
 config, never from the command line.
@@ -75,7 +76,14 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		}
 		switch args[1] {
 		case "create":
+			if handled, err := keyCreateHA(ctx, args[2:], stdout, stderr); handled {
+				return err
+			}
 			return cmdKeyCreate(ctx, args[2:], stdout, stderr)
+		case "import":
+			return cmdKeyImport(ctx, args[2:], stdout, stderr)
+		case "replicate":
+			return cmdKeyReplicate(ctx, args[2:], stdout, stderr)
 		case "list":
 			return cmdKeyList(ctx, args[2:], stdout, stderr)
 		case "rotate":
@@ -85,6 +93,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		}
 	case "status":
 		return cmdStatus(ctx, args[1:], stdout, stderr)
+	case "tpm":
+		return cmdTPM(ctx, args[1:], stdout, stderr)
+	case "cluster-check":
+		return cmdClusterCheck(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return cmdBench(ctx, args[1:], stdout, stderr)
 	case "version":
