@@ -18,8 +18,10 @@ const usage = `hwkms: Kubernetes KMS v2 plugin with the KEK in an HSM or TPM
 Usage:
   hwkms serve   --config FILE           serve KMS v2 on the configured unix socket
   hwkms dev     [--backend pkcs11|tpm] [--socket PATH] [--dir DIR]
-                                        throwaway SoftHSM2 token and KEK, served until Ctrl-C
-  hwkms key create  --config FILE [--key N]   create keys[N] (default 0) on its device, print its key_id
+                                        throwaway SoftHSM2 token or swtpm and KEK, served until Ctrl-C
+  hwkms key create  --config FILE [--key N] [--backend pkcs11|tpm]
+                                        create keys[N] (default 0) on its device, print its key_id;
+                                        refuses to overwrite an existing key
   hwkms key list    --config FILE             list configured keys: key_id, backend, role, present
   hwkms key rotate  --config FILE [--apply]   create a new primary key on the primary's device; print or write the config
   hwkms key destroy --config FILE --key-id ID destroy a key that is no longer in the config (asks to confirm)
