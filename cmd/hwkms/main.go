@@ -23,6 +23,7 @@ Usage:
   hwkms key list    --config FILE             list configured keys: key_id, backend, role, present
   hwkms key rotate  --config FILE [--apply]   create a new primary key on the primary's device; print or write the config
   hwkms key destroy --config FILE --key-id ID destroy a key that is no longer in the config (asks to confirm)
+  hwkms doctor  --config FILE [--timeout D]   check module, token, PIN, keys, TPM, socket; exit 0 if safe to start
   hwkms status  --socket PATH [--timeout D]   call Status on a KMS v2 socket and print it
   hwkms bench   --socket PATH [--op encrypt|decrypt|status|mixed] [--concurrency 1,8,64]
                 [--duration 5s | --ops N] [--distinct N] [--conns one|per-worker] [--pid PID] [--json]
@@ -83,6 +84,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		case "destroy":
 			return cmdKeyDestroy(ctx, args[2:], stdin, stdout, stderr)
 		}
+	case "doctor":
+		return cmdDoctor(ctx, args[1:], stdout, stderr)
 	case "status":
 		return cmdStatus(ctx, args[1:], stdout, stderr)
 	case "bench":
