@@ -38,7 +38,7 @@ config, never from the command line.
 var version = "dev"
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signalContext()
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -52,6 +52,13 @@ func main() {
 		}
 		os.Exit(1)
 	}
+}
+
+// signalContext returns a context that is done on SIGTERM or SIGINT: serve then stops
+// accepting, lets in-flight requests finish (at most shutdownTimeout), removes the
+// socket and closes the keys.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
 // exitError carries a specific exit code.
