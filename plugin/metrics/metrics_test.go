@@ -59,7 +59,7 @@ func newMemKEK(t *testing.T, id string) *memKEK {
 }
 
 func (k *memKEK) setFail(err error) { k.mu.Lock(); k.fail = err; k.mu.Unlock() }
-func (k *memKEK) failure() error   { k.mu.Lock(); defer k.mu.Unlock(); return k.fail }
+func (k *memKEK) failure() error    { k.mu.Lock(); defer k.mu.Unlock(); return k.fail }
 
 func (k *memKEK) ID() string              { return k.id }
 func (k *memKEK) Backend() plugin.Backend { return plugin.BackendTest }
@@ -117,7 +117,9 @@ func start(t *testing.T, keys ...plugin.KEK) *server {
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	errc := make(chan error, 1)
-	go func() { errc <- plugin.Serve(ctx, svc, plugin.SocketOptions{Path: sock, GID: -1, Timeout: 3 * time.Second}, ready) }()
+	go func() {
+		errc <- plugin.Serve(ctx, svc, plugin.SocketOptions{Path: sock, GID: -1, Timeout: 3 * time.Second}, ready)
+	}()
 	ln, err := metrics.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
