@@ -163,6 +163,11 @@ func (c Config) tokenName() string {
 // readPIN reads the user PIN from PINFile (one trailing "\n" or "\r\n" removed) or from
 // the PINEnv variable. Errors name the source but never quote its content.
 func (c Config) readPIN() (string, error) {
+	pin, err := c.readPINSource()
+	return pin, mark(err, ErrPINSource)
+}
+
+func (c Config) readPINSource() (string, error) {
 	var pin string
 	switch {
 	case c.PINFile != "":

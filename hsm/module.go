@@ -208,13 +208,13 @@ func acquireModuleLocked(path string) (*module, error) {
 	}
 	c, err := loadModule(path)
 	if err != nil {
-		return nil, err
+		return nil, mark(err, ErrModule)
 	}
 	m := &module{path: key, ctx: c, refs: 1, ownsInit: true, tokens: map[uint]*token{}}
 	if err := c.Initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			c.Destroy()
-			return nil, fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, plugin.ErrUnavailable, err)
+			return nil, mark(fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, plugin.ErrUnavailable, err), ErrModule)
 		}
 		// Someone else in this process initialised it (another path to the same
 		// library): use it, but never finalise it.

@@ -76,8 +76,9 @@ type KEK struct {
 	imported   bool           // an imported KEK (importkey.go): sealed objects have fixedTPM clear
 	id         string
 
-	closed atomic.Bool
-	sem    chan struct{} // held while using the connection and the fields below
+	closed     atomic.Bool
+	reconnects atomic.Uint64 // successful connects after Open's
+	sem        chan struct{} // held while using the connection and the fields below
 
 	c            *conn
 	kek          tpm2.TPMHandle // loaded KEK: the persistent handle or a transient one
@@ -420,6 +421,7 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 			if err := k.connect(ctx); err != nil {
 				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, plugin.ErrUnavailable, err)
 			}
+			k.reconnects.Add(1)
 		}
 		k.c.ctx = ctx
 		err := fn()

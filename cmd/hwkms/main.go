@@ -25,6 +25,7 @@ Usage:
   hwkms key list    --config FILE             list configured keys: key_id, backend, role, present
   hwkms key rotate  --config FILE [--apply]   create a new primary key on the primary's device; print or write the config
   hwkms key destroy --config FILE --key-id ID destroy a key that is no longer in the config (asks to confirm)
+  hwkms doctor  --config FILE [--timeout D]   check module, token, PIN, keys, TPM, socket; exit 0 if safe to start
   hwkms status  --socket PATH [--timeout D]   call Status on a KMS v2 socket and print it
   hwkms bench   --socket PATH [--op encrypt|decrypt|status|mixed] [--concurrency 1,8,64]
                 [--duration 5s | --ops N] [--distinct N] [--conns one|per-worker] [--pid PID] [--json]
@@ -40,7 +41,7 @@ config, never from the command line.
 var version = "dev"
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signalContext()
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -54,6 +55,13 @@ func main() {
 		}
 		os.Exit(1)
 	}
+}
+
+// signalContext returns a context that is done on SIGTERM or SIGINT: serve then stops
+// accepting, lets in-flight requests finish (at most shutdownTimeout), removes the
+// socket and closes the keys.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
 // exitError carries a specific exit code.
@@ -93,6 +101,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		case "destroy":
 			return cmdKeyDestroy(ctx, args[2:], stdin, stdout, stderr)
 		}
+	case "doctor":
+		return cmdDoctor(ctx, args[1:], stdout, stderr)
 	case "status":
 		return cmdStatus(ctx, args[1:], stdout, stderr)
 	case "tpm":
