@@ -195,14 +195,7 @@ func selectKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID [
 // adminSession opens the token cfg selects, logs in, opens a session (read-write if rw)
 // and runs fn. It is the common part of CreateKey, ListKeys and DestroyKey.
 func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh pkcs11.SessionHandle) error) (err error) {
-	if err := cfg.Validate(""); err != nil {
-		return fmt.Errorf("hsm: invalid config: %w", err)
-	}
-	pin, err := cfg.readPIN()
-	if err != nil {
-		return err
-	}
-	t, err := acquireToken(ctx, cfg, pin)
+	t, err := acquireAdminToken(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -213,6 +206,26 @@ func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh
 	}()
 	t.mod.gate.RLock()
 	defer t.mod.gate.RUnlock()
+	return withSession(t, rw, fn)
+}
+
+// acquireAdminToken validates cfg, reads its PIN and takes a token reference (see
+// acquireToken). It takes the module gate exclusively while it logs in, so callers must
+// not hold any module gate when they call it.
+func acquireAdminToken(ctx context.Context, cfg Config) (*token, error) {
+	if err := cfg.Validate(""); err != nil {
+		return nil, fmt.Errorf("hsm: invalid config: %w", err)
+	}
+	pin, err := cfg.readPIN()
+	if err != nil {
+		return nil, err
+	}
+	return acquireToken(ctx, cfg, pin)
+}
+
+// withSession opens a session on t (read-write if rw), runs fn and closes it. The
+// caller holds t.mod.gate for reading.
+func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) error) error {
 	flags := uint(pkcs11.CKF_SERIAL_SESSION)
 	if rw {
 		flags |= pkcs11.CKF_RW_SESSION
@@ -223,10 +236,7 @@ func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh
 	}
 	defer t.ctx.CloseSession(sh) //nolint:errcheck // the session holds nothing we need
 	if err := fn(t, sh); err != nil {
-		if oe, ok := err.(opError); ok {
-			return tokenError(t, oe)
-		}
-		return err
+		return asTokenError(t, err)
 	}
 	return nil
 }

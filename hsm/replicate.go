@@ -146,8 +146,30 @@ func ReplicateKey(ctx context.Context, src, dst Config) (KeyInfo, error) {
 	if src.KeyLabel != dst.KeyLabel {
 		return KeyInfo{}, errors.New("hsm: replicate: source and destination keyLabel differ (the key_id depends on it)")
 	}
+	// Both tokens are acquired (which may log in, holding a module gate exclusively)
+	// before either gate is held for reading: nesting adminSession would deadlock when
+	// both tokens are on one module.
+	st, err := acquireAdminToken(ctx, src)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	defer releaseToken(st) //nolint:errcheck // a release error cannot undo the copy
+	dt, err := acquireAdminToken(ctx, dst)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	defer releaseToken(dt) //nolint:errcheck // as above
+	if dt == st {
+		return KeyInfo{}, errors.New("hsm: replicate: source and destination are the same token")
+	}
+	st.mod.gate.RLock()
+	defer st.mod.gate.RUnlock()
+	if dt.mod != st.mod {
+		dt.mod.gate.RLock()
+		defer dt.mod.gate.RUnlock()
+	}
 	var out KeyInfo
-	err := adminSession(ctx, src, true, func(st *token, ssh pkcs11.SessionHandle) error {
+	err = withSession(st, true, func(st *token, ssh pkcs11.SessionHandle) error {
 		sc, ok := st.ctx.(p11Wrap)
 		if !ok {
 			return errors.New("hsm: replicate: module wrapper lacks C_WrapKey")
@@ -159,13 +181,10 @@ func ReplicateKey(ctx context.Context, src, dst Config) (KeyInfo, error) {
 		if !ki.Sensitive || !ki.Extractable {
 			return fmt.Errorf("hsm: replicate: key %q on token %q is not a replicable key (want CKA_SENSITIVE and CKA_EXTRACTABLE true; create it with --replicable)", ki.Label, st.label)
 		}
-		return adminSession(ctx, dst, true, func(dt *token, dsh pkcs11.SessionHandle) error {
+		return withSession(dt, true, func(dt *token, dsh pkcs11.SessionHandle) error {
 			dc, ok := dt.ctx.(p11Wrap)
 			if !ok {
 				return errors.New("hsm: replicate: module wrapper lacks C_UnwrapKey")
-			}
-			if dt == st {
-				return errors.New("hsm: replicate: source and destination are the same token")
 			}
 			if err := refuseExisting(dt, dsh, dst.KeyLabel); err != nil {
 				return err
