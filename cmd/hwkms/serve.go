@@ -41,6 +41,9 @@ func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Lo
 	if err != nil {
 		return err
 	}
+	if err := startPprof(log); err != nil {
+		return err
+	}
 	// Fail fast, before touching a device, if another process serves the socket.
 	if err := plugin.CheckSocket(cfg.Socket.Path); err != nil {
 		return err
