@@ -61,7 +61,7 @@ soak:
 ## raw outputs in .bench/ (docs/BENCHMARKS.md)
 BENCH_DURATION ?= 3s
 bench: deps build
-	$(GO) run ./cmd/benchtable --hwkms bin/hwkms --go $(GO) --out .bench --duration $(BENCH_DURATION)
+	@$(GO) run ./cmd/benchtable --hwkms bin/hwkms --go $(GO) --out .bench --duration $(BENCH_DURATION)
 
 clean:
 	rm -rf bin .dev .bench
