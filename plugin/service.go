@@ -344,15 +344,20 @@ func (s *Service) done(ctx context.Context, method, uid, keyID string, start tim
 	if s.obs != nil {
 		s.obs.ObserveRequest(method, code, d)
 	}
-	attrs := append([]any{"method", method, "uid", uid, "key_id", keyID, "code", code.String(), "duration", d}, extra...)
+	level, msg := slog.LevelWarn, "request failed"
 	switch code {
 	case codes.OK:
-		s.log.Log(ctx, slog.LevelDebug, "request", attrs...)
+		level, msg = slog.LevelDebug, "request"
 	case codes.Internal, codes.Unavailable, codes.DeadlineExceeded:
-		s.log.Log(ctx, slog.LevelError, "request failed", attrs...)
-	default:
-		s.log.Log(ctx, slog.LevelWarn, "request failed", attrs...)
+		level = slog.LevelError
 	}
+	// Building the attributes boxes every value; skip it when the line would be dropped
+	// (debug is off in production, and OK requests log at debug).
+	if !s.log.Enabled(ctx, level) {
+		return
+	}
+	attrs := append([]any{"method", method, "uid", uid, "key_id", keyID, "code", code.String(), "duration", d}, extra...)
+	s.log.Log(ctx, level, msg, attrs...)
 }
 
 // deviceReason names the device's reason for err with Options.DeviceReason, or "" when

@@ -59,6 +59,9 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	if err != nil {
 		return err
 	}
+	if err := startPprof(log); err != nil {
+		return err
+	}
 	// Fail fast, before touching a device, if another process serves the socket.
 	if err := plugin.CheckSocket(cfg.Socket.Path); err != nil {
 		return err

@@ -1,0 +1,495 @@
+// Command benchtable is `make bench`: it runs the device and transport floors (Go
+// benchmarks in hsm, tpm and plugin), serves hwkms on a throwaway SoftHSM2 token and
+// on a throwaway swtpm (`hwkms dev`), loads each with `hwkms bench`, stops what it
+// started, and prints one Markdown table with every plugin figure next to its floor,
+// the ratio and the DESIGN.md section 6 target, marked PASS or MISS.
+//
+// Raw outputs (go test, hwkms bench JSON lines, server logs) go to --out. Progress goes
+// to stderr; the table alone goes to stdout.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	kmsapi "k8s.io/kms/apis/v2"
+)
+
+// result is one line of `hwkms bench --json` (cmd/hwkms/bench.go benchResult).
+type result struct {
+	Op          string  `json:"op"`
+	Concurrency int     `json:"concurrency"`
+	Count       int     `json:"count"`
+	Errors      int     `json:"errors"`
+	Seconds     float64 `json:"seconds"`
+	OpsPerSec   float64 `json:"ops_per_sec"`
+	P50us       float64 `json:"p50_us"`
+	P99us       float64 `json:"p99_us"`
+	MaxUs       float64 `json:"max_us"`
+	FirstError  string  `json:"first_error"`
+	RSSKiB      int     `json:"server_peak_rss_kib"`
+}
+
+// floor is one Go benchmark line: mean, p50 and p99 in microseconds.
+type floor struct{ mean, p50, p99 float64 }
+
+type runner struct {
+	hwkms, goBin, out string
+	dur               time.Duration
+	log               io.Writer
+}
+
+func main() {
+	var r runner
+	flag.StringVar(&r.hwkms, "hwkms", "bin/hwkms", "hwkms binary to serve and to load with")
+	flag.StringVar(&r.goBin, "go", "go", "go command, for the floor benchmarks")
+	flag.StringVar(&r.out, "out", ".bench", "directory for raw outputs")
+	flag.DurationVar(&r.dur, "duration", 3*time.Second, "time per concurrency level")
+	flag.Parse()
+	r.log = os.Stderr
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := r.run(ctx, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "benchtable:", err)
+		os.Exit(1)
+	}
+}
+
+func (r *runner) run(ctx context.Context, stdout io.Writer) error {
+	start := time.Now()
+	if err := os.MkdirAll(r.out, 0o755); err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(r.hwkms)
+	if err != nil {
+		return err
+	}
+	r.hwkms = abs
+	load0 := loadavg()
+
+	// 1. Floors, one package at a time (-p 1) so no two benchmarks share the CPUs.
+	r.progress("floors: go test -bench (hsm, tpm, plugin)")
+	floors, err := r.floors(ctx)
+	if err != nil {
+		return err
+	}
+
+	// The floor of "Status under load": a no-op KMS v2 server (the plugin test binary's
+	// TestBenchServer, served by plugin.Serve) loaded the same way, under the same load.
+	noop, stopNoop, err := r.noopServer(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopNoop()
+
+	// 2. SoftHSM2.
+	hsm := map[string]result{}
+	err = r.withDev(ctx, "pkcs11", func(sock string, pid int) error {
+		for _, op := range []string{"encrypt", "decrypt"} {
+			rs, err := r.bench(ctx, sock, pid, "pkcs11-"+op, "--op", op, "--concurrency", "1,8,64", "--duration", r.dur.String())
+			if err != nil {
+				return err
+			}
+			for _, x := range rs {
+				hsm[fmt.Sprintf("%s/%d", op, x.Concurrency)] = x
+			}
+		}
+		st, nst, err := r.statusUnderLoad(ctx, sock, pid, noop, "pkcs11")
+		if err != nil {
+			return err
+		}
+		hsm["status-under-load"], hsm["noop-status-under-load"] = st, nst
+		rs, err := r.bench(ctx, sock, pid, "pkcs11-storm", "--op", "decrypt", "--distinct", "5000", "--ops", "5000", "--concurrency", "32")
+		if err != nil {
+			return err
+		}
+		hsm["storm"] = rs[0]
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+
+	// 3. swtpm.
+	tpm := map[string]result{}
+	err = r.withDev(ctx, "tpm", func(sock string, pid int) error {
+		for _, op := range []string{"encrypt", "decrypt"} {
+			rs, err := r.bench(ctx, sock, pid, "tpm-"+op, "--op", op, "--concurrency", "1,8", "--duration", r.dur.String())
+			if err != nil {
+				return err
+			}
+			for _, x := range rs {
+				tpm[fmt.Sprintf("%s/%d", op, x.Concurrency)] = x
+			}
+		}
+		st, nst, err := r.statusUnderLoad(ctx, sock, pid, noop, "tpm")
+		if err != nil {
+			return err
+		}
+		tpm["status-under-load"], tpm["noop-status-under-load"] = st, nst
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+
+	t := table(floors, hsm, tpm)
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, "%s, %s; %s, %d cores; load average %s at start, %s at end; %s total\n\n",
+		strings.TrimSpace(r.output(ctx, r.hwkms, "version")), time.Now().UTC().Format("2006-01-02 15:04 UTC"),
+		cpuModel(), runtime.NumCPU(), load0, loadavg(), time.Since(start).Round(time.Second))
+	buf.WriteString(t)
+	os.WriteFile(filepath.Join(r.out, "table.md"), buf.Bytes(), 0o644)
+	_, err = stdout.Write(buf.Bytes())
+	return err
+}
+
+func (r *runner) progress(format string, args ...any) {
+	fmt.Fprintf(r.log, "benchtable: "+format+" (load %s)\n", append(args, loadavg())...)
+}
+
+func (r *runner) output(ctx context.Context, name string, args ...string) string {
+	out, _ := exec.CommandContext(ctx, name, args...).Output()
+	return string(out)
+}
+
+var benchLine = regexp.MustCompile(`^(Benchmark\S+?)(?:-\d+)?\s+\d+\s+([\d.]+) ns/op(.*)$`)
+
+// floors runs the floor benchmarks and returns them by name (e.g. "GRPC/Encrypt").
+func (r *runner) floors(ctx context.Context) (map[string]floor, error) {
+	logf, err := os.Create(filepath.Join(r.out, "floors.txt"))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, r.goBin, "test", "-p", "1", "-count", "1", "-run", "^$",
+		"-bench", "^(BenchmarkWrap|BenchmarkUnwrap|BenchmarkSeal|BenchmarkUnseal|BenchmarkGRPC|BenchmarkAESGCM)$",
+		"-benchtime", "3000x", "./hsm/", "./tpm/", "./plugin/")
+	cmd.Stdout = io.MultiWriter(&out, logf)
+	cmd.Stderr = logf
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("floor benchmarks failed (see %s): %w", logf.Name(), err)
+	}
+	fl := map[string]floor{}
+	sc := bufio.NewScanner(&out)
+	for sc.Scan() {
+		m := benchLine.FindStringSubmatch(sc.Text())
+		if m == nil {
+			continue
+		}
+		f := floor{mean: atof(m[2]) / 1e3}
+		rest := strings.Fields(m[3])
+		for i := 0; i+1 < len(rest); i += 2 {
+			switch rest[i+1] {
+			case "p50-ns":
+				f.p50 = atof(rest[i]) / 1e3
+			case "p99-ns":
+				f.p99 = atof(rest[i]) / 1e3
+			}
+		}
+		if f.p50 == 0 {
+			f.p50 = f.mean
+		}
+		fl[strings.TrimPrefix(m[1], "Benchmark")] = f
+	}
+	for _, n := range []string{"Wrap", "Unwrap", "Seal", "Unseal", "GRPC/Encrypt", "GRPC/Decrypt", "GRPC/Status", "AESGCM/Seal"} {
+		if _, ok := fl[n]; !ok {
+			return nil, fmt.Errorf("floor benchmark %s missing from the output (see %s)", n, logf.Name())
+		}
+	}
+	return fl, nil
+}
+
+func atof(s string) float64 { v, _ := strconv.ParseFloat(s, 64); return v }
+
+// withDev serves a throwaway key with `hwkms dev --backend backend`, runs fn once the
+// socket answers Status with "ok", then stops the server by its PID and waits for it.
+func (r *runner) withDev(ctx context.Context, backend string, fn func(sock string, pid int) error) error {
+	dir, err := os.MkdirTemp("", "hwkms-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "kms.sock")
+	logf, err := os.Create(filepath.Join(r.out, "serve-"+backend+".log"))
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(r.hwkms, "dev", "--backend", backend, "--socket", sock, "--dir", filepath.Join(dir, "work"), "--log-level", "warn")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	pid := cmd.Process.Pid
+	r.progress("started hwkms dev --backend %s, pid %d", backend, pid)
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		// SIGTERM to the one process we started; hwkms dev stops its swtpm itself.
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+		r.progress("stopped pid %d", pid)
+	}()
+	if err := waitReady(ctx, sock, exited); err != nil {
+		return fmt.Errorf("hwkms dev --backend %s (log %s): %w", backend, logf.Name(), err)
+	}
+	return fn(sock, pid)
+}
+
+// waitReady polls Status until the server reports healthz "ok".
+func waitReady(ctx context.Context, sock string, exited <-chan error) error {
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	c := kmsapi.NewKeyManagementServiceClient(conn)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		select {
+		case err := <-exited:
+			return fmt.Errorf("exited before serving: %v", err)
+		default:
+		}
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		st, err := c.Status(rctx, &kmsapi.StatusRequest{})
+		cancel()
+		if err == nil && st.Healthz == "ok" {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("not ready after 60 s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// bench runs `hwkms bench --json` and returns its levels. A level with errors makes
+// hwkms bench exit 1; its results are still returned (the table shows the errors).
+func (r *runner) bench(ctx context.Context, sock string, pid int, name string, args ...string) ([]result, error) {
+	r.progress("hwkms bench %s %s", name, strings.Join(args, " "))
+	args = append([]string{"bench", "--socket", sock, "--pid", strconv.Itoa(pid), "--json"}, args...)
+	cmd := exec.CommandContext(ctx, r.hwkms, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	os.WriteFile(filepath.Join(r.out, "bench-"+name+".jsonl"), out, 0o644)
+	var rs []result
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		var x result
+		if json.Unmarshal([]byte(line), &x) == nil && x.Op != "" {
+			rs = append(rs, x)
+		}
+	}
+	var ee *exec.ExitError
+	if err != nil && !(errors.As(err, &ee) && ee.ExitCode() == 1 && len(rs) > 0) {
+		return nil, fmt.Errorf("hwkms %s: %w: %s", strings.Join(args, " "), err, stderr.String())
+	}
+	return rs, nil
+}
+
+// statusUnderLoad runs Status at concurrency 8 while a Decrypt load at concurrency 8
+// runs in a second `hwkms bench` process: first against the no-op server (the floor),
+// then against hwkms, both under the same load. The load starts first and outlasts
+// both levels; Status starts once the load process has made its 256 ciphertexts (it
+// prints nothing before its level ends, so this waits 1 s, ample on either device).
+func (r *runner) statusUnderLoad(ctx context.Context, sock string, pid int, noop, backend string) (st, nst result, err error) {
+	loadDur := 2*r.dur + 2*time.Second
+	r.progress("%s: decrypt load at concurrency 8 for %s in the background", backend, loadDur)
+	load := exec.CommandContext(ctx, r.hwkms, "bench", "--socket", sock, "--op", "decrypt", "--concurrency", "8",
+		"--duration", loadDur.String(), "--json")
+	var loadOut bytes.Buffer
+	load.Stdout = &loadOut
+	if err := load.Start(); err != nil {
+		return st, nst, err
+	}
+	defer func() {
+		lerr := load.Wait()
+		os.WriteFile(filepath.Join(r.out, "bench-"+backend+"-decrypt-load.jsonl"), loadOut.Bytes(), 0o644)
+		var lr result
+		if json.Unmarshal(bytes.TrimSpace(loadOut.Bytes()), &lr) != nil && err == nil {
+			err = fmt.Errorf("decrypt load: %v: %s", lerr, loadOut.String())
+		}
+		st.FirstError = fmt.Sprintf("load: %.0f Decrypts/s, p99 %s, %d errors", lr.OpsPerSec, us(lr.P99us), lr.Errors)
+		st.Errors += lr.Errors
+	}()
+	time.Sleep(time.Second)
+	rs, err := r.bench(ctx, noop, 0, backend+"-noop-status-under-load", "--op", "status", "--concurrency", "8", "--duration", r.dur.String())
+	if err != nil {
+		return st, nst, err
+	}
+	nst = rs[0]
+	rs, err = r.bench(ctx, sock, pid, backend+"-status-under-load", "--op", "status", "--concurrency", "8", "--duration", r.dur.String())
+	if err != nil {
+		return st, nst, err
+	}
+	return rs[0], nst, nil
+}
+
+// noopServer builds the plugin test binary and runs its TestBenchServer as a no-op
+// KMS v2 server; stop kills it (by its PID) and waits.
+func (r *runner) noopServer(ctx context.Context) (sock string, stop func(), err error) {
+	dir, err := os.MkdirTemp("", "hwkms-bench-noop-")
+	if err != nil {
+		return "", nil, err
+	}
+	bin := filepath.Join(dir, "plugin.test")
+	if out, err := exec.CommandContext(ctx, r.goBin, "test", "-c", "-o", bin, "./plugin/").CombinedOutput(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("go test -c ./plugin/: %w: %s", err, out)
+	}
+	sock = filepath.Join(dir, "noop.sock")
+	cmd := exec.Command(bin, "-test.run=^TestBenchServer$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "HWKMS_BENCH_SERVE=noop:"+sock)
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stop = func() {
+		cmd.Process.Kill()
+		<-exited
+		os.RemoveAll(dir)
+	}
+	if err := waitReady(ctx, sock, exited); err != nil {
+		stop()
+		return "", nil, fmt.Errorf("no-op server: %w", err)
+	}
+	r.progress("started the no-op KMS v2 server, pid %d", cmd.Process.Pid)
+	return sock, stop, nil
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return runtime.GOARCH
+}
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); len(f) > 0 {
+		return f[0]
+	}
+	return "?"
+}
+
+func us(v float64) string {
+	switch {
+	case v >= 1000:
+		return fmt.Sprintf("%.2f ms", v/1000)
+	case v >= 10:
+		return fmt.Sprintf("%.0f us", v)
+	default:
+		return fmt.Sprintf("%.2f us", v)
+	}
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "PASS"
+	}
+	return "**MISS**"
+}
+
+// table renders the one table. Rows with a target are checks; the rest are context.
+func table(fl map[string]floor, hsm, tpm map[string]result) string {
+	var b strings.Builder
+	row := func(what, plugin, floor, ratio, target, v string) {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", what, plugin, floor, ratio, target, v)
+	}
+	b.WriteString("| measure | hwkms | floor | ratio | target | |\n|---|---|---|---|---|---|\n")
+
+	// SoftHSM at concurrency 1 against raw PKCS#11 + bare gRPC.
+	for _, c := range []struct{ op, raw, grpc string }{{"encrypt", "Wrap", "GRPC/Encrypt"}, {"decrypt", "Unwrap", "GRPC/Decrypt"}} {
+		x := hsm[c.op+"/1"]
+		f := fl[c.raw].p50 + fl[c.grpc].p50
+		ratio := x.P50us / f
+		row(fmt.Sprintf("SoftHSM %s p50, conc 1", title(c.op)), us(x.P50us),
+			fmt.Sprintf("%s = raw %s %s + bare gRPC %s", us(f), c.raw, us(fl[c.raw].p50), us(fl[c.grpc].p50)),
+			fmt.Sprintf("%.2f", ratio), "ratio <= 1.25", verdict(ratio <= 1.25))
+	}
+	// SoftHSM at concurrency 64.
+	for _, op := range []string{"encrypt", "decrypt"} {
+		x1, x8, x64 := hsm[op+"/1"], hsm[op+"/8"], hsm[op+"/64"]
+		best := max(x1.OpsPerSec, x8.OpsPerSec)
+		row(fmt.Sprintf("SoftHSM %s errors, conc 1/8/64", title(op)), fmt.Sprintf("%d / %d / %d of %d / %d / %d", x1.Errors, x8.Errors, x64.Errors, x1.Count, x8.Count, x64.Count),
+			"-", "-", "0", verdict(x1.Errors+x8.Errors+x64.Errors == 0))
+		row(fmt.Sprintf("SoftHSM %s ops/s, conc 64", title(op)), fmt.Sprintf("%.0f/s", x64.OpsPerSec),
+			fmt.Sprintf("best of conc 1 (%.0f/s) and 8 (%.0f/s)", x1.OpsPerSec, x8.OpsPerSec),
+			fmt.Sprintf("%.2f", x64.OpsPerSec/best), ">= 0.8", verdict(x64.OpsPerSec >= 0.8*best))
+		row(fmt.Sprintf("SoftHSM %s p99, conc 64", title(op)), us(x64.P99us),
+			fmt.Sprintf("p50 %s, conc 8 p99 %s", us(x64.P50us), us(x8.P99us)), "-", "<= 20 ms", verdict(x64.P99us <= 20000 && x64.Count > 0))
+	}
+	// swtpm.
+	d8, e8 := tpm["decrypt/8"], tpm["encrypt/8"]
+	row("swtpm Decrypt p99, conc 8", us(d8.P99us), fmt.Sprintf("raw Unseal p99 %s (p50 %s); TPM serialised: 8 x p50 = %s", us(fl["Unseal"].p99), us(fl["Unseal"].p50), us(8*fl["Unseal"].p50)),
+		fmt.Sprintf("%.1f", d8.P99us/fl["Unseal"].p99), "<= 10 ms", verdict(d8.P99us <= 10000 && d8.Errors == 0 && d8.Count > 0))
+	row("swtpm Encrypt p99, conc 8", us(e8.P99us), fmt.Sprintf("raw Seal p99 %s (p50 %s)", us(fl["Seal"].p99), us(fl["Seal"].p50)),
+		fmt.Sprintf("%.1f", e8.P99us/fl["Seal"].p99), "<= 100 ms", verdict(e8.P99us <= 100000 && e8.Errors == 0 && e8.Count > 0))
+	for _, t := range []struct {
+		name string
+		m    map[string]result
+	}{{"SoftHSM", hsm}, {"swtpm", tpm}} {
+		x, n := t.m["status-under-load"], t.m["noop-status-under-load"]
+		row(fmt.Sprintf("%s Status p99, conc 8, under Decrypt load (conc 8)", t.name), fmt.Sprintf("%s (p50 %s; %s)", us(x.P99us), us(x.P50us), x.FirstError),
+			fmt.Sprintf("no-op server's Status p99 under the same load %s (p50 %s); idle bare gRPC p99 %s", us(n.P99us), us(n.P50us), us(fl["GRPC/Status"].p99)),
+			fmt.Sprintf("%.2f", x.P99us/n.P99us), "<= 1 ms", verdict(x.P99us <= 1000 && x.Errors == 0 && x.Count > 0))
+	}
+	s := hsm["storm"]
+	row("SoftHSM restart storm: 5,000 distinct Decrypts, conc 32", fmt.Sprintf("%.0f/s (%.2f s total, p99 %s, %d errors)", s.OpsPerSec, s.Seconds, us(s.P99us), s.Errors),
+		fmt.Sprintf("raw Unwrap 1/p50 = %.0f/s", 1e6/fl["Unwrap"].p50), fmt.Sprintf("%.2f", s.OpsPerSec/(1e6/fl["Unwrap"].p50)),
+		">= 5,000/s", verdict(s.OpsPerSec >= 5000 && s.Errors == 0 && s.Count == 5000))
+	rss := 0
+	for _, k := range []string{"encrypt/64", "decrypt/64", "storm"} {
+		rss = max(rss, hsm[k].RSSKiB)
+	}
+	row("peak RSS of the server (VmHWM), SoftHSM after conc 64 and the storm", fmt.Sprintf("%.1f MiB", float64(rss)/1024), "-", "-", "<= 50 MiB", verdict(rss > 0 && rss <= 50*1024))
+
+	// Context: every level, and the floors not used above.
+	for _, t := range []struct {
+		name  string
+		m     map[string]result
+		concs []int
+	}{{"SoftHSM", hsm, []int{1, 8, 64}}, {"swtpm", tpm, []int{1, 8}}} {
+		for _, op := range []string{"encrypt", "decrypt"} {
+			for _, c := range t.concs {
+				x := t.m[fmt.Sprintf("%s/%d", op, c)]
+				row(fmt.Sprintf("%s %s, conc %d", t.name, title(op), c), fmt.Sprintf("%.0f/s, p50 %s, p99 %s, max %s, %d errors", x.OpsPerSec, us(x.P50us), us(x.P99us), us(x.MaxUs), x.Errors), "", "", "", "")
+			}
+		}
+	}
+	row("in-process AES-256-GCM Seal of 32 B (what a KEK in memory would cost)", "", us(fl["AESGCM/Seal"].mean), "", "", "")
+	return b.String()
+}
+
+func title(s string) string { return strings.ToUpper(s[:1]) + s[1:] }
