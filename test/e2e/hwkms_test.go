@@ -23,23 +23,29 @@ import (
 // Backends the suite runs every scenario against.
 var backends = []string{"pkcs11", "tpm"}
 
-// device is where the KEKs live: a SoftHSM2 token or a swtpm. The test owns it, so it
-// outlives hwkms restarts, as a real HSM or TPM does.
+// device is where the KEKs live: one SoftHSM2 token, or swtpms. The test owns it, so
+// it outlives hwkms restarts, as a real HSM or TPM does.
+//
+// On swtpm every KEK lives in its own swtpm. hwkms opens one TPM connection per
+// configured key, and swtpm (like /dev/tpm0, unlike /dev/tpmrm0) serves one connection
+// at a time, so hwkms cannot open two keys that share one swtpm: the second Open waits
+// for the TPM until it times out.
 type device struct {
+	t    testing.TB
 	kind string
 	dir  string
 	env  []string // for hwkms and the key commands: SOFTHSM2_CONF
 	// pkcs11
 	module, tokenLabel, pinFile string
-	// tpm
-	sim *swtpm.Sim
+	// tpm: KEK number -> its swtpm
+	sims map[int]*swtpm.Sim
 }
 
-// newDevice creates a SoftHSM2 token with a random PIN, or starts a swtpm, with its
-// state under dir. A swtpm is stopped by PID in t.Cleanup.
+// newDevice creates a SoftHSM2 token with a random PIN under dir, or prepares to start
+// a swtpm per KEK (stopped by PID in t.Cleanup) with its state under dir.
 func newDevice(t testing.TB, kind, dir string) *device {
 	t.Helper()
-	d := &device{kind: kind, dir: dir}
+	d := &device{t: t, kind: kind, dir: dir, sims: map[int]*swtpm.Sim{}}
 	switch kind {
 	case "pkcs11":
 		fx, err := softhsm.New(mkdir(t, filepath.Join(dir, "softhsm")))
@@ -57,14 +63,6 @@ func newDevice(t testing.TB, kind, dir string) *device {
 		}
 		d.env = []string{fx.Env()}
 	case "tpm":
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		sim, err := swtpm.Start(ctx, filepath.Join(dir, "swtpm"))
-		if err != nil {
-			t.Fatalf("swtpm: %v", err)
-		}
-		t.Cleanup(func() { sim.Close() })
-		d.sim = sim
 	default:
 		t.Fatalf("unknown backend %q", kind)
 	}
@@ -83,6 +81,18 @@ func (d *device) keyConfig(t testing.TB, n int) map[string]any {
 			"keyLabel":   fmt.Sprintf("e2e-kek-%d", n),
 		}}
 	default:
+		sim := d.sims[n]
+		if sim == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var err error
+			sim, err = swtpm.Start(ctx, filepath.Join(d.dir, fmt.Sprintf("swtpm-%d", n)))
+			if err != nil {
+				t.Fatalf("swtpm for KEK %d: %v", n, err)
+			}
+			d.t.Cleanup(func() { sim.Close() })
+			d.sims[n] = sim
+		}
 		auth := filepath.Join(d.dir, fmt.Sprintf("kek-%d.auth", n))
 		if _, err := os.Stat(auth); os.IsNotExist(err) {
 			if err := os.WriteFile(auth, []byte(randomHex(t, 16)), 0o600); err != nil {
@@ -90,7 +100,7 @@ func (d *device) keyConfig(t testing.TB, n int) map[string]any {
 			}
 		}
 		return map[string]any{"tpm": map[string]any{
-			"device":   d.sim.Device,
+			"device":   sim.Device,
 			"blobFile": filepath.Join(d.dir, fmt.Sprintf("kek-%d.blob", n)),
 			"authFile": auth,
 		}}

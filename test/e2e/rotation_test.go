@@ -20,11 +20,12 @@ import (
 // etcd holds only the new key_id, drop the old key from the config, reload, and read
 // everything again, after a kube-apiserver restart so every seed goes through hwkms.
 //
-// On swtpm the reloads are hwkms restarts instead of SIGHUP: swtpm serves one
-// connection at a time and has no resource manager, so neither `hwkms key create` nor
-// a SIGHUP reload (which opens every configured key again on a second connection)
-// can reach the TPM while hwkms holds it; both wait for the TPM until they time out.
-// On /dev/tpmrm0 the kernel's resource manager would serve them.
+// On swtpm the new key is in a second swtpm (see device) and the reloads are hwkms
+// restarts instead of SIGHUP: swtpm serves one connection at a time and has no
+// resource manager, and a SIGHUP reload opens every configured key again, on a new
+// connection, while the running keyring holds the old key's swtpm; the reload waits
+// for that TPM until it times out (about 2 minutes) and fails. On /dev/tpmrm0 the
+// kernel's resource manager would serve both connections.
 func TestKeyRotation(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, backend string) {
 		c := newCluster(t, backend, clusterOptions{})
@@ -98,6 +99,7 @@ func TestKeyRotation(t *testing.T) {
 		if obj, _ := c.stored("s4-1"); obj.KeyID != oldKey {
 			t.Fatalf("s4-1 has key_id %s before migration, want the old %s", obj.KeyID, oldKey)
 		}
+		_, relic := c.stored("s4-2") // kept to show what removing the old key too early does
 		if !c.replaceSecret("s4-1") {
 			t.Fatalf("an unchanged update of s4-1 did not rewrite it after the rotation: kube-apiserver does not consider old-key data stale")
 		}
@@ -139,6 +141,19 @@ func TestKeyRotation(t *testing.T) {
 			}
 		}
 		t.Logf("old key removed; after a kube-apiserver restart every Secret reads; hwkms served %v", counts)
+
+		// 6. Data still under the removed key no longer reads, and hwkms says which key
+		// it was (NotFound naming the key_id), as an operator who removed it too early sees.
+		since = len(c.kms.logRecords(""))
+		c.etcd.put(t, secretKey("default", "s4-2"), relic)
+		if _, err := c.getSecret("s4-2"); err == nil {
+			t.Fatalf("a value under the removed key %s still read", oldKey)
+		} else if !strings.Contains(err.Error(), oldKey) {
+			t.Errorf("reading a value under the removed key failed without naming the key_id %s: %v", oldKey, err)
+		}
+		if got := c.kms.requestCounts(since)["Decrypt NotFound"]; got == 0 {
+			t.Errorf("hwkms did not answer NotFound for a seed under the removed key %s (served %v)", oldKey, c.kms.requestCounts(since))
+		}
 	})
 }
 
