@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 export CGO_ENABLED := 1
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all deps build run test test-unit test-api vet fmt-check bench clean e2e e2e-scale e2e-tools
+.PHONY: all deps build run test test-unit test-api vet fmt-check bench clean fuzz-short soak e2e e2e-scale e2e-tools
 
 all: build
 
@@ -20,8 +20,8 @@ build:
 run: deps build
 	./bin/hwkms dev --backend $(BACKEND) --socket $(SOCKET)
 
-## test: formatting, vet, unit and device tests with -race, then the apiserver-client suite
-test: deps fmt-check vet test-unit test-api
+## test: formatting, vet, unit and device tests with -race (with the 30 s soak), the fuzzers' short runs, then the apiserver-client suite
+test: deps fmt-check vet test-unit fuzz-short test-api
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -36,6 +36,25 @@ test-unit:
 
 test-api:
 	@if [ -f test/go.mod ]; then cd test && $(GO) test -race -count=1 -timeout 20m ./...; fi
+
+# Each fuzz target, run for FUZZTIME (go test -fuzz takes one target per run). Seed
+# corpora live in <pkg>/testdata/fuzz/<FuzzName>/ and also run in test-unit.
+FUZZTIME ?= 10s
+FUZZ_TARGETS = ./plugin:FuzzParseFrame ./plugin:FuzzDecrypt ./plugin/config:FuzzParse ./hsm:FuzzUnwrap ./tpm:FuzzDecodeObject
+
+## fuzz-short: run every fuzzer for FUZZTIME (10 s each)
+fuzz-short:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name ($$pkg) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
+
+SOAK ?= 10m
+
+## soak: the long soak (64 clients, faults every few seconds) for SOAK (10 min)
+soak:
+	HWKMS_SOAK=$(SOAK) $(GO) test -race -count=1 -run '^TestSoak$$' -timeout 2h -v ./hsm/
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./hsm/ ./plugin/...

@@ -4,7 +4,7 @@
 # otherwise it prints the command to run and fails.
 set -euo pipefail
 
-pkgs=(softhsm2 swtpm swtpm-tools)
+pkgs=(softhsm2 swtpm swtpm-tools systemd) # systemd: systemd-analyze verify of deploy/systemd
 missing=()
 for p in "${pkgs[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

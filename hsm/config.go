@@ -50,6 +50,11 @@ type Config struct {
 	// (CKA_EXTRACTABLE true, CKA_SENSITIVE false or CKA_NEVER_EXTRACTABLE false).
 	// Default false: such keys are refused.
 	AllowExtractable bool `json:"allowExtractable,omitempty"`
+	// AllowReplicated accepts, more narrowly than AllowExtractable, a KEK copied
+	// between tokens by ReplicateKey (replicate.go): a sensitive, non-extractable
+	// copy whose CKA_NEVER_EXTRACTABLE is false, or a replicable source key with
+	// CKA_WRAP_WITH_TRUSTED. Default false.
+	AllowReplicated bool `json:"allowReplicated,omitempty"`
 }
 
 // Validate checks c without touching the module or the PIN source. Every error names the
@@ -158,6 +163,11 @@ func (c Config) tokenName() string {
 // readPIN reads the user PIN from PINFile (one trailing "\n" or "\r\n" removed) or from
 // the PINEnv variable. Errors name the source but never quote its content.
 func (c Config) readPIN() (string, error) {
+	pin, err := c.readPINSource()
+	return pin, mark(err, ErrPINSource)
+}
+
+func (c Config) readPINSource() (string, error) {
 	var pin string
 	switch {
 	case c.PINFile != "":

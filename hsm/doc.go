@@ -71,6 +71,17 @@
 // Each KEK has a pool of Config.Sessions read-only sessions; an operation waits for a
 // free one at most until its context is done.
 //
+// # Deadlines and hung calls
+//
+// A PKCS#11 call cannot be interrupted. Each attempt of an operation runs its device
+// calls on a goroutine of its own; the operation returns when they finish or when its
+// context is done, whichever is first, with an error wrapping context.DeadlineExceeded
+// (and plugin.ErrUnavailable) in the second case. The goroutine keeps its session until
+// the call returns, and the session is not reused before. So at most Config.Sessions
+// goroutines per KEK can be stuck in the device, plus one re-initialisation goroutine
+// per module, which waits for them; operations beyond that wait for a session until
+// their deadline. KEK.Close waits for stuck calls to return.
+//
 // # Recovery
 //
 // Per operation, after the CK_RV it got:
@@ -83,12 +94,22 @@
 //     retried once.
 //   - CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED,
 //     CKR_DEVICE_ERROR (and CKR_DEVICE_MEMORY, CKR_TOKEN_NOT_RECOGNIZED,
-//     CKR_USER_NOT_LOGGED_IN, CKR_SESSION_COUNT): the session is dropped and the error
-//     returned wrapping plugin.ErrUnavailable. Re-initialising the module and logging in
-//     again is not done yet; a KEK stays unavailable until the failure clears by itself,
-//     or until every KEK on the module has been closed (which finalises it) and one is
-//     opened again. The PIN is not kept in memory for a later login: re-initialisation
-//     will read it again from the configured file or variable.
+//     CKR_USER_NOT_LOGGED_IN, CKR_SESSION_COUNT): the module is re-initialised and the
+//     operation retried once. Re-initialisation is per module and single-flight: every
+//     KEK on the module shares one C_Finalize/C_Initialize, which waits (module gate,
+//     held shared by every device call) until no other call runs on the module. Then
+//     every token of the module is found again by its selector (its slot may change),
+//     its PIN is read again from the configured file or variable, and it is logged in
+//     once. A generation counter advances: sessions and key handles of older
+//     generations are forgotten, never closed (their numbers may have been reused),
+//     and each KEK finds its key again on first use. A failed re-initialisation backs
+//     off 50 ms, doubling to 1 s; until the next attempt is due, operations fail at once
+//     with plugin.ErrUnavailable without touching the device. The 1 s cap keeps the
+//     time from a device coming back to the first success under 2 s.
+//   - CKR_PIN_INCORRECT, CKR_PIN_LOCKED (and the other PIN errors) at a re-login: the
+//     token is marked failed, every operation on it fails with *PINError (which wraps
+//     plugin.ErrUnavailable), and no C_Login is attempted again until Open is called for
+//     the token (a config reload or a restart), which makes exactly one new attempt.
 //   - at C_Decrypt, CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE and
 //     CKR_GENERAL_ERROR (what SoftHSM2 returns for a bad GCM tag): plugin.ErrInvalidCiphertext.
 //

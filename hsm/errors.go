@@ -57,3 +57,12 @@ func tokenError(t *token, oe opError) error {
 	}
 	return fmt.Errorf("hsm: %s on token %q: %w", oe.op, t.label, oe.err)
 }
+
+// asTokenError is tokenError for an error that is usually an opError; any other error
+// is returned unchanged.
+func asTokenError(t *token, err error) error {
+	if oe, ok := err.(opError); ok {
+		return tokenError(t, oe)
+	}
+	return err
+}

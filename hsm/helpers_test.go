@@ -162,6 +162,13 @@ func (f *faulty) count(name string) int {
 	return f.calls[name]
 }
 
+func (f *faulty) Initialize(opts ...pkcs11.InitializeOption) error {
+	if err := f.hit("Initialize"); err != nil {
+		return err
+	}
+	return f.p11.Initialize(opts...)
+}
+
 func (f *faulty) Login(sh pkcs11.SessionHandle, userType uint, pin string) error {
 	if err := f.hit("Login"); err != nil {
 		return err

@@ -37,9 +37,12 @@ const (
 // the sessions and releases the shared module and token (logging out and finalising
 // the module when no other KEK in the process uses them).
 //
-// A context bounds the wait for a session, not a PKCS#11 call already running: Cryptoki
-// calls cannot be interrupted, so an operation on a hung token returns when the token
-// does.
+// A context bounds the whole operation, including a PKCS#11 call that hangs: device
+// calls run on a goroutine of their own, and the operation returns at its deadline with
+// an error wrapping context.DeadlineExceeded while the call finishes in the background.
+// The session it holds goes back to the pool only when the call returns, so at most
+// Config.Sessions calls per KEK can be stuck at once; further operations wait for a
+// session until their deadline. Close waits for stuck calls to return.
 type KEK struct {
 	id          string
 	keyLabel    string
@@ -48,12 +51,15 @@ type KEK struct {
 	tok         *token
 	pool        *pool
 
-	key     atomic.Uint64 // pkcs11.ObjectHandle of the key
-	refind  sync.Mutex    // serialises finding the key again
-	mu      sync.RWMutex  // held shared by operations, exclusively by Close
-	closed  atomic.Bool
-	done    chan struct{}
-	closing sync.Once
+	keyMu  sync.Mutex // guards keyH and keyGen; held while finding the key again
+	keyH   pkcs11.ObjectHandle
+	keyGen uint64 // module generation keyH belongs to
+
+	mu       sync.RWMutex   // held shared by operations, exclusively by Close
+	inflight sync.WaitGroup // device-call goroutines, which may outlive their operation
+	closed   atomic.Bool
+	done     chan struct{}
+	closing  sync.Once
 }
 
 var _ plugin.KEK = (*KEK)(nil)
@@ -78,7 +84,7 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	}
 	k := &KEK{
 		keyLabel:    cfg.KeyLabel,
-		allowUnsafe: cfg.AllowExtractable,
+		allowUnsafe: cfg.AllowExtractable || cfg.AllowReplicated,
 		tok:         tok,
 		done:        make(chan struct{}),
 	}
@@ -95,8 +101,21 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	if err != nil {
 		return nil, err
 	}
-	defer k.pool.release(s)
-	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), cfg.AllowExtractable)
+	tok.mod.gate.RLock()
+	defer tok.mod.gate.RUnlock()
+	gen := tok.mod.gen.Load()
+	defer k.pool.release(s, gen)
+	if err := k.pool.ready(s, gen); err != nil {
+		return nil, asTokenError(tok, err)
+	}
+	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), k.allowUnsafe)
+	if err == nil && !cfg.AllowExtractable && !ki.Safe() {
+		var ok bool
+		if ok, err = replicaAcceptable(tok.ctx, s.h, h, ki); err == nil && !ok {
+			err = fmt.Errorf("hsm: key %q on token %q refused: %s, and it is not a replicated key that allowReplicated accepts: %w",
+				cfg.KeyLabel, tok.label, ki.unsafeReason(), ErrUnsafeKey)
+		}
+	}
 	if err != nil {
 		if oe, ok := err.(opError); ok {
 			return nil, tokenError(tok, oe)
@@ -104,7 +123,7 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 		return nil, err
 	}
 	k.id, k.ckaID = ki.KeyID, id
-	k.key.Store(uint64(h))
+	k.keyH, k.keyGen = h, gen
 	return k, nil
 }
 
@@ -216,8 +235,9 @@ func (k *KEK) Close() error {
 	k.closing.Do(func() {
 		k.closed.Store(true)
 		close(k.done) // wakes operations waiting for a session
-		k.mu.Lock()   // waits for operations on the device
+		k.mu.Lock()   // waits for operations
 		defer k.mu.Unlock()
+		k.inflight.Wait() // and for device calls that outlived their operation's deadline
 		err = errors.Join(k.pool.closeAll(), releaseToken(k.tok))
 	})
 	return err
@@ -238,63 +258,117 @@ type opFunc func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error
 
 // run runs op on a pooled session, with the recovery described in doc.go: a lost
 // session is dropped and op retried once on a fresh one; a stale key handle is refreshed
-// and op retried once. Errors come back with the token named and the right sentinel.
+// and op retried once; a device-class error re-initialises the module (shared with every
+// KEK on it, with backoff) and op is retried once. Errors come back with the token named
+// and the right sentinel. run returns when ctx is done even if a device call hangs.
 func (k *KEK) run(ctx context.Context, op opFunc) error {
-	var err error
+	var r attemptResult
 	for attempt := 0; attempt < 2; attempt++ {
-		var retry bool
-		retry, err = k.attempt(ctx, op)
-		if !retry {
+		r = k.attempt(ctx, op)
+		if r.class == rvOther || attempt == 1 {
 			break
 		}
+		if r.class == rvDevice {
+			if err := k.tok.mod.recoverDevice(ctx, k.tok, r.gen, r.err); err != nil {
+				return errors.Join(k.wrapErr(r.err), err)
+			}
+		}
 	}
+	return k.wrapErr(r.err)
+}
+
+func (k *KEK) wrapErr(err error) error {
 	if oe, ok := err.(opError); ok {
 		return tokenError(k.tok, oe)
 	}
 	return err
 }
 
-// attempt runs op once and reports whether a retry could help.
-func (k *KEK) attempt(ctx context.Context, op opFunc) (retry bool, err error) {
+// attemptResult is the outcome of one attempt: its error, the recovery class of that
+// error and the module generation it ran in.
+type attemptResult struct {
+	err   error
+	class rvClass
+	gen   uint64
+}
+
+// attempt takes a session and runs op on it on a goroutine of its own (PKCS#11 calls
+// cannot be interrupted), returning the goroutine's result or, if ctx ends first, an
+// error wrapping ctx.Err(). The goroutine keeps the session until its calls return.
+func (k *KEK) attempt(ctx context.Context, op opFunc) attemptResult {
 	s, err := k.pool.acquire(ctx)
 	if err != nil {
 		if errors.Is(err, plugin.ErrClosed) {
-			return false, fmt.Errorf("hsm: key %q: %w", k.keyLabel, err)
+			err = fmt.Errorf("hsm: key %q: %w", k.keyLabel, err)
 		}
-		return false, err
+		return attemptResult{err: err}
 	}
-	defer k.pool.release(s)
-	key := pkcs11.ObjectHandle(k.key.Load())
-	err = op(k.tok.ctx, s.h, key)
-	switch classify(err) {
-	case rvSession:
-		s.broken = true
-		return true, err
-	case rvObject:
-		if ferr := k.findAgain(s.h, key); ferr != nil {
-			return false, ferr
-		}
-		return true, err
-	case rvDevice:
-		s.broken = true
+	res := make(chan attemptResult, 1)
+	k.inflight.Add(1)
+	go func() {
+		defer k.inflight.Done()
+		res <- k.attemptOn(s, op)
+	}()
+	select {
+	case r := <-res:
+		return r
+	case <-ctx.Done():
+		return attemptResult{err: fmt.Errorf("hsm: token %q did not answer before the deadline (the call goes on in the background and its session is not reused until it returns): %w: %w",
+			k.tok.label, plugin.ErrUnavailable, ctx.Err())}
 	}
-	return false, err
 }
 
-// findAgain refreshes the cached key handle after CKR_OBJECT_HANDLE_INVALID, unless
-// another goroutine already has. It matches the label and the exact CKA_ID found at
-// Open, so it can only find the same key (and key_id) again.
-func (k *KEK) findAgain(sh pkcs11.SessionHandle, stale pkcs11.ObjectHandle) error {
-	k.refind.Lock()
-	defer k.refind.Unlock()
-	if k.key.Load() != uint64(stale) {
-		return nil
+// attemptOn runs op once on s, holding the module's gate, and releases s.
+func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
+	m := k.tok.mod
+	m.gate.RLock()
+	defer m.gate.RUnlock()
+	gen := m.gen.Load()
+	defer k.pool.release(s, gen)
+	if err := k.tok.state(); err != nil {
+		if k.tok.pinErr != nil {
+			return attemptResult{err: err, gen: gen} // never retried automatically
+		}
+		return attemptResult{err: err, class: rvDevice, gen: gen}
+	}
+	if err := k.pool.ready(s, gen); err != nil {
+		return attemptResult{err: err, class: classify(err), gen: gen}
+	}
+	key, err := k.keyFor(s.h, gen, 0)
+	if err != nil {
+		return attemptResult{err: err, class: classify(err), gen: gen}
+	}
+	err = op(k.tok.ctx, s.h, key)
+	class := classify(err)
+	switch class {
+	case rvSession, rvDevice:
+		s.broken = true
+	case rvObject:
+		if _, ferr := k.keyFor(s.h, gen, key); ferr != nil {
+			return attemptResult{err: ferr, class: classify(ferr), gen: gen}
+		}
+	}
+	return attemptResult{err: err, class: class, gen: gen}
+}
+
+// keyFor returns the key handle for generation gen, finding the key again when the
+// cached handle is from an older generation or equals stale (CKR_OBJECT_HANDLE_INVALID;
+// 0 means none is known stale). The search matches the label and the exact CKA_ID found
+// at Open, so it can only find the same key (and key_id) again. Holding gate.
+func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
+	k.keyMu.Lock()
+	defer k.keyMu.Unlock()
+	if k.keyGen == gen && (stale == 0 || k.keyH != stale) {
+		return k.keyH, nil
 	}
 	h, _, _, err := selectKey(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.allowUnsafe)
 	if err != nil {
-		return fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
-			k.keyLabel, k.tok.label, plugin.ErrUnavailable, err)
+		if classify(err) != rvOther {
+			return 0, err // a device or session error: recover as for any call
+		}
+		return 0, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
+			k.keyLabel, k.tok.label, plugin.ErrUnavailable, k.wrapErr(err))
 	}
-	k.key.Store(uint64(h))
-	return nil
+	k.keyH, k.keyGen = h, gen
+	return h, nil
 }

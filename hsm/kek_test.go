@@ -618,7 +618,7 @@ func TestWaitForSessionHonoursContext(t *testing.T) {
 		}
 	})
 	t.Run("already cancelled", func(t *testing.T) {
-		k.pool.release(s) // a session is free, but a dead context must not use it
+		k.pool.release(s, k.tok.mod.gen.Load()) // a session is free, but a dead context must not use it
 		s = nil
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
@@ -627,7 +627,7 @@ func TestWaitForSessionHonoursContext(t *testing.T) {
 		}
 	})
 	if s != nil {
-		k.pool.release(s)
+		k.pool.release(s, k.tok.mod.gen.Load())
 	}
 	roundTrip(t, k, []byte("seed"), aad)
 }
@@ -671,7 +671,7 @@ func TestClose(t *testing.T) {
 		t.Fatal("Close returned while an operation held a session")
 	case <-time.After(20 * time.Millisecond): // Close must still be waiting
 	}
-	k.pool.release(s)
+	k.pool.release(s, k.tok.mod.gen.Load())
 	k.mu.RUnlock()
 	if err := <-closed; err != nil {
 		t.Fatalf("Close: %v", err)
@@ -726,34 +726,63 @@ func TestRecovery(t *testing.T) {
 			t.Errorf("searched %d times after CKR_OBJECT_HANDLE_INVALID, want 1", got)
 		}
 	})
-	t.Run("key gone", func(t *testing.T) {
+	t.Run("refind hits a device error", func(t *testing.T) {
+		inits := f.count("Initialize")
 		f.inject("EncryptInit", pkcs11.Error(pkcs11.CKR_OBJECT_HANDLE_INVALID))
 		f.inject("FindObjectsInit", pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))
-		if _, err := k.Wrap(ctx, []byte("seed"), aad); !errors.Is(err, plugin.ErrUnavailable) {
-			t.Fatalf("Wrap = %v, want ErrUnavailable", err)
+		roundTrip(t, k, []byte("seed"), aad)
+		if got := f.count("Initialize") - inits; got != 1 {
+			t.Errorf("C_Initialize called %d times, want 1 re-initialisation", got)
 		}
 	})
 	for _, rv := range []uint{pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_DEVICE_ERROR} {
 		t.Run(pkcs11.Error(rv).Error(), func(t *testing.T) {
+			inits, logins := f.count("Initialize"), f.count("Login")
 			f.inject("EncryptInit", pkcs11.Error(rv))
-			_, err := k.Wrap(ctx, []byte("seed"), aad)
-			var got pkcs11.Error
-			if !errors.Is(err, plugin.ErrUnavailable) || !errors.As(err, &got) || uint(got) != rv {
-				t.Fatalf("Wrap = %v, want ErrUnavailable with %v", err, pkcs11.Error(rv))
+			roundTrip(t, k, []byte("seed"), aad) // re-initialised and retried within the call
+			if got := f.count("Initialize") - inits; got != 1 {
+				t.Errorf("C_Initialize called %d times, want 1", got)
 			}
-			roundTrip(t, k, []byte("seed"), aad)
+			if got := f.count("Login") - logins; got != 1 {
+				t.Errorf("C_Login called %d times, want 1", got)
+			}
 		})
 	}
-	t.Run("reopen fails", func(t *testing.T) {
+	t.Run("device fails twice", func(t *testing.T) {
+		f.inject("EncryptInit", pkcs11.Error(pkcs11.CKR_DEVICE_ERROR), pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))
+		_, err := k.Wrap(ctx, []byte("seed"), aad)
+		var got pkcs11.Error
+		if !errors.Is(err, plugin.ErrUnavailable) || !errors.As(err, &got) || got != pkcs11.CKR_DEVICE_ERROR {
+			t.Fatalf("Wrap = %v, want ErrUnavailable with CKR_DEVICE_ERROR", err)
+		}
+		roundTrip(t, k, []byte("seed"), aad)
+	})
+	t.Run("reinit fails then backs off", func(t *testing.T) {
 		f.inject("EncryptInit", pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED))
-		f.inject("OpenSession", pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED))
+		f.inject("Initialize", pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED))
 		if _, err := k.Wrap(ctx, []byte("seed"), aad); !errors.Is(err, plugin.ErrUnavailable) {
 			t.Fatalf("Wrap = %v, want ErrUnavailable", err)
 		}
-		if _, err := k.Wrap(ctx, []byte("seed"), aad); !errors.Is(err, plugin.ErrUnavailable) {
-			t.Fatalf("Wrap while the session cannot be reopened = %v, want ErrUnavailable", err)
+		inits := f.count("Initialize")
+		_, err := k.Wrap(ctx, []byte("seed"), aad)
+		if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, errBackoff) {
+			t.Fatalf("Wrap right after a failed re-init = %v, want ErrUnavailable while backing off", err)
 		}
-		roundTrip(t, k, []byte("seed"), aad) // the slot reopens once the device is back
+		if got := f.count("Initialize") - inits; got != 0 {
+			t.Errorf("C_Initialize called %d times during the backoff, want 0", got)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			_, err := k.Wrap(ctx, []byte("seed"), aad)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no recovery after the backoff: %v", err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		roundTrip(t, k, []byte("seed"), aad)
 	})
 }
 

@@ -211,6 +211,8 @@ func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh
 			err = rerr
 		}
 	}()
+	t.mod.gate.RLock()
+	defer t.mod.gate.RUnlock()
 	flags := uint(pkcs11.CKF_SERIAL_SESSION)
 	if rw {
 		flags |= pkcs11.CKF_RW_SESSION

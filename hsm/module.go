@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
 
@@ -59,27 +60,50 @@ var registry = struct {
 	modules map[string]*module
 }{modules: map[string]*module{}}
 
-// module is one loaded and initialised PKCS#11 module. Guarded by registry.
+// module is one loaded and initialised PKCS#11 module. path, ctx and refs are guarded
+// by registry. Every PKCS#11 call on ctx is made holding gate for reading; C_Finalize,
+// C_Initialize, logins and changes to tokens hold it for writing (recover.go).
 type module struct {
 	path     string
 	ctx      p11
-	refs     int  // token references
+	refs     int  // token references and running re-inits; guarded by registry
 	ownsInit bool // false if C_Initialize said CKR_CRYPTOKI_ALREADY_INITIALIZED
 	tokens   map[uint]*token
+
+	// gate is held shared by every device call and exclusively by re-initialisation,
+	// token login and logout, so that C_Finalize never runs under another call.
+	gate sync.RWMutex
+	// gen counts re-initialisations. Sessions and object handles are valid only in the
+	// generation they were obtained in; after a re-init they are dropped, never closed
+	// (their numbers may have been given to new sessions). Written under gate.
+	gen atomic.Uint64
+	rec recovery
 }
 
 // token is a logged-in token. It keeps one session open for its lifetime: login state
 // lasts while the application has a session open with the token (PKCS#11 v2.40 section
 // 5.6, C_CloseSession), so pool sessions may come and go without logging out.
+//
+// Fields other than refs are written holding mod.gate exclusively and read holding it.
 type token struct {
 	mod    *module
 	ctx    p11
+	sel    Config // token selector and PIN source, to find the token and read the PIN again at re-init
 	slot   uint
 	label  string
 	serial string
 	refs   int                  // guarded by registry
-	hold   pkcs11.SessionHandle // session that carries the login
+	hold   pkcs11.SessionHandle // session that carries the login, valid while loggedIn
 	pinMAC []byte               // HMAC of the PIN under pinMACKey, to compare later logins
+
+	// loggedIn is false after a re-initialisation until the login succeeded again.
+	loggedIn bool
+	// pinErr is set when C_Login refused the PIN at a re-login. It is sticky: every
+	// operation on the token fails with it and no login is attempted again until Open
+	// is called for the token (a config reload or restart).
+	pinErr *PINError
+	// loginErr is why the last re-login failed (other than a refused PIN).
+	loginErr error
 }
 
 // pinMACKey is a per-process random key. token.pinMAC lets a second Open on a token that
@@ -125,15 +149,18 @@ func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 		return nil, err
 	}
 	registry.Lock()
-	defer registry.Unlock()
-
 	mod, err := acquireModuleLocked(cfg.Module)
+	registry.Unlock()
 	if err != nil {
 		return nil, err
 	}
+	mod.gate.Lock()
 	tok, err := mod.tokenLocked(cfg, pin)
+	mod.gate.Unlock()
 	if err != nil {
+		registry.Lock()
 		releaseModuleLocked(mod)
+		registry.Unlock()
 		return nil, err
 	}
 	return tok, nil
@@ -143,22 +170,30 @@ func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 // logs out and closes its login session; the last reference to a module finalises and
 // unloads it.
 func releaseToken(t *token) error {
-	registry.Lock()
-	defer registry.Unlock()
 	var errs []error
+	t.mod.gate.Lock()
+	registry.Lock()
 	t.refs--
-	if t.refs == 0 {
+	last := t.refs == 0
+	registry.Unlock()
+	if last {
 		delete(t.mod.tokens, t.slot)
-		if err := t.ctx.Logout(t.hold); err != nil && !isRV(err, pkcs11.CKR_USER_NOT_LOGGED_IN) {
-			errs = append(errs, fmt.Errorf("hsm: C_Logout on token %q: %w", t.label, err))
-		}
-		if err := t.ctx.CloseSession(t.hold); err != nil {
-			errs = append(errs, fmt.Errorf("hsm: C_CloseSession on token %q: %w", t.label, err))
+		if t.loggedIn {
+			if err := t.ctx.Logout(t.hold); err != nil && classify(err) == rvOther && !isRV(err, pkcs11.CKR_USER_NOT_LOGGED_IN) {
+				errs = append(errs, fmt.Errorf("hsm: C_Logout on token %q: %w", t.label, err))
+			}
+			if err := t.ctx.CloseSession(t.hold); err != nil && classify(err) == rvOther {
+				errs = append(errs, fmt.Errorf("hsm: C_CloseSession on token %q: %w", t.label, err))
+			}
+			t.loggedIn = false
 		}
 	}
+	t.mod.gate.Unlock()
+	registry.Lock()
 	if err := releaseModuleLocked(t.mod); err != nil {
 		errs = append(errs, err)
 	}
+	registry.Unlock()
 	return errors.Join(errs...)
 }
 
@@ -173,13 +208,13 @@ func acquireModuleLocked(path string) (*module, error) {
 	}
 	c, err := loadModule(path)
 	if err != nil {
-		return nil, err
+		return nil, mark(err, ErrModule)
 	}
 	m := &module{path: key, ctx: c, refs: 1, ownsInit: true, tokens: map[uint]*token{}}
 	if err := c.Initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			c.Destroy()
-			return nil, fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, plugin.ErrUnavailable, err)
+			return nil, mark(fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, plugin.ErrUnavailable, err), ErrModule)
 		}
 		// Someone else in this process initialised it (another path to the same
 		// library): use it, but never finalise it.
@@ -206,43 +241,65 @@ func releaseModuleLocked(m *module) error {
 }
 
 // tokenLocked finds the configured token and returns it with a new reference, logging
-// in if this process has no login on it yet.
+// in if this process has no login on it yet. The caller holds m.gate exclusively.
+//
+// A token whose re-login was refused (pinErr) gets exactly one new C_Login here, with
+// the PIN the caller just read: Open is the explicit retry (config reload, restart).
 func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
 	slot, info, err := m.selectSlot(cfg)
 	if err != nil {
 		return nil, err
 	}
 	if t, ok := m.tokens[slot]; ok {
-		if !hmac.Equal(t.pinMAC, macPIN(pin)) {
+		switch {
+		case t.pinErr != nil:
+			if err := t.login(pin); err != nil {
+				return nil, err
+			}
+		case !hmac.Equal(t.pinMAC, macPIN(pin)):
 			return nil, fmt.Errorf("hsm: token %q is already logged in by this process with a different PIN; refusing a second configuration with another PIN", t.label)
 		}
+		registry.Lock()
 		t.refs++
+		registry.Unlock()
 		return t, nil
 	}
 	t := &token{
 		mod:    m,
 		ctx:    m.ctx,
+		sel:    cfg,
 		slot:   slot,
 		label:  strings.TrimRight(info.Label, " \x00"),
 		serial: strings.TrimRight(info.SerialNumber, " \x00"),
-		pinMAC: macPIN(pin),
 	}
-	t.hold, err = m.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
-	if err != nil {
-		return nil, fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
-	}
-	// Exactly one C_Login attempt: a wrong PIN is never retried.
-	if err := m.ctx.Login(t.hold, pkcs11.CKU_USER, pin); err != nil && !isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
-		_ = m.ctx.CloseSession(t.hold)
-		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
-			pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
-			return nil, &PINError{Token: t.label, Err: err}
-		}
-		return nil, fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+	if err := t.login(pin); err != nil {
+		return nil, err
 	}
 	t.refs = 1
 	m.tokens[slot] = t
 	return t, nil
+}
+
+// login opens the login session and makes exactly one C_Login attempt as CKU_USER: a
+// wrong PIN is never retried. A refused PIN sets t.pinErr and returns it. The caller
+// holds t.mod.gate exclusively.
+func (t *token) login(pin string) error {
+	hold, err := t.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		return fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+	}
+	if err := t.ctx.Login(hold, pkcs11.CKU_USER, pin); err != nil && !isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		_ = t.ctx.CloseSession(hold)
+		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
+			pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
+			t.pinErr = &PINError{Token: t.label, Err: err}
+			return t.pinErr
+		}
+		return fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+	}
+	t.hold, t.loggedIn, t.pinErr, t.loginErr = hold, true, nil, nil
+	t.pinMAC = macPIN(pin)
+	return nil
 }
 
 // selectSlot returns the slot holding the one token that matches cfg's selector.

@@ -33,8 +33,13 @@ type Options struct {
 	HealthInterval time.Duration
 	// ProbeTimeout bounds one probe. Default 3 s.
 	ProbeTimeout time.Duration
-	// Observer, if set, is told about every request and probe (metrics).
+	// Observer, if set, is told about every request, device operation and probe
+	// (metrics).
 	Observer Observer
+	// DeviceReason, if set, names the device's reason for a failed request in its log
+	// line (the "reason" attribute), e.g. a CKR_ or TPM_RC_ name. It must return a
+	// short, non-secret name.
+	DeviceReason func(b Backend, err error) string
 }
 
 // Observer receives request and probe outcomes, for metrics. Implementations must be
@@ -45,6 +50,10 @@ type Observer interface {
 	ObserveRequest(method string, code codes.Code, d time.Duration)
 	// ObserveProbe is called after each health probe.
 	ObserveProbe(h Health)
+	// ObserveDevice is called after every KEK.Wrap ("wrap") and KEK.Unwrap ("unwrap")
+	// the Service makes, for requests and probes alike, with the KEK's backend, the
+	// time the call took and its error (nil on success).
+	ObserveDevice(b Backend, op string, d time.Duration, err error)
 }
 
 // Service implements k8s.io/kms/pkg/service.Service over a Keyring. It is safe for
@@ -55,6 +64,7 @@ type Service struct {
 	health   healthCache
 	log      *slog.Logger
 	obs      Observer
+	reason   func(Backend, error) string
 	interval time.Duration
 	timeout  time.Duration
 }
@@ -67,6 +77,7 @@ func NewService(ring *Keyring, opts Options) *Service {
 	s := &Service{
 		log:      opts.Logger,
 		obs:      opts.Observer,
+		reason:   opts.DeviceReason,
 		interval: opts.HealthInterval,
 		timeout:  opts.ProbeTimeout,
 	}
@@ -104,7 +115,7 @@ func (s *Service) ProbeNow(ctx context.Context) Health {
 	defer cancel()
 	var h Health
 	err := s.withRing(func(r *Keyring) error {
-		h = Probe(ctx, r.Primary())
+		h = Probe(ctx, s.observed(r.Primary()))
 		return nil
 	})
 	if err != nil {
@@ -160,20 +171,33 @@ func (s *Service) withRing(fn func(*Keyring) error) error {
 func (s *Service) Status(ctx context.Context) (*service.StatusResponse, error) {
 	start := time.Now()
 	primary := s.ring.Load().Primary().ID()
-	h := s.health.get()
-	resp := &service.StatusResponse{Version: StatusVersion, Healthz: "ok", KeyID: primary}
-	switch {
-	case h.At.IsZero():
-		resp.Healthz = "no health probe has completed yet"
-	case !h.OK:
-		resp.Healthz = h.Reason
-	case h.KeyID != primary:
-		resp.Healthz = "primary key_id " + primary + " has not been probed yet"
-	case time.Since(h.At) > 3*s.interval+s.timeout:
-		resp.Healthz = "health probe result is stale (last at " + h.At.UTC().Format(time.RFC3339) + ")"
-	}
+	resp := &service.StatusResponse{Version: StatusVersion, Healthz: s.healthz(primary), KeyID: primary}
 	s.done(ctx, "Status", "", primary, start, nil)
 	return resp, nil
+}
+
+// Healthz returns what Status would report as healthz, without counting or logging a
+// request: ok is true only when the latest probe of the current primary succeeded and
+// is fresh (no older than 3 health intervals plus the probe timeout); otherwise reason
+// says why, briefly and without secrets. It never touches a device.
+func (s *Service) Healthz() (ok bool, reason string) {
+	r := s.healthz(s.ring.Load().Primary().ID())
+	return r == "ok", r
+}
+
+func (s *Service) healthz(primary string) string {
+	h := s.health.get()
+	switch {
+	case h.At.IsZero():
+		return "no health probe has completed yet"
+	case !h.OK:
+		return h.Reason
+	case h.KeyID != primary:
+		return "primary key_id " + primary + " has not been probed yet"
+	case time.Since(h.At) > 3*s.interval+s.timeout:
+		return "health probe result is stale (last at " + h.At.UTC().Format(time.RFC3339) + ")"
+	}
+	return "ok"
 }
 
 // Encrypt implements service.Service: it wraps a DEK seed with the primary KEK.
@@ -181,14 +205,15 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 	start := time.Now()
 	if n := len(plaintext); n == 0 || n > MaxPlaintext {
 		err := status.Errorf(codes.InvalidArgument, "encrypt: plaintext is %d bytes; hwkms accepts 1 to %d", n, MaxPlaintext)
-		s.done(ctx, "Encrypt", uid, "", start, err)
+		s.done(ctx, "Encrypt", uid, "", start, err, "reason", status.Convert(err).Message())
 		return nil, err
 	}
 	var resp *service.EncryptResponse
 	var keyID string
+	var backend Backend
 	err := s.withRing(func(r *Keyring) error {
-		k := r.Primary()
-		keyID = k.ID()
+		k := s.observed(r.Primary())
+		keyID, backend = k.ID(), k.Backend()
 		body, err := k.Wrap(ctx, plaintext, frameAAD(k.Backend(), keyID))
 		if err != nil {
 			return err
@@ -202,7 +227,7 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 	})
 	if err != nil {
 		gerr := toStatus(ctx, "encrypt", keyID, err)
-		s.done(ctx, "Encrypt", uid, keyID, start, gerr, "err", err)
+		s.done(ctx, "Encrypt", uid, keyID, start, gerr, "reason", s.deviceReason(backend, err), "err", err)
 		return nil, gerr
 	}
 	s.done(ctx, "Encrypt", uid, keyID, start, nil)
@@ -214,15 +239,22 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) ([]byte, error) {
 	start := time.Now()
 	if err := checkDecryptRequest(req); err != nil {
-		s.done(ctx, "Decrypt", uid, "", start, err)
+		keyID := ""
+		if req != nil {
+			keyID = printableKeyID(req.KeyID)
+		}
+		s.done(ctx, "Decrypt", uid, keyID, start, err, "reason", status.Convert(err).Message())
 		return nil, err
 	}
 	var plaintext []byte
+	var backend Backend
 	err := s.withRing(func(r *Keyring) error {
-		k, ok := r.Lookup(req.KeyID)
+		kek, ok := r.Lookup(req.KeyID)
 		if !ok {
 			return errUnknownKey
 		}
+		k := s.observed(kek)
+		backend = k.Backend()
 		b, body, err := parseFrame(req.Ciphertext)
 		if err != nil {
 			return err
@@ -242,7 +274,7 @@ func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptR
 	})
 	if err != nil {
 		gerr := toStatus(ctx, "decrypt", req.KeyID, err)
-		s.done(ctx, "Decrypt", uid, req.KeyID, start, gerr, "err", err)
+		s.done(ctx, "Decrypt", uid, req.KeyID, start, gerr, "reason", s.deviceReason(backend, err), "err", err)
 		return nil, gerr
 	}
 	s.done(ctx, "Decrypt", uid, req.KeyID, start, nil)
@@ -321,4 +353,42 @@ func (s *Service) done(ctx context.Context, method, uid, keyID string, start tim
 	default:
 		s.log.Log(ctx, slog.LevelWarn, "request failed", attrs...)
 	}
+}
+
+// deviceReason names the device's reason for err with Options.DeviceReason, or "" when
+// the failure did not come from a device (backend 0) or no namer is set.
+func (s *Service) deviceReason(b Backend, err error) string {
+	if s.reason == nil || b == 0 || err == nil {
+		return ""
+	}
+	return s.reason(b, err)
+}
+
+// observed returns k wrapped so that its Wrap and Unwrap calls are reported to the
+// Observer, or k itself when there is no Observer.
+func (s *Service) observed(k KEK) KEK {
+	if s.obs == nil {
+		return k
+	}
+	return observedKEK{KEK: k, obs: s.obs}
+}
+
+// observedKEK times Wrap and Unwrap for the Observer.
+type observedKEK struct {
+	KEK
+	obs Observer
+}
+
+func (k observedKEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
+	start := time.Now()
+	body, err := k.KEK.Wrap(ctx, plaintext, aad)
+	k.obs.ObserveDevice(k.KEK.Backend(), "wrap", time.Since(start), err)
+	return body, err
+}
+
+func (k observedKEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
+	start := time.Now()
+	pt, err := k.KEK.Unwrap(ctx, body, aad)
+	k.obs.ObserveDevice(k.KEK.Backend(), "unwrap", time.Since(start), err)
+	return pt, err
 }

@@ -19,10 +19,12 @@ import (
 // ErrSocketInUse means another process is serving on the configured socket.
 var ErrSocketInUse = errors.New("another process is serving on the socket")
 
-// maxRecvMsgSize bounds a request: a Decrypt carries at most 1 KiB of ciphertext, a
-// 1 KiB key_id and 32 KiB of annotations (DESIGN.md section 1), so 64 KiB is ample and
-// a local client cannot make the plugin buffer megabytes.
-const maxRecvMsgSize = 64 << 10
+// maxRecvMsgSize bounds a request at the gRPC layer. A valid Decrypt carries at most
+// 1 KiB of ciphertext, a 1 KiB key_id and 32 KiB of annotations (DESIGN.md section 1).
+// Oversize input up to this bound reaches the service and gets InvalidArgument like any
+// other bad input; above it grpc-go refuses the message itself with ResourceExhausted
+// before hwkms sees it, so a local client cannot make the plugin buffer megabytes.
+const maxRecvMsgSize = 1 << 20
 
 // SocketOptions configures the unix socket.
 type SocketOptions struct {
@@ -65,7 +67,7 @@ func Serve(ctx context.Context, svc service.Service, opts SocketOptions, ready c
 	if err != nil {
 		return err
 	}
-	// net.UnixListener removes the socket file on Close.
+	// Removes the socket file, then releases the lock.
 	defer ln.Close()
 
 	srvOpts := append([]grpc.ServerOption{
@@ -99,18 +101,70 @@ func Serve(ctx context.Context, svc service.Service, opts SocketOptions, ready c
 	return nil
 }
 
+// Listener is a unix socket listener that holds an exclusive lock on "<path>.lock" for
+// its lifetime, so two hwkms processes can never both pass the stale-socket check and
+// remove each other's socket. Close removes the socket file, then releases the lock.
+type Listener struct {
+	*net.UnixListener
+	lock *os.File
+}
+
+// Close closes the listener, removes the socket file and releases the lock. Idempotent.
+func (l *Listener) Close() error {
+	err := l.UnixListener.Close() // unlinks the socket: we still hold the lock, so it is ours
+	if l.lock != nil {
+		l.lock.Close() // releases the flock
+		l.lock = nil
+	}
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
 // Listen creates the unix socket at path with the given mode and group (gid < 0 keeps
-// the process group), after checking that nobody serves it and removing a stale one.
-func Listen(path string, mode fs.FileMode, gid int) (*net.UnixListener, error) {
+// the process group). It first takes an exclusive lock on "<path>.lock" (held until
+// Close), then checks that nobody serves the socket and removes a stale one.
+func Listen(path string, mode fs.FileMode, gid int) (*Listener, error) {
 	if path == "" {
 		return nil, errors.New("socket path is empty")
-	}
-	if err := clearStaleSocket(path); err != nil {
-		return nil, err
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("create socket directory: %w", err)
 	}
+	lock, err := lockSocket(path)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := listenLocked(path, mode, gid)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	return &Listener{UnixListener: ln, lock: lock}, nil
+}
+
+// lockSocket takes the exclusive, non-blocking flock that guards path.
+func lockSocket(path string) (*os.File, error) {
+	f, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open socket lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s (lock %s.lock is held): %w", path, path, ErrSocketInUse)
+		}
+		return nil, fmt.Errorf("lock %s.lock: %w", path, err)
+	}
+	return f, nil
+}
+
+func listenLocked(path string, mode fs.FileMode, gid int) (*net.UnixListener, error) {
+	if err := clearStaleSocket(path); err != nil {
+		return nil, err
+	}
+	// The umask is process-wide; hwkms creates no other files while it binds.
 	old := syscall.Umask(0o177)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
@@ -128,6 +182,23 @@ func Listen(path string, mode fs.FileMode, gid int) (*net.UnixListener, error) {
 		return nil, fmt.Errorf("chmod socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// CheckSocket reports ErrSocketInUse if another process serves path or holds its
+// lock, without changing anything. serve calls it before opening devices, to fail fast.
+func CheckSocket(path string) error {
+	if f, err := os.OpenFile(path+".lock", os.O_RDWR|syscall.O_NOFOLLOW, 0); err == nil {
+		defer f.Close()
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			return fmt.Errorf("%s (lock %s.lock is held): %w", path, path, ErrSocketInUse)
+		}
+		defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	}
+	if conn, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		conn.Close()
+		return fmt.Errorf("%s: %w", path, ErrSocketInUse)
+	}
+	return nil
 }
 
 // clearStaleSocket makes path free for a new socket: it fails if a process answers on

@@ -100,8 +100,12 @@ func TestServeOverSocket(t *testing.T) {
 			_, err := client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 4096)})
 			return err
 		}, codes.InvalidArgument},
-		{"oversize message", func() error {
-			_, err := client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 1<<20)})
+		{"oversize plaintext 128 KiB", func() error {
+			_, err := client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 128<<10)})
+			return err
+		}, codes.InvalidArgument},
+		{"message over the gRPC bound", func() error {
+			_, err := client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 2<<20)})
 			return err
 		}, codes.ResourceExhausted},
 	} {
@@ -112,13 +116,20 @@ func TestServeOverSocket(t *testing.T) {
 		t.Fatalf("server stopped serving after bad input: %v", err)
 	}
 
-	// A second server on the same path must refuse to start.
+	// A second server on the same path must refuse to start, and the check that serve
+	// runs before opening devices must say so too.
 	if _, err := Listen(path, 0o600, -1); !errors.Is(err, ErrSocketInUse) {
 		t.Fatalf("second Listen: %v, want ErrSocketInUse", err)
+	}
+	if err := CheckSocket(path); !errors.Is(err, ErrSocketInUse) {
+		t.Fatalf("CheckSocket on a served socket: %v", err)
 	}
 	stop()
 	if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("socket left behind after shutdown: %v", err)
+	}
+	if err := CheckSocket(path); err != nil {
+		t.Fatalf("CheckSocket after shutdown: %v", err)
 	}
 	stop = func() {}
 }
@@ -137,7 +148,13 @@ func TestListenStaleAndForeignFiles(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
 	}
+	// While l2 holds the lock, a racing second Listen cannot remove its socket, even
+	// before anything would answer a dial.
+	if _, err := Listen(stale, 0o600, -1); !errors.Is(err, ErrSocketInUse) {
+		t.Fatalf("Listen while the lock is held: %v", err)
+	}
 	l2.Close()
+	l2.Close() // idempotent
 
 	regular := filepath.Join(dir, "file")
 	if err := os.WriteFile(regular, []byte("keep me"), 0o600); err != nil {

@@ -192,10 +192,11 @@ func checkKEKPublic(pub *tpm2.TPMTPublic) error {
 	if pub.Type != tpm2.TPMAlgECC || pub.NameAlg != tpm2.TPMAlgSHA256 {
 		return errors.New("not an ECC key with nameAlg SHA-256")
 	}
-	if !sameAttrs(pub.ObjectAttributes, kekAttributes) {
+	switch {
+	case isImportedKEK(pub): // importkey.go: userWithAuth|noDA|restricted|decrypt, no-duplication policy
+	case !sameAttrs(pub.ObjectAttributes, kekAttributes):
 		return errors.New("object attributes differ from an hwkms KEK (fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt)")
-	}
-	if len(pub.AuthPolicy.Buffer) != 0 {
+	case len(pub.AuthPolicy.Buffer) != 0:
 		return errors.New("KEK has an authPolicy")
 	}
 	ecc, err := pub.Parameters.ECCDetail()

@@ -27,7 +27,8 @@
 //	attrs     fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt
 //	authValue from Config.AuthFile, or empty; authPolicy empty
 //
-// fixedTPM|fixedParent mean it can never be duplicated off this TPM. ECC P-256
+// fixedTPM|fixedParent mean it can never be duplicated off this TPM. (The imported
+// form shared by several nodes differs: see "Imported KEK" below.) ECC P-256
 // rather than RSA-2048: both are mandatory in the PC Client TPM profile, but ECC key
 // generation takes milliseconds where RSA takes up to seconds (the blob form
 // re-creates the SRK at every start and reconnect), and salting a session is one
@@ -171,6 +172,67 @@
 // Objects sealed without a policy still unwrap when pcrs is added; objects sealed
 // with one need the same pcrs list in the config to unwrap (the list is not stored
 // in the body; change it only with a new key).
+//
+// # Imported KEK (several nodes, one KEK; importkey.go, escrow.go, docs/ha.md)
+//
+// For an HA control plane every node's TPM must hold the same KEK. A provisioning
+// ceremony on an admin machine (no TPM) generates it in memory (NewKEKMaterial:
+// crypto/rand P-256 scalar, 32-byte storage seed, optional auth value) and writes,
+// per node, an import blob made for that node's owner SRK (ExportSRK), in the
+// duplication format of Part 1 section 23.3 with an outer wrapper only
+// (tpm2.CreateDuplicate: seed encapsulated by one-pass ECDH to the SRK, KDFe
+// "DUPLICATE"; AES-128-CFB with KDFa "STORAGE"; HMAC with KDFa "INTEGRITY" over
+// the encrypted sensitive area and the KEK's Name). ImportKey runs TPM2_Import
+// under the SRK and writes the ordinary blob file (or persistent handle), which
+// Open loads unchanged. The public area is the same on every node, so is the Name
+// and so the key_id; the storage seed is the same, so a sealed object made under
+// the KEK on one node loads under it on every other.
+//
+// Imported KEK public area: kekTemplate with attributes
+//
+//	userWithAuth|noDA|restricted|decrypt  (fixedTPM, fixedParent, sensitiveDataOrigin,
+//	                                      adminWithPolicy all clear)
+//	authPolicy = SHA-256("hwkms: no policy satisfies this\x00")
+//
+// Deviation from the issue and DESIGN.md section 4 (fixedTPM|fixedParent): fixedTPM
+// is impossible for an object made outside the TPM, and under a fixedTPM parent
+// (the SRK) the TPM requires fixedParent == fixedTPM: an imported KEK with
+// fixedParent set is refused by TPM2_Import with TPM_RC_ATTRIBUTES (measured on
+// swtpm). What keeps it from being duplicated again is the policy: TPM2_Duplicate
+// authorises the object in the DUP role, which only a policy session can take,
+// and the authPolicy is SHA-256 of a 32-byte string, while every policy digest a
+// session can reach is SHA-256 of at least 36 bytes (previous digest or zeros,
+// command code, arguments): satisfying it needs a SHA-256 second preimage. A test
+// runs TPM2_Duplicate with a policy session (plain and with
+// PolicyCommandCode(Duplicate)) and gets TPM_RC_POLICY_FAIL. userWithAuth lets the
+// auth value (or nothing, without AuthFile) authorise Create/Load under the KEK as
+// before; adminWithPolicy is clear so the ADMIN role (ObjectChangeAuth) also needs
+// the auth value, not the policy.
+//
+// Sealed objects under an imported KEK have fixedTPM clear (a fixedTPM object
+// needs a fixedTPM parent) and fixedParent set; Unwrap accepts exactly the shape
+// that matches the KEK's form. checkKEKPublic accepts only the two exact KEK
+// shapes above; the blob file format is unchanged (version 0x01), the public area
+// says which form it is.
+//
+// Trust: the KEK exists in the clear in the ceremony process (Go's crypto/ecdh and
+// go-tpm keep copies of the scalar that hwkms cannot clear; run the ceremony in a
+// short-lived process on an offline machine). The admin must get the SRK public
+// files from the right TPMs (compare the srk_name printed on each node); EK
+// certificate verification is not implemented. Import blob format:
+//
+//	"HWKI" 0x01 | TPM2B_PUBLIC (KEK) | TPM2B_NAME (target SRK) |
+//	TPM2B_PRIVATE (duplicate) | TPM2B_ENCRYPTED_SECRET (seed)
+//
+// ImportKey refuses a blob whose SRK Name is not this TPM's (ErrWrongTPM); a TPM
+// given another TPM's blob anyway fails TPM2_Import with TPM_RC_INTEGRITY.
+//
+// Escrow: the ceremony can also make an import blob for an offline escrow key, a
+// software P-256 key pair whose public half is written as an SRK public area
+// (NewEscrowKey). RecoverKEKMaterial opens that blob in software and returns the
+// same KEK material, from which blobs for new TPMs are made: the recovery drill
+// for a cluster whose TPMs all died. The escrow private key is as sensitive as the
+// KEK.
 //
 // # Errors
 //

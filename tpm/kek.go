@@ -73,10 +73,12 @@ type KEK struct {
 	blobPub    []byte         // TPMT_PUBLIC of the KEK (blob form)
 	blobPriv   []byte         // TPM2B_PRIVATE contents of the KEK (blob form)
 	name       []byte         // the KEK's TPM Name, pinned at Open
+	imported   bool           // an imported KEK (importkey.go): sealed objects have fixedTPM clear
 	id         string
 
-	closed atomic.Bool
-	sem    chan struct{} // held while using the connection and the fields below
+	closed     atomic.Bool
+	reconnects atomic.Uint64 // successful connects after Open's
+	sem        chan struct{} // held while using the connection and the fields below
 
 	c            *conn
 	kek          tpm2.TPMHandle // loaded KEK: the persistent handle or a transient one
@@ -123,6 +125,7 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 		return nil, fmt.Errorf("tpm: open %s: %w", dev, err)
 	}
 	k.id = keyID(k.name)
+	k.imported = isImportedKEK(&k.kekPub)
 	if err := k.selfTest(ctx); err != nil {
 		k.Close()
 		return nil, fmt.Errorf("tpm: open %s: self-test: %w", dev, err)
@@ -199,7 +202,7 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 			UserAuth: tpm2.TPM2BAuth{Buffer: userAuth},
 			Data:     tpm2.NewTPMUSensitiveCreate(&tpm2.TPM2BSensitiveData{Buffer: sealed}),
 		}},
-		InPublic: tpm2.New2B(sealedTemplate(policy)),
+		InPublic: tpm2.New2B(sealedTemplateFor(policy, k.imported)),
 	}.Execute(k.c)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: wrap: TPM2_Create: %w: %w", plugin.ErrUnavailable, tpmCall(err))
@@ -211,7 +214,7 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 	// Never hand out a body that Unwrap would refuse.
 	pub, _, _, err := decodeObject(bodyV1, body)
 	if err == nil {
-		err = checkSealedPublic(pub)
+		err = checkSealedPublicFor(pub, k.imported)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("tpm: wrap: TPM returned an unexpected object: %w", err)
@@ -229,7 +232,7 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 	pub, pubBytes, priv, err := decodeObject(bodyV1, body)
 	if err == nil {
-		err = checkSealedPublic(pub)
+		err = checkSealedPublicFor(pub, k.imported)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("tpm: unwrap: %w: %w", plugin.ErrInvalidCiphertext, err)
@@ -418,6 +421,7 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 			if err := k.connect(ctx); err != nil {
 				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, plugin.ErrUnavailable, err)
 			}
+			k.reconnects.Add(1)
 		}
 		k.c.ctx = ctx
 		err := fn()

@@ -78,6 +78,9 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	case <-ready:
 	}
 	fmt.Fprintf(stdout, devBanner, *backend, work, cfgPath, sock, sock, sock)
+	if env := os.Getenv(softhsm.ConfEnv); env != "" && *dir != "" {
+		fmt.Fprintf(stdout, devServeAgain, softhsm.ConfEnv+"="+env, cfgPath)
+	}
 	return <-errc
 }
 
@@ -176,4 +179,9 @@ resources:
       - identity: {}
 
 Check it with: hwkms status --socket %s
+`
+
+// devServeAgain tells how to serve the dev config again without recreating the key.
+const devServeAgain = `To serve this token again later (with --dir kept), SoftHSM2 must find its token directory:
+  %s hwkms serve --config %s
 `

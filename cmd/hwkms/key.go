@@ -16,6 +16,7 @@ func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs := newFlags("key create", stderr)
 	path := fs.String("config", "", "path of the hwkms config file (required)")
 	idx := fs.Int("key", 0, "index in keys[] of the key to create")
+	backend := fs.String("backend", "", "pkcs11 or tpm: refuse unless keys[N] uses this backend")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -27,6 +28,9 @@ func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return fmt.Errorf("key create: --key %d: config has keys[0..%d]", *idx, len(cfg.Keys)-1)
 	}
 	k := cfg.Keys[*idx]
+	if *backend != "" && *backend != k.Backend() {
+		return fmt.Errorf("key create: --backend %s, but keys[%d] in %s is a %s key", *backend, *idx, *path, k.Backend())
+	}
 	switch {
 	case k.PKCS11 != nil:
 		info, err := hsm.CreateKey(ctx, *k.PKCS11)

@@ -18,11 +18,20 @@ const usage = `hwkms: Kubernetes KMS v2 plugin with the KEK in an HSM or TPM
 Usage:
   hwkms serve   --config FILE           serve KMS v2 on the configured unix socket
   hwkms dev     [--backend pkcs11|tpm] [--socket PATH] [--dir DIR]
-                                        throwaway SoftHSM2 token and KEK, served until Ctrl-C
-  hwkms key create  --config FILE [--key N]   create keys[N] (default 0) on its device, print its key_id
+                                        throwaway SoftHSM2 token or swtpm and KEK, served until Ctrl-C
+  hwkms key create  --config FILE [--key N] [--backend pkcs11|tpm]
+                                        create keys[N] (default 0) on its device, print its key_id;
+                                        refuses to overwrite an existing key
   hwkms key list    --config FILE             list configured keys: key_id, backend, role, present
+  hwkms key rotate  --config FILE [--apply]   create a new primary key on the primary's device; print or write the config
+  hwkms key destroy --config FILE --key-id ID destroy a key that is no longer in the config (asks to confirm)
+  hwkms doctor  --config FILE [--timeout D]   check module, token, PIN, keys, TPM, socket; exit 0 if safe to start
   hwkms status  --socket PATH [--timeout D]   call Status on a KMS v2 socket and print it
+  hwkms bench   --socket PATH [--op encrypt|decrypt|status|mixed] [--concurrency 1,8,64]
+                [--duration 5s | --ops N] [--distinct N] [--conns one|per-worker] [--pid PID] [--json]
+                                        load-test any KMS v2 plugin; verifies every Decrypt
   hwkms version
+  hwkms tpm ... | key import | key replicate | cluster-check    several nodes, one KEK: see "hwkms tpm"
 
 Secrets (PINs, auth values) are read from files or environment variables named in the
 config, never from the command line.
@@ -32,9 +41,9 @@ config, never from the command line.
 var version = "dev"
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signalContext()
 	defer stop()
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
 	}
@@ -48,12 +57,19 @@ func main() {
 	}
 }
 
+// signalContext returns a context that is done on SIGTERM or SIGINT: serve then stops
+// accepting, lets in-flight requests finish (at most shutdownTimeout), removes the
+// socket and closes the keys.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
 // exitError carries a specific exit code.
 type exitError int
 
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return exitError(2)
@@ -70,12 +86,31 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		switch args[1] {
 		case "create":
+			if handled, err := keyCreateHA(ctx, args[2:], stdout, stderr); handled {
+				return err
+			}
 			return cmdKeyCreate(ctx, args[2:], stdout, stderr)
+		case "import":
+			return cmdKeyImport(ctx, args[2:], stdout, stderr)
+		case "replicate":
+			return cmdKeyReplicate(ctx, args[2:], stdout, stderr)
 		case "list":
 			return cmdKeyList(ctx, args[2:], stdout, stderr)
+		case "rotate":
+			return cmdKeyRotate(ctx, args[2:], stdout, stderr)
+		case "destroy":
+			return cmdKeyDestroy(ctx, args[2:], stdin, stdout, stderr)
 		}
+	case "doctor":
+		return cmdDoctor(ctx, args[1:], stdout, stderr)
 	case "status":
 		return cmdStatus(ctx, args[1:], stdout, stderr)
+	case "tpm":
+		return cmdTPM(ctx, args[1:], stdout, stderr)
+	case "cluster-check":
+		return cmdClusterCheck(ctx, args[1:], stdout, stderr)
+	case "bench":
+		return cmdBench(ctx, args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "hwkms", version)
 		return nil

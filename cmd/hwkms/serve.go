@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
 
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/plugin/metrics"
 )
 
 func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
@@ -33,6 +35,22 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 // serve opens the keyring, probes it, serves until ctx is done and reloads the keys on
 // SIGHUP. ready, if not nil, is closed when the socket accepts connections.
 func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Logger, ready chan<- struct{}) error {
+	return serveWith(ctx, cfg, cfgPath, log, serveHooks{ready: ready})
+}
+
+// serveHooks lets callers (dev mode, tests) follow serve's progress.
+type serveHooks struct {
+	// ready, if not nil, is closed when the socket accepts connections.
+	ready chan<- struct{}
+	// metricsAddr, if not nil, is called with the metrics listener's address once it
+	// is bound (useful with port 0).
+	metricsAddr func(net.Addr)
+}
+
+// serveWith is serve with hooks. On ctx done it shuts down in this order: stop
+// accepting on the socket and let in-flight requests finish (at most
+// cfg.ShutdownTimeout), remove the socket, stop the metrics listener, close every key.
+func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Logger, hooks serveHooks) error {
 	mode, err := cfg.SocketMode()
 	if err != nil {
 		return err
@@ -41,18 +59,57 @@ func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Lo
 	if err != nil {
 		return err
 	}
+	// Fail fast, before touching a device, if another process serves the socket.
+	if err := plugin.CheckSocket(cfg.Socket.Path); err != nil {
+		return err
+	}
 	ring, err := config.OpenKeyring(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("open keys: %w", err)
 	}
-	svc := plugin.NewService(ring, plugin.Options{
+	opts := plugin.Options{
 		Logger:         log,
 		HealthInterval: cfg.Health.Interval.D(),
 		ProbeTimeout:   cfg.Health.Timeout.D(),
-	})
+		DeviceReason:   metrics.DeviceReason,
+	}
+	var m *metrics.Metrics
+	if cfg.Metrics.Address != "" {
+		m = metrics.New(version)
+		opts.Observer = m
+	}
+	svc := plugin.NewService(ring, opts)
 	defer func() {
 		if err := svc.Keyring().Close(); err != nil {
 			log.Warn("closing keys", "err", err)
+		} else {
+			log.Info("keys closed")
+		}
+	}()
+
+	// The metrics listener outlives the KMS socket at shutdown, so /livez and /metrics
+	// answer while in-flight requests drain.
+	metricsCtx, stopMetrics := context.WithCancel(context.Background())
+	defer stopMetrics()
+	metricsDone := make(chan error, 1)
+	metricsDone <- nil
+	if m != nil {
+		m.Watch(svc)
+		ln, err := metrics.Listen(cfg.Metrics.Address)
+		if err != nil {
+			return err
+		}
+		<-metricsDone
+		go func() { metricsDone <- metrics.Serve(metricsCtx, ln, metrics.Handler(m, svc)) }()
+		log.Info("serving metrics and health", "address", ln.Addr().String(), "paths", "/metrics /healthz /livez")
+		if hooks.metricsAddr != nil {
+			hooks.metricsAddr(ln.Addr())
+		}
+	}
+	defer func() {
+		stopMetrics()
+		if err := <-metricsDone; err != nil {
+			log.Warn("metrics listener", "err", err)
 		}
 	}()
 
@@ -61,7 +118,13 @@ func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Lo
 	svc.ProbeNow(runCtx) // the first Status answers from a real probe
 	go svc.Run(runCtx)
 	if cfgPath != "" {
-		go reloadOnSIGHUP(runCtx, svc, cfg, cfgPath, log)
+		rl := config.NewReloader(svc, cfg, cfgPath, log)
+		if m != nil {
+			rl.OnReload = m.ObserveReload
+		}
+		hup := make(chan struct{}, 1)
+		go forwardSIGHUP(runCtx, hup)
+		go rl.Watch(runCtx, hup)
 	}
 
 	log.Info("serving KMS v2", "socket", cfg.Socket.Path, "primary_key_id", ring.Primary().ID(), "keys", len(cfg.Keys), "version", version)
@@ -71,12 +134,15 @@ func serve(ctx context.Context, cfg *config.Config, cfgPath string, log *slog.Lo
 		GID:             gid,
 		Timeout:         cfg.Timeout.D(),
 		ShutdownTimeout: cfg.ShutdownTimeout.D(),
-	}, ready)
-	log.Info("stopped serving", "socket", cfg.Socket.Path)
+	}, hooks.ready)
+	if err == nil {
+		log.Info("stopped serving; socket removed", "socket", cfg.Socket.Path)
+	}
 	return err
 }
 
-func reloadOnSIGHUP(ctx context.Context, svc *plugin.Service, cfg *config.Config, path string, log *slog.Logger) {
+// forwardSIGHUP turns SIGHUP into reload triggers until ctx is done.
+func forwardSIGHUP(ctx context.Context, trigger chan<- struct{}) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -85,12 +151,10 @@ func reloadOnSIGHUP(ctx context.Context, svc *plugin.Service, cfg *config.Config
 		case <-ctx.Done():
 			return
 		case <-hup:
-			next, err := config.Reload(ctx, svc, cfg, path, log)
-			if err != nil {
-				log.Error("config reload failed; still serving the previous keys", "err", err)
-				continue
+			select {
+			case trigger <- struct{}{}:
+			default: // a reload is already pending
 			}
-			cfg = next
 		}
 	}
 }

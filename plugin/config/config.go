@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -38,6 +39,9 @@ type Config struct {
 	Health Health `json:"health,omitempty"`
 	// Log configures structured logging.
 	Log Log `json:"log,omitempty"`
+	// Metrics configures the HTTP listener for /metrics, /healthz and /livez; off
+	// unless Metrics.Address is set.
+	Metrics Metrics `json:"metrics,omitempty"`
 	// Keys lists the KEKs: the first encrypts, the others only decrypt.
 	Keys []Key `json:"keys"`
 }
@@ -66,6 +70,18 @@ type Log struct {
 	Level string `json:"level,omitempty"`
 	// Format is text or json (default text).
 	Format string `json:"format,omitempty"`
+}
+
+// Metrics configures the HTTP listener that serves Prometheus metrics (/metrics), the
+// cached device health (/healthz) and liveness (/livez).
+type Metrics struct {
+	// Address is host:port to listen on, e.g. "127.0.0.1:9464". Empty (the default)
+	// means no listener. The host must be a loopback address ("127.0.0.1", "::1",
+	// "localhost") unless AllowNonLoopback is set: the endpoints are unauthenticated.
+	Address string `json:"address,omitempty"`
+	// AllowNonLoopback accepts an Address that is not loopback (including ":9464",
+	// every interface). Protect it by other means (firewall, network policy).
+	AllowNonLoopback bool `json:"allowNonLoopback,omitempty"`
 }
 
 // Key is one KEK: exactly one backend block is set.
@@ -227,6 +243,9 @@ func (c *Config) Validate() error {
 	if c.Log.Format != "text" && c.Log.Format != "json" {
 		bad("log.format", "must be text or json, got %q", c.Log.Format)
 	}
+	if err := c.Metrics.check(); err != nil {
+		bad("metrics.address", "%v", err)
+	}
 	if len(c.Keys) == 0 {
 		bad("keys", "at least one key is required (the first one encrypts)")
 	}
@@ -331,16 +350,51 @@ func OpenKeyring(ctx context.Context, cfg *Config) (*plugin.Keyring, error) {
 		}
 		return nil, err
 	}
+	seen := make(map[string]int, len(cfg.Keys))
 	for i, k := range cfg.Keys {
 		kek, err := OpenKey(ctx, k)
 		if err != nil {
 			return fail(fmt.Errorf("keys[%d] (%s): %w", i, k.Backend(), err))
 		}
 		keks = append(keks, kek)
+		if j, dup := seen[kek.ID()]; dup {
+			return fail(fmt.Errorf("keys[%d]: same key as keys[%d] (key_id %s); each key may be listed once", i, j, kek.ID()))
+		}
+		seen[kek.ID()] = i
 	}
 	ring, err := plugin.NewKeyring(keks[0], keks[1:]...)
 	if err != nil {
 		return fail(err)
 	}
 	return ring, nil
+}
+
+// check validates Metrics.Address.
+func (m Metrics) check() error {
+	if m.Address == "" {
+		return nil
+	}
+	host, port, err := net.SplitHostPort(m.Address)
+	if err != nil {
+		return fmt.Errorf("want host:port such as \"127.0.0.1:9464\", got %q", m.Address)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("port of %q must be a number 0-65535", m.Address)
+	}
+	if m.AllowNonLoopback || isLoopback(host) {
+		return nil
+	}
+	if host == "" {
+		return fmt.Errorf("%q listens on every interface; use a loopback address such as \"127.0.0.1%s\", or set metrics.allowNonLoopback", m.Address, m.Address)
+	}
+	return fmt.Errorf("%q is not a loopback address; the endpoints are unauthenticated, so use 127.0.0.1 or ::1, or set metrics.allowNonLoopback", host)
+}
+
+// isLoopback reports whether host is "localhost" or a loopback IP literal.
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

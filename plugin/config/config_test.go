@@ -2,6 +2,7 @@ package config
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -131,6 +132,7 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 	}
 	svc := plugin.NewService(ring, plugin.Options{})
 	t.Cleanup(func() { svc.Keyring().Close() })
+	rl := NewReloader(svc, cfg, path, discard())
 	idA := ring.Primary().ID()
 	encA, err := svc.Encrypt(ctx, "", []byte("0123456789abcdef0123456789abcdef"))
 	if err != nil {
@@ -138,8 +140,11 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 	}
 
 	writeConfig(t, path, b, a)
-	if _, err := Reload(ctx, svc, cfg, path, discard()); err != nil {
+	if err := rl.Reload(ctx, false); err != nil {
 		t.Fatalf("reload to B: %v", err)
+	}
+	if err := rl.Reload(ctx, false); !errors.Is(err, ErrUnchanged) {
+		t.Fatalf("reload of an unchanged file: %v", err)
 	}
 	idB := svc.Keyring().Primary().ID()
 	if idB == idA {
@@ -156,12 +161,16 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 		"bad yaml":    func() { os.WriteFile(path, []byte("keys: [\n"), 0o600) },
 		"missing key": func() { writeConfig(t, path, missing, a) },
 		"wrong pin":   func() { writeConfig(t, path, badPIN, a) },
+		"duplicate":   func() { writeConfig(t, path, b, a, b) },
+		"reuse A":     func() { writeConfig(t, path, a, b) },
 	} {
 		t.Run(name, func(t *testing.T) {
 			write()
-			if _, err := Reload(ctx, svc, cfg, path, discard()); err == nil {
+			err := rl.Reload(ctx, false)
+			if err == nil {
 				t.Fatal("reload of a broken config succeeded")
 			}
+			t.Logf("refused: %v", err)
 			if got := svc.Keyring().Primary().ID(); got != idB {
 				t.Fatalf("primary changed to %s", got)
 			}

@@ -1,46 +1,190 @@
 package config
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
 
 	"github.com/hwkms/hwkms/plugin"
 )
 
-// Reload builds a new keyring from the config file at path and, only if it is complete
-// and its primary passes a real round trip, swaps it into svc and closes the old one.
-// On any error svc keeps serving with its current keyring, untouched. Settings other
-// than keys (socket, log) need a restart; Reload reports when they changed.
+// Reloader reloads the keys of one config file into one running Service, one reload at
+// a time. It remembers every key_id that has been primary in this process, so a demoted
+// primary is never made primary again (kube-apiserver requires that a key_id is never
+// reused: A -> B -> A is refused; create a new key instead).
 //
-// The old keyring's Close waits for requests still using it, so a reload never fails an
-// in-flight request. Reload itself returns after the swap; closing the old keyring
-// happens in the background.
-func Reload(ctx context.Context, svc *plugin.Service, running *Config, path string, log *slog.Logger) (*Config, error) {
-	cfg, err := Load(path)
+// A reload builds the new keyring completely (opens every key, runs a real round trip
+// on the new primary) before it swaps it in; on any error the running keyring keeps
+// serving, untouched. The old keyring's Close waits for requests still using it, so a
+// reload never fails an in-flight request.
+type Reloader struct {
+	svc  *plugin.Service
+	path string
+	log  *slog.Logger
+	// OnReload, if set, is called after every reload attempt with its error (nil on
+	// success), for metrics. Set it before Watch or Reload is first called.
+	OnReload func(err error)
+
+	mu        sync.Mutex
+	cfg       *Config
+	data      []byte   // bytes of the file that cfg came from
+	primaries []string // key_ids that have been primary, oldest first
+}
+
+// NewReloader returns a Reloader for svc, which is serving cfg loaded from path.
+func NewReloader(svc *plugin.Service, cfg *Config, path string, log *slog.Logger) *Reloader {
+	data, _ := os.ReadFile(path)
+	return &Reloader{
+		svc:       svc,
+		path:      path,
+		log:       log,
+		cfg:       cfg,
+		data:      data,
+		primaries: []string{svc.Keyring().Primary().ID()},
+	}
+}
+
+// Config returns the config currently serving.
+func (r *Reloader) Config() *Config {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cfg
+}
+
+// ErrUnchanged is returned by Reload(ctx, false) when the file has not changed.
+var ErrUnchanged = errors.New("config file unchanged")
+
+// Reload re-reads the config file and swaps in its keys. Unless force is set, a file
+// whose bytes have not changed since the last successful load is skipped with
+// ErrUnchanged (file-change events often come in bursts).
+func (r *Reloader) Reload(ctx context.Context, force bool) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	err := r.reloadLocked(ctx, force)
+	if errors.Is(err, ErrUnchanged) {
+		return err
+	}
+	if r.OnReload != nil {
+		r.OnReload(err)
+	}
 	if err != nil {
-		return nil, err
+		r.log.Error("config reload failed; still serving the previous keys", "config", r.path, "err", err,
+			"primary_key_id", r.svc.Keyring().Primary().ID())
+	}
+	return err
+}
+
+func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
+	data, err := os.ReadFile(r.path)
+	if err != nil {
+		return fmt.Errorf("read config: %w", err)
+	}
+	if !force && bytes.Equal(data, r.data) {
+		return ErrUnchanged
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return fmt.Errorf("config %s: %w", r.path, err)
 	}
 	ring, err := OpenKeyring(ctx, cfg)
 	if err != nil {
-		return nil, err
+		return err
+	}
+	current := r.svc.Keyring().Primary().ID()
+	next := ring.Primary().ID()
+	if next != current && slices.Contains(r.primaries, next) {
+		ring.Close()
+		return fmt.Errorf("keys[0]: key_id %s was the primary before and was replaced; kube-apiserver requires that a key_id is never reused, so create a new key instead", next)
 	}
 	pctx, cancel := context.WithTimeout(ctx, cfg.Health.Timeout.D())
 	h := plugin.Probe(pctx, ring.Primary())
 	cancel()
 	if !h.OK {
 		ring.Close()
-		return nil, fmt.Errorf("new primary key_id %s failed its health round trip: %w", h.KeyID, h.Err)
+		return fmt.Errorf("keys[0]: new primary key_id %s failed its health round trip: %w", next, h.Err)
 	}
-	if running != nil && (running.Socket != cfg.Socket || running.Log != cfg.Log || running.Timeout != cfg.Timeout) {
-		log.Warn("config reload: socket, log and timeout settings take effect only after a restart")
+	if r.cfg.Socket != cfg.Socket || r.cfg.Log != cfg.Log || r.cfg.Timeout != cfg.Timeout || r.cfg.ShutdownTimeout != cfg.ShutdownTimeout || r.cfg.Metrics != cfg.Metrics {
+		r.log.Warn("config reload: only keys and health settings are reloaded; socket, log, metrics and timeout changes take effect after a restart")
 	}
-	old := svc.SwapKeyring(ring, h)
-	log.Info("config reloaded", "primary_key_id", ring.Primary().ID(), "keys", len(cfg.Keys), "previous_primary_key_id", old.Primary().ID())
+	old := r.svc.SwapKeyring(ring, h)
+	r.cfg, r.data = cfg, data
+	if next != current {
+		r.primaries = append(r.primaries, next)
+	}
+	r.log.Info("config reloaded", "primary_key_id", next, "previous_primary_key_id", current, "keys", len(cfg.Keys))
 	go func() {
 		if err := old.Close(); err != nil {
-			log.Warn("closing previous keyring", "err", err)
+			r.log.Warn("closing previous keyring", "err", err)
 		}
 	}()
-	return cfg, nil
+	return nil
+}
+
+// debounce is how long Watch waits after a file event before reloading, so an editor's
+// write-rename sequence or a ConfigMap's symlink swap is one reload.
+const debounce = 250 * time.Millisecond
+
+// Watch reloads when the config file changes (it watches the file's directory, which
+// also catches editors that replace the file and Kubernetes ConfigMap symlink swaps)
+// and whenever trigger receives (SIGHUP), until ctx is done. Explicit triggers always
+// reload; file events reload only if the bytes changed. If the directory cannot be
+// watched, Watch logs it and serves triggers only.
+func (r *Reloader) Watch(ctx context.Context, trigger <-chan struct{}) {
+	var events <-chan fsnotify.Event
+	var errs <-chan error
+	if w, err := r.watch(); err != nil {
+		r.log.Warn("config file changes are not watched; reload with SIGHUP", "err", err)
+	} else {
+		defer w.Close()
+		events, errs = w.Events, w.Errors
+	}
+	var timer <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-trigger:
+			r.Reload(ctx, true)
+		case ev := <-events:
+			if r.relevant(ev) {
+				timer = time.After(debounce)
+			}
+		case err := <-errs:
+			r.log.Warn("config watch error", "err", err)
+		case <-timer:
+			timer = nil
+			r.Reload(ctx, false)
+		}
+	}
+}
+
+func (r *Reloader) watch() (*fsnotify.Watcher, error) {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return nil, err
+	}
+	if err := w.Add(filepath.Dir(r.path)); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("watch %s: %w", filepath.Dir(r.path), err)
+	}
+	return w, nil
+}
+
+// relevant reports whether a directory event may have changed the config file: a
+// change of the file itself, or of a symlink layer (ConfigMap "..data") in its dir.
+func (r *Reloader) relevant(ev fsnotify.Event) bool {
+	if ev.Has(fsnotify.Chmod) && !ev.Has(fsnotify.Write) {
+		return false
+	}
+	name := filepath.Clean(ev.Name)
+	return name == filepath.Clean(r.path) || filepath.Base(name) == "..data"
 }

@@ -6,7 +6,8 @@
 // or on a free loopback TCP port chosen at run time (StartTCP). It returns once a
 // TPM2_GetRandom answers; it never sleeps a fixed time. swtpm is started with
 // `--flags not-need-init,startup-clear`, so the TPM is powered on and TPM2_Startup(CLEAR)
-// has run before the first command; no control channel is used.
+// has run before the first command. A control channel (swtpm's --ctrl, a unix socket
+// next to the server socket) lets Reset re-initialise the TPM as a platform reset does.
 //
 // swtpm serves one client connection at a time and has no resource manager.
 package swtpm
@@ -42,7 +43,8 @@ type Sim struct {
 
 	network   string // "unix" or "tcp"
 	address   string // socket path or host:port
-	sockDir   string // short temp dir holding the unix socket, removed by Close; "" if none
+	sockDir   string // short temp dir holding the unix sockets, removed by Close
+	ctrl      string // control channel socket path
 	noStartup bool
 
 	mu   sync.Mutex
@@ -80,15 +82,16 @@ func StartWith(ctx context.Context, dir string, opts Options) (*Sim, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("swtpm: state dir: %w", err)
 	}
+	// sun_path is limited to 108 bytes and test temp dirs are long: keep the
+	// sockets in a short private directory.
+	sockDir, err := os.MkdirTemp("", "swtpm")
+	if err != nil {
+		return nil, fmt.Errorf("swtpm: socket dir: %w", err)
+	}
+	ctrl := filepath.Join(sockDir, "ctrl.sock")
 	if !opts.TCP {
-		// sun_path is limited to 108 bytes and test temp dirs are long: keep the
-		// socket in a short private directory.
-		sockDir, err := os.MkdirTemp("", "swtpm")
-		if err != nil {
-			return nil, fmt.Errorf("swtpm: socket dir: %w", err)
-		}
 		path := filepath.Join(sockDir, "tpm.sock")
-		s := &Sim{Dir: dir, Device: "unix://" + path, network: "unix", address: path, sockDir: sockDir, noStartup: opts.NoStartup}
+		s := &Sim{Dir: dir, Device: "unix://" + path, network: "unix", address: path, sockDir: sockDir, ctrl: ctrl, noStartup: opts.NoStartup}
 		if err := s.start(ctx); err != nil {
 			os.RemoveAll(sockDir)
 			return nil, err
@@ -99,10 +102,11 @@ func StartWith(ctx context.Context, dir string, opts Options) (*Sim, error) {
 	for range 5 { // another process may take the port between probe and bind
 		port, err := freePort()
 		if err != nil {
+			os.RemoveAll(sockDir)
 			return nil, err
 		}
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		s := &Sim{Dir: dir, Device: "tcp://" + addr, network: "tcp", address: addr, noStartup: opts.NoStartup}
+		s := &Sim{Dir: dir, Device: "tcp://" + addr, network: "tcp", address: addr, sockDir: sockDir, ctrl: ctrl, noStartup: opts.NoStartup}
 		if lastErr = s.start(ctx); lastErr == nil {
 			return s, nil
 		}
@@ -110,6 +114,7 @@ func StartWith(ctx context.Context, dir string, opts Options) (*Sim, error) {
 			break
 		}
 	}
+	os.RemoveAll(sockDir)
 	return nil, lastErr
 }
 
@@ -135,6 +140,7 @@ func (s *Sim) start(ctx context.Context) error {
 	cmd := exec.Command(Binary, "socket", "--tpm2",
 		"--tpmstate", "dir="+s.Dir,
 		"--server", server,
+		"--ctrl", "type=unixio,path="+s.ctrl,
 		"--flags", flags,
 		"--log", "file="+filepath.Join(s.Dir, "swtpm.log")+",level=1",
 	)
@@ -271,6 +277,21 @@ func (s *Sim) Resume(ctx context.Context) error {
 		return errors.New("swtpm: already running")
 	}
 	return s.start(ctx)
+}
+
+// IoctlBinary is the swtpm control-channel client used by Reset.
+const IoctlBinary = "swtpm_ioctl"
+
+// Reset re-initialises the running TPM through the control channel (`swtpm_ioctl -i`,
+// CMD_INIT), as a platform reset does: loaded objects and sessions are gone and the TPM
+// answers TPM_RC_INITIALIZE until a client sends TPM2_Startup. The process and its
+// sockets stay up.
+func (s *Sim) Reset(ctx context.Context) error {
+	out, err := exec.CommandContext(ctx, IoctlBinary, "--unix", s.ctrl, "-i").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("swtpm: %s -i: %w: %s", IoctlBinary, err, tail(out, 512))
+	}
+	return nil
 }
 
 // Close stops swtpm and removes the private socket directory (not Dir).

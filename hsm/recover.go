@@ -1,0 +1,187 @@
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/hwkms/hwkms/plugin"
+)
+
+// Backoff between re-initialisation attempts of one module: the first attempt after a
+// device-class error is immediate; after a failed attempt the next one is allowed only
+// after minBackoff, doubling up to maxBackoff. Requests that arrive during the wait fail
+// at once with plugin.ErrUnavailable instead of touching the device. maxBackoff bounds
+// the time from a device coming back to the first success (the recovery target is 2 s).
+const (
+	minBackoff = 50 * time.Millisecond
+	maxBackoff = time.Second
+)
+
+// recovery is the single-flight and backoff state of one module's re-initialisation.
+type recovery struct {
+	mu       sync.Mutex
+	inflight *reinitCall // the running re-init, nil if none
+	backoff  time.Duration
+	next     time.Time // no new attempt before this
+	lastErr  error     // error of the last failed attempt
+}
+
+// reinitCall is one re-initialisation; done is closed when err is set.
+type reinitCall struct {
+	done   chan struct{}
+	err    error            // module-level failure (C_Initialize) or a token's login failure
+	tokErr map[*token]error // per token: why operations cannot run after the re-init (nil: they can)
+}
+
+// errBackoff marks a request refused because the module failed to re-initialise
+// recently and the next attempt is not due yet.
+var errBackoff = errors.New("waiting before the next re-initialisation attempt")
+
+// recoverDevice re-initialises the module after an operation in generation seen failed with a
+// device-class CK_RV (doc.go, "Recovery"): C_Finalize, C_Initialize, and for every token
+// of the module a new login session and C_Login with the PIN read again from its file or
+// variable. One re-init serves every KEK on the module: concurrent callers share it, and
+// a caller whose generation is already stale returns nil at once (someone recovered).
+// The re-init runs in its own goroutine; the caller waits for it no longer than ctx.
+// A nil return means the operation may be retried in the new generation.
+func (m *module) recoverDevice(ctx context.Context, t *token, seen uint64, cause error) error {
+	r := &m.rec
+	r.mu.Lock()
+	if m.gen.Load() != seen {
+		r.mu.Unlock()
+		return nil
+	}
+	call := r.inflight
+	if call == nil {
+		if wait := time.Until(r.next); wait > 0 {
+			last := r.lastErr
+			r.mu.Unlock()
+			return fmt.Errorf("hsm: module %q: %w (%v): %w: %w", m.path, errBackoff, wait.Round(time.Millisecond), plugin.ErrUnavailable, last)
+		}
+		call = &reinitCall{done: make(chan struct{})}
+		r.inflight = call
+		registry.Lock()
+		m.refs++ // keeps the module loaded while the re-init runs, even if every KEK closes
+		registry.Unlock()
+		go m.reinit(seen, call)
+	}
+	r.mu.Unlock()
+	select {
+	case <-call.done:
+		if err, ok := call.tokErr[t]; ok && err != nil {
+			return fmt.Errorf("hsm: module %q: re-initialisation after %v: %w", m.path, cause, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("hsm: module %q: waiting for re-initialisation: %w: %w", m.path, plugin.ErrUnavailable, ctx.Err())
+	}
+}
+
+// reinit runs one re-initialisation for generation seen and publishes its result.
+func (m *module) reinit(seen uint64, call *reinitCall) {
+	var err error
+	tokErr := map[*token]error{}
+	m.gate.Lock() // waits for calls still running on the module (a hung call delays this)
+	if m.gen.Load() == seen {
+		err = m.reinitLocked()
+	}
+	for _, t := range m.tokens {
+		tokErr[t] = t.state()
+	}
+	m.gate.Unlock()
+
+	r := &m.rec
+	r.mu.Lock()
+	if err != nil {
+		r.backoff = min(max(2*r.backoff, minBackoff), maxBackoff)
+		r.next, r.lastErr = time.Now().Add(r.backoff), err
+	} else {
+		r.backoff, r.next, r.lastErr = 0, time.Time{}, nil
+	}
+	call.err, call.tokErr = err, tokErr
+	r.inflight = nil
+	close(call.done)
+	r.mu.Unlock()
+
+	registry.Lock()
+	releaseModuleLocked(m) //nolint:errcheck // a C_Finalize error of an unused module has no one to report to
+	registry.Unlock()
+}
+
+// reinitLocked finalises and initialises the module and logs every token in again. The
+// caller holds m.gate exclusively. The generation advances once C_Finalize has been
+// called, whatever follows, since every session and object handle is gone then.
+func (m *module) reinitLocked() error {
+	if m.ownsInit {
+		// The module may already consider itself finalised (CKR_CRYPTOKI_NOT_INITIALIZED)
+		// or be unable to talk to the device: neither stops a new C_Initialize.
+		_ = m.ctx.Finalize()
+	}
+	m.gen.Add(1)
+	for _, t := range m.tokens {
+		t.loggedIn = false
+	}
+	if err := m.ctx.Initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		return fmt.Errorf("C_Initialize: %w: %w", plugin.ErrUnavailable, err)
+	}
+	toks := make([]*token, 0, len(m.tokens))
+	for _, t := range m.tokens {
+		toks = append(toks, t)
+	}
+	var errs []error
+	for _, t := range toks {
+		if t.pinErr != nil {
+			continue // never retried automatically; operations fail with it
+		}
+		if err := m.relogin(t); err != nil {
+			t.loginErr = err
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// relogin finds t's token again and logs in with the PIN read again from its source.
+func (m *module) relogin(t *token) error {
+	pin, err := t.sel.readPIN()
+	if err != nil {
+		return fmt.Errorf("%w: %w", plugin.ErrUnavailable, err)
+	}
+	// The slot ID may change when a device is removed and inserted again.
+	slot, _, err := m.selectSlot(t.sel)
+	if err != nil {
+		return fmt.Errorf("%w: %w", plugin.ErrUnavailable, err)
+	}
+	if slot != t.slot {
+		delete(m.tokens, t.slot)
+		t.slot = slot
+		m.tokens[slot] = t
+	}
+	if err := t.login(pin); err != nil {
+		var pe *PINError
+		if errors.As(err, &pe) {
+			return nil // sticky in t.pinErr; not a reason to back off the module
+		}
+		return err
+	}
+	return nil
+}
+
+// state reports why operations on t cannot run now: a refused PIN (sticky), or a login
+// that failed at the last re-init. The caller holds t.mod.gate.
+func (t *token) state() error {
+	switch {
+	case t.pinErr != nil:
+		return t.pinErr
+	case !t.loggedIn && t.loginErr != nil:
+		return t.loginErr
+	case !t.loggedIn:
+		return fmt.Errorf("hsm: token %q is not logged in: %w", t.label, plugin.ErrUnavailable)
+	}
+	return nil
+}
