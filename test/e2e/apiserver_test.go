@@ -56,7 +56,7 @@ type apiServerOptions struct {
 // in t.Cleanup.
 func startAPIServer(t testing.TB, opts apiServerOptions) *apiServer {
 	t.Helper()
-	bin := binary(t, "E2E_KUBE_APISERVER")
+	bin := binaryPath(t, "E2E_KUBE_APISERVER")
 	dir := opts.Dir
 	saKey, saPub := filepath.Join(dir, "sa.key"), filepath.Join(dir, "sa.pub")
 	writeRSAKeyPair(t, saKey, saPub)

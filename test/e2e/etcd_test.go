@@ -24,7 +24,7 @@ type etcdServer struct {
 // stopped by PID in t.Cleanup.
 func startEtcd(t testing.TB, dir string) *etcdServer {
 	t.Helper()
-	bin := binary(t, "E2E_ETCD")
+	bin := binaryPath(t, "E2E_ETCD")
 	var lastErr error
 	for attempt := range 3 { // a picked port can be taken before etcd binds it
 		client := "http://127.0.0.1:" + strconv.Itoa(freePort(t))

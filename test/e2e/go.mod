@@ -8,7 +8,6 @@ tool (
 )
 
 require (
-	github.com/hwkms/hwkms v0.0.0-00010101000000-000000000000
 	github.com/prometheus/client_model v0.6.2
 	github.com/prometheus/common v0.70.0
 	go.etcd.io/etcd/client/v3 v3.7.3
@@ -195,6 +194,3 @@ replace (
 	k8s.io/sample-apiserver => k8s.io/sample-apiserver v0.37.2
 	k8s.io/streaming => k8s.io/streaming v0.37.2
 )
-
-// The plugin under test: its test fixtures (softhsm, tpm/swtpm) come from this tree.
-replace github.com/hwkms/hwkms => ../..

@@ -15,9 +15,6 @@ import (
 	"time"
 
 	"sigs.k8s.io/yaml"
-
-	"github.com/hwkms/hwkms/softhsm"
-	"github.com/hwkms/hwkms/tpm/swtpm"
 )
 
 // Backends the suite runs every scenario against.
@@ -38,30 +35,25 @@ type device struct {
 	// pkcs11
 	module, tokenLabel, pinFile string
 	// tpm: KEK number -> its swtpm
-	sims map[int]*swtpm.Sim
+	sims map[int]*swtpmSim
 }
 
 // newDevice creates a SoftHSM2 token with a random PIN under dir, or prepares to start
 // a swtpm per KEK (stopped by PID in t.Cleanup) with its state under dir.
 func newDevice(t testing.TB, kind, dir string) *device {
 	t.Helper()
-	d := &device{t: t, kind: kind, dir: dir, sims: map[int]*swtpm.Sim{}}
+	d := &device{t: t, kind: kind, dir: dir, sims: map[int]*swtpmSim{}}
 	switch kind {
 	case "pkcs11":
-		fx, err := softhsm.New(mkdir(t, filepath.Join(dir, "softhsm")))
-		if err != nil {
-			t.Fatalf("SoftHSM2 fixture: %v", err)
-		}
-		d.module, d.tokenLabel = fx.Module, "hwkms-e2e"
+		d.tokenLabel = "hwkms-e2e"
 		pin := randomHex(t, 8)
 		d.pinFile = filepath.Join(dir, "user.pin")
 		if err := os.WriteFile(d.pinFile, []byte(pin+"\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := fx.InitToken(d.tokenLabel, randomHex(t, 8), pin); err != nil {
-			t.Fatalf("SoftHSM2 token: %v", err)
-		}
-		d.env = []string{fx.Env()}
+		var confEnv string
+		d.module, confEnv = softhsmToken(t, mkdir(t, filepath.Join(dir, "softhsm")), d.tokenLabel, randomHex(t, 8), pin)
+		d.env = []string{confEnv}
 	case "tpm":
 	default:
 		t.Fatalf("unknown backend %q", kind)
@@ -83,14 +75,7 @@ func (d *device) keyConfig(t testing.TB, n int) map[string]any {
 	default:
 		sim := d.sims[n]
 		if sim == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			var err error
-			sim, err = swtpm.Start(ctx, filepath.Join(d.dir, fmt.Sprintf("swtpm-%d", n)))
-			if err != nil {
-				t.Fatalf("swtpm for KEK %d: %v", n, err)
-			}
-			d.t.Cleanup(func() { sim.Close() })
+			sim = startSwtpm(d.t, filepath.Join(d.dir, fmt.Sprintf("swtpm-%d", n)))
 			d.sims[n] = sim
 		}
 		auth := filepath.Join(d.dir, fmt.Sprintf("kek-%d.auth", n))
@@ -125,7 +110,7 @@ func newHwkms(t testing.TB, dev *device, dir string, keys ...int) *hwkms {
 	t.Helper()
 	h := &hwkms{
 		t:       t,
-		bin:     binary(t, "E2E_HWKMS"),
+		bin:     binaryPath(t, "E2E_HWKMS"),
 		dev:     dev,
 		dir:     dir,
 		Config:  filepath.Join(dir, "hwkms.yaml"),

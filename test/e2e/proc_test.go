@@ -174,9 +174,9 @@ func shortTempDir(t testing.TB) string {
 	return d
 }
 
-// binary returns the path in the environment variable env, which `make e2e` sets,
+// binaryPath returns the path in the environment variable env, which `make e2e` sets,
 // and fails the test with a clear message if it is unset or missing.
-func binary(t testing.TB, env string) string {
+func binaryPath(t testing.TB, env string) string {
 	t.Helper()
 	p := os.Getenv(env)
 	if p == "" {
