@@ -39,6 +39,7 @@ type apiServer struct {
 	Client   kubernetes.Interface
 	http     *http.Client
 	restarts int
+	nargs    int // len(args) before --secure-port
 }
 
 // apiServerOptions are the inputs of startAPIServer.
@@ -68,13 +69,11 @@ func startAPIServer(t testing.TB, opts apiServerOptions) *apiServer {
 		t.Fatal(err)
 	}
 
-	port := freePort(t)
 	a := &apiServer{t: t, dir: dir, bin: bin}
 	a.args = []string{
 		"--etcd-servers", opts.EtcdURL,
 		"--bind-address", "127.0.0.1",
 		"--advertise-address", "127.0.0.1",
-		"--secure-port", strconv.Itoa(port),
 		"--tls-cert-file", certFile,
 		"--tls-private-key-file", keyFile,
 		"--token-auth-file", tokens,
@@ -88,25 +87,32 @@ func startAPIServer(t testing.TB, opts apiServerOptions) *apiServer {
 		"--profiling=false",
 		"--v", "1",
 	}
-	a.URL = "https://127.0.0.1:" + strconv.Itoa(port)
 	a.Config = &rest.Config{
-		Host:            a.URL,
 		BearerToken:     token,
 		TLSClientConfig: rest.TLSClientConfig{CAData: caPEM},
 		QPS:             opts.QPS,
 		Burst:           opts.Burst,
 		Timeout:         30 * time.Second,
 	}
-	cs, err := kubernetes.NewForConfig(a.Config)
-	if err != nil {
-		t.Fatalf("client for kube-apiserver: %v", err)
-	}
-	a.Client = cs
-	if a.http, err = rest.HTTPClientFor(a.Config); err != nil {
+	a.nargs = len(a.args)
+	var err error
+	if a.http, err = rest.HTTPClientFor(a.Config); err != nil { // for /readyz; takes a.URL per request
 		t.Fatalf("http client for kube-apiserver: %v", err)
 	}
-	a.start()
 	t.Cleanup(a.stop)
+	for attempt := 1; ; attempt++ { // a picked port can be taken before kube-apiserver binds it
+		port := strconv.Itoa(freePort(t))
+		a.URL = "https://127.0.0.1:" + port
+		a.Config.Host = a.URL
+		a.args = append(a.args[:a.nargs:a.nargs], "--secure-port", port)
+		if a.start(attempt < 3) {
+			break
+		}
+		t.Logf("kube-apiserver could not bind port %s; trying another", port)
+	}
+	if a.Client, err = kubernetes.NewForConfig(a.Config); err != nil {
+		t.Fatalf("client for kube-apiserver: %v", err)
+	}
 	a.checkVersion()
 	return a
 }
@@ -124,8 +130,9 @@ func (a *apiServer) checkVersion() {
 	}
 }
 
-// start launches the process and waits for /readyz.
-func (a *apiServer) start() {
+// start launches the process and waits for /readyz. If portRetry is set and the
+// process exits because its port is taken, start returns false.
+func (a *apiServer) start(portRetry bool) bool {
 	t := a.t
 	t.Helper()
 	began := time.Now()
@@ -137,10 +144,14 @@ func (a *apiServer) start() {
 		}
 		return nil
 	})
+	if done, _ := a.proc.exited(); err != nil && done && portRetry && strings.Contains(a.proc.logTail(30), "address already in use") {
+		return false
+	}
 	if err != nil {
 		t.Fatalf("kube-apiserver did not become ready: %v\n%s", err, a.proc.logTail(30))
 	}
 	t.Logf("kube-apiserver ready at %s in %s (pid %d)", a.URL, time.Since(began).Round(10*time.Millisecond), a.proc.pid())
+	return true
 }
 
 // stop terminates kube-apiserver by PID (SIGTERM, then SIGKILL after 30 s).
@@ -155,7 +166,7 @@ func (a *apiServer) restart() {
 	a.t.Helper()
 	a.stop()
 	a.restarts++
-	a.start()
+	a.start(false)
 }
 
 // get does an authenticated GET of path and returns the status code and body; a

@@ -89,8 +89,20 @@ resources:
       - identity: {}
 `
 
-// forEachBackend runs f as a subtest per backend.
+// forEachBackend runs f as a parallel subtest per backend: each has its own processes,
+// and most of a scenario's time is spent waiting for kube-apiserver's timers.
 func forEachBackend(t *testing.T, f func(t *testing.T, backend string)) {
+	for _, b := range backends {
+		t.Run(b, func(t *testing.T) {
+			t.Parallel()
+			f(t, b)
+		})
+	}
+}
+
+// forEachBackendSerial runs f as a subtest per backend, one after the other, for
+// measurements that must not share the CPUs.
+func forEachBackendSerial(t *testing.T, f func(t *testing.T, backend string)) {
 	for _, b := range backends {
 		t.Run(b, func(t *testing.T) { f(t, b) })
 	}

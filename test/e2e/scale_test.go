@@ -36,7 +36,7 @@ func TestScaleBlogExperiment(t *testing.T) {
 		}
 	}
 	const workers = 8
-	forEachBackend(t, func(t *testing.T, backend string) {
+	forEachBackendSerial(t, func(t *testing.T, backend string) {
 		c := newCluster(t, backend, clusterOptions{QPS: 10000, Burst: 10000})
 		writeLabels := map[string]string{"transformation_type": "to_storage", "transformer_prefix": storagePrefix}
 		readLabels := map[string]string{"transformation_type": "from_storage", "transformer_prefix": storagePrefix}
@@ -110,7 +110,7 @@ func TestScaleBlogExperiment(t *testing.T) {
 		c.api.stop()
 		stopTime := time.Since(stopBegan)
 		startBegan := time.Now()
-		c.api.start()
+		c.api.start(false)
 		ready := time.Since(startBegan)
 		readBegan := time.Now()
 		got := c.listAllSecrets(1000)
