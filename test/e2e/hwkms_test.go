@@ -186,6 +186,8 @@ func (h *hwkms) start() string {
 	t := h.t
 	t.Helper()
 	h.proc = startProc(t, "hwkms", h.logPath, h.bin, []string{"serve", "--config", h.Config}, h.dev.env)
+	// Registered per start, so hwkms stops before any device started since the last one.
+	t.Cleanup(h.stop)
 	var keyID string
 	err := waitFor(context.Background(), 60*time.Second, 50*time.Millisecond, h.proc, func(context.Context) error {
 		id, err := h.status()
