@@ -1,0 +1,316 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"sigs.k8s.io/yaml"
+)
+
+// Backends the suite runs every scenario against.
+var backends = []string{"pkcs11", "tpm"}
+
+// device is where the KEKs live: one SoftHSM2 token, or swtpms. The test owns it, so
+// it outlives hwkms restarts, as a real HSM or TPM does.
+//
+// On swtpm every KEK lives in its own swtpm. hwkms opens one TPM connection per
+// configured key, and swtpm (like /dev/tpm0, unlike /dev/tpmrm0) serves one connection
+// at a time, so hwkms cannot open two keys that share one swtpm: the second Open waits
+// for the TPM until it times out.
+type device struct {
+	t    testing.TB
+	kind string
+	dir  string
+	env  []string // for hwkms and the key commands: SOFTHSM2_CONF
+	// pkcs11
+	module, tokenLabel, pinFile string
+	// tpm: KEK number -> its swtpm
+	sims map[int]*swtpmSim
+}
+
+// newDevice creates a SoftHSM2 token with a random PIN under dir, or prepares to start
+// a swtpm per KEK (stopped by PID in t.Cleanup) with its state under dir.
+func newDevice(t testing.TB, kind, dir string) *device {
+	t.Helper()
+	d := &device{t: t, kind: kind, dir: dir, sims: map[int]*swtpmSim{}}
+	switch kind {
+	case "pkcs11":
+		d.tokenLabel = "hwkms-e2e"
+		pin := randomHex(t, 8)
+		d.pinFile = filepath.Join(dir, "user.pin")
+		if err := os.WriteFile(d.pinFile, []byte(pin+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var confEnv string
+		d.module, confEnv = softhsmToken(t, mkdir(t, filepath.Join(dir, "softhsm")), d.tokenLabel, randomHex(t, 8), pin)
+		d.env = []string{confEnv}
+	case "tpm":
+	default:
+		t.Fatalf("unknown backend %q", kind)
+	}
+	return d
+}
+
+// keyConfig returns the config block of KEK number n on this device.
+func (d *device) keyConfig(t testing.TB, n int) map[string]any {
+	t.Helper()
+	switch d.kind {
+	case "pkcs11":
+		return map[string]any{"pkcs11": map[string]any{
+			"module":     d.module,
+			"tokenLabel": d.tokenLabel,
+			"pinFile":    d.pinFile,
+			"keyLabel":   fmt.Sprintf("e2e-kek-%d", n),
+		}}
+	default:
+		sim := d.sims[n]
+		if sim == nil {
+			sim = startSwtpm(d.t, filepath.Join(d.dir, fmt.Sprintf("swtpm-%d", n)))
+			d.sims[n] = sim
+		}
+		auth := filepath.Join(d.dir, fmt.Sprintf("kek-%d.auth", n))
+		if _, err := os.Stat(auth); os.IsNotExist(err) {
+			if err := os.WriteFile(auth, []byte(randomHex(t, 16)), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return map[string]any{"tpm": map[string]any{
+			"device":   sim.Device,
+			"blobFile": filepath.Join(d.dir, fmt.Sprintf("kek-%d.blob", n)),
+			"authFile": auth,
+		}}
+	}
+}
+
+// hwkms is the plugin under test, run as `hwkms serve --config FILE`.
+type hwkms struct {
+	t       testing.TB
+	bin     string
+	dev     *device
+	dir     string
+	Config  string // config file
+	Socket  string
+	logPath string
+	proc    *proc
+}
+
+// newHwkms writes a config serving KEKs keys (numbers; the first is primary) of dev
+// on a socket in a short private directory. It does not create keys or start hwkms.
+func newHwkms(t testing.TB, dev *device, dir string, keys ...int) *hwkms {
+	t.Helper()
+	h := &hwkms{
+		t:       t,
+		bin:     binaryPath(t, "E2E_HWKMS"),
+		dev:     dev,
+		dir:     dir,
+		Config:  filepath.Join(dir, "hwkms.yaml"),
+		Socket:  filepath.Join(shortTempDir(t), "kms.sock"),
+		logPath: filepath.Join(dir, "hwkms.log"),
+	}
+	h.writeConfig(keys...)
+	t.Cleanup(h.stop)
+	return h
+}
+
+// writeConfig rewrites the config file with KEKs keys, the first primary. A running
+// hwkms reads it on its next SIGHUP.
+func (h *hwkms) writeConfig(keys ...int) {
+	t := h.t
+	t.Helper()
+	var ks []any
+	for _, n := range keys {
+		ks = append(ks, h.dev.keyConfig(t, n))
+	}
+	cfg := map[string]any{
+		"socket": map[string]any{"path": h.Socket},
+		"log":    map[string]any{"level": "debug", "format": "json"}, // one line per request
+		"keys":   ks,
+	}
+	b, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(h.Config, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// createKey runs `hwkms key create --config FILE --key idx` and returns the key_id it
+// prints.
+func (h *hwkms) createKey(idx int) string {
+	t := h.t
+	t.Helper()
+	out := h.run(2*time.Minute, "key", "create", "--config", h.Config, "--key", fmt.Sprint(idx))
+	for _, line := range strings.Split(out, "\n") {
+		if id, ok := strings.CutPrefix(line, "key_id: "); ok {
+			return strings.TrimSpace(id)
+		}
+	}
+	t.Fatalf("hwkms key create printed no key_id:\n%s", out)
+	return ""
+}
+
+// run runs the hwkms CLI and returns its combined output, failing the test on error.
+func (h *hwkms) run(timeout time.Duration, args ...string) string {
+	t := h.t
+	t.Helper()
+	out, err := h.tryRun(timeout, args...)
+	if err != nil {
+		t.Fatalf("hwkms %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func (h *hwkms) tryRun(timeout time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, h.bin, args...)
+	cmd.Env = append(os.Environ(), h.dev.env...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// start runs `hwkms serve` and waits until `hwkms status` reports healthz ok. It
+// returns the key_id Status reports.
+func (h *hwkms) start() string {
+	t := h.t
+	t.Helper()
+	h.proc = startProc(t, "hwkms", h.logPath, h.bin, []string{"serve", "--config", h.Config}, h.dev.env)
+	// Registered per start, so hwkms stops before any device started since the last one.
+	t.Cleanup(h.stop)
+	var keyID string
+	err := waitFor(context.Background(), 60*time.Second, 50*time.Millisecond, h.proc, func(context.Context) error {
+		id, err := h.status()
+		keyID = id
+		return err
+	})
+	if err != nil {
+		t.Fatalf("hwkms serve did not become healthy: %v\n%s", err, h.proc.logTail(20))
+	}
+	return keyID
+}
+
+// status runs `hwkms status --socket` and returns the key_id when healthz is ok.
+func (h *hwkms) status() (string, error) {
+	out, err := h.tryRun(10*time.Second, "status", "--socket", h.Socket, "--timeout", "3s")
+	if err != nil {
+		return "", fmt.Errorf("hwkms status: %v: %s", err, strings.TrimSpace(out))
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if id, ok := strings.CutPrefix(line, "key_id: "); ok {
+			return strings.TrimSpace(id), nil
+		}
+	}
+	return "", fmt.Errorf("hwkms status: no key_id in %q", out)
+}
+
+// stop terminates hwkms by PID (SIGTERM, SIGKILL after 15 s).
+func (h *hwkms) stop() {
+	if h.proc != nil {
+		h.proc.stop(syscall.SIGTERM, 15*time.Second)
+	}
+}
+
+// kill kills hwkms by PID with SIGKILL, as a crash would, leaving its socket file.
+func (h *hwkms) kill() {
+	h.proc.stop(syscall.SIGKILL, 0)
+}
+
+// Log messages of a config reload, from cmd/hwkms and plugin/config.
+const (
+	msgReloaded     = "config reloaded"
+	msgReloadFailed = "config reload failed; still serving the previous keys"
+)
+
+// reload sends SIGHUP and waits until the log says the config was reloaded; a failed
+// reload fails the test with hwkms's error.
+func (h *hwkms) reload(timeout time.Duration) {
+	t := h.t
+	t.Helper()
+	results := func() []logRecord {
+		var rs []logRecord
+		for _, r := range h.logRecords("") {
+			if r["msg"] == msgReloaded || r["msg"] == msgReloadFailed {
+				rs = append(rs, r)
+			}
+		}
+		return rs
+	}
+	before := len(results())
+	h.proc.signal(t, syscall.SIGHUP)
+	err := waitFor(context.Background(), timeout, 100*time.Millisecond, h.proc, func(context.Context) error {
+		if len(results()) > before {
+			return nil
+		}
+		return fmt.Errorf("hwkms logged no reload result yet")
+	})
+	if err != nil {
+		t.Fatalf("hwkms SIGHUP: %v", err)
+	}
+	if r := results()[before]; r["msg"] == msgReloadFailed {
+		t.Fatalf("hwkms SIGHUP: reload failed: %v", r["err"])
+	}
+}
+
+// logRecord is one JSON log line of hwkms.
+type logRecord map[string]any
+
+// logRecords returns the JSON log records whose msg is msg ("" for all), across every
+// run of hwkms in this test.
+func (h *hwkms) logRecords(msg string) []logRecord {
+	b, err := os.ReadFile(h.logPath)
+	if err != nil {
+		return nil
+	}
+	var recs []logRecord
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Bytes()
+		if len(line) == 0 || line[0] != '{' {
+			continue
+		}
+		var r logRecord
+		if json.Unmarshal(line, &r) != nil {
+			continue
+		}
+		if msg == "" || r["msg"] == msg {
+			recs = append(recs, r)
+		}
+	}
+	return recs
+}
+
+// requestCounts counts the requests hwkms logged since the log had `since` records
+// (from logRecords("")), by "Method code", e.g. "Decrypt OK".
+func (h *hwkms) requestCounts(since int) map[string]int {
+	recs := h.logRecords("")
+	counts := map[string]int{}
+	for i := since; i < len(recs); i++ {
+		r := recs[i]
+		m, ok := r["method"].(string)
+		if !ok {
+			continue
+		}
+		counts[fmt.Sprintf("%s %v", m, r["code"])]++
+	}
+	return counts
+}
+
+func mkdir(t testing.TB, p string) string {
+	t.Helper()
+	if err := os.MkdirAll(p, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
