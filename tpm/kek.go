@@ -78,7 +78,8 @@ type KEK struct {
 
 	closed     atomic.Bool
 	reconnects atomic.Uint64 // successful connects after Open's
-	sem        chan struct{} // held while using the connection and the fields below
+	line       *line         // shared connection on a TPM without a resource manager (line.go); nil on /dev/tpmrm*
+	sem        chan struct{} // held while using the connection and the fields below; line.sem if line is set
 
 	c            *conn
 	kek          tpm2.TPMHandle // loaded KEK: the persistent handle or a transient one
@@ -105,6 +106,10 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 		return nil, err
 	}
 	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, sem: make(chan struct{}, 1)}
+	if !dev.rm {
+		k.line = acquireLine(dev)
+		k.sem = k.line.sem
+	}
 	if cfg.PersistentHandle != "" {
 		k.persistent, _ = parseHandle(cfg.PersistentHandle)
 	} else {
@@ -116,12 +121,12 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 			}
 		}
 		if err != nil {
-			clear(auth)
+			k.abandon()
 			return nil, err
 		}
 	}
-	if err := k.connect(ctx); err != nil {
-		clear(auth)
+	if err := k.openConnect(ctx); err != nil {
+		k.abandon()
 		return nil, fmt.Errorf("tpm: open %s: %w", dev, err)
 	}
 	k.id = keyID(k.name)
@@ -131,6 +136,29 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 		return nil, fmt.Errorf("tpm: open %s: self-test: %w", dev, err)
 	}
 	return k, nil
+}
+
+// openConnect is Open's first connect, under the semaphore: on a shared line another
+// KEK may be using the TPM.
+func (k *KEK) openConnect(ctx context.Context) error {
+	select {
+	case k.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the TPM: %w: %w", plugin.ErrUnavailable, ctx.Err())
+	}
+	defer func() { <-k.sem }()
+	_, err := k.connect(ctx)
+	return err
+}
+
+// abandon releases what a failed Open holds: the auth value and its line reference.
+func (k *KEK) abandon() {
+	clear(k.auth)
+	if k.line != nil {
+		k.sem <- struct{}{}
+		releaseLine(k.line)
+		<-k.sem
+	}
 }
 
 // selfTest wraps and unwraps a random value, so that a wrong auth value, an
@@ -395,7 +423,20 @@ func (k *KEK) Close() error {
 	if k.closed.Swap(true) {
 		return nil
 	}
-	err := k.teardown()
+	var err error
+	if k.line == nil {
+		err = k.teardown()
+	} else {
+		if k.line.owner == k {
+			if err = k.flushOwn(); err != nil {
+				k.line.drop()
+			} else {
+				k.forget()
+				k.line.owner = nil
+			}
+		}
+		err = errors.Join(err, releaseLine(k.line))
+	}
 	clear(k.auth)
 	return err
 }
@@ -418,10 +459,13 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 	}
 	for attempt := 0; ; attempt++ {
 		if k.c == nil {
-			if err := k.connect(ctx); err != nil {
+			dialed, err := k.connect(ctx)
+			if err != nil {
 				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, plugin.ErrUnavailable, err)
 			}
-			k.reconnects.Add(1)
+			if dialed {
+				k.reconnects.Add(1)
+			}
 		}
 		k.c.ctx = ctx
 		err := fn()
@@ -481,41 +525,70 @@ func tpmCall(err error) error {
 	return fmt.Errorf("%w: %w", errDesync, err)
 }
 
-// connect opens the transport, starts the TPM if needed, flushes leftovers when no
-// resource manager is present, loads the KEK and starts the sessions. On failure
-// everything it created is released.
-func (k *KEK) connect(ctx context.Context) (err error) {
-	c, err := dial(ctx, k.dev)
+// connect makes the KEK usable: it opens the transport (on a shared line, only if
+// the line has none; then it evicts the line's owner instead), starts the TPM if
+// needed, flushes leftovers when no resource manager is present, loads the KEK and
+// starts the sessions. dialed reports whether a new connection was opened. On
+// failure everything it created is released.
+func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
+	c, dialed, err := k.attach(ctx)
 	if err != nil {
-		return err
+		return dialed, err
 	}
 	k.c = c
+	if k.line != nil {
+		k.line.owner = k
+	}
 	defer func() {
 		if err != nil {
 			k.teardown()
 		}
 	}()
-	if err := startup(c); err != nil {
-		return err
-	}
-	if !k.dev.rm {
-		if err := flushAll(c); err != nil {
-			return fmt.Errorf("flush leftover handles: %w", err)
-		}
-	}
 	if err := k.loadKEK(); err != nil {
-		return err
+		return dialed, err
 	}
 	k.sIn, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptIn))
 	if err != nil {
-		return err
+		return dialed, err
 	}
 	k.sOut, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptOut))
 	if err != nil {
-		return err
+		return dialed, err
 	}
 	k.c.ctx = nil
-	return nil
+	return dialed, nil
+}
+
+// attach returns a started connection with no other KEK's state loaded: the shared
+// line's (after evicting its owner), or a new one.
+func (k *KEK) attach(ctx context.Context) (c *conn, dialed bool, err error) {
+	if k.line != nil {
+		k.line.evict(k)
+		if k.line.c != nil && k.line.c.dead {
+			k.line.drop()
+		}
+		if k.line.c != nil {
+			k.line.c.ctx = ctx
+			return k.line.c, false, nil
+		}
+	}
+	if c, err = dial(ctx, k.dev); err != nil {
+		return nil, false, err
+	}
+	if err := startup(c); err != nil {
+		c.Close()
+		return nil, false, err
+	}
+	if !k.dev.rm {
+		if err := flushAll(c); err != nil {
+			c.Close()
+			return nil, false, fmt.Errorf("flush leftover handles: %w", err)
+		}
+	}
+	if k.line != nil {
+		k.line.c = c
+	}
+	return c, true, nil
 }
 
 // startSession starts a reusable HMAC session salted with the KEK's public key, with
@@ -556,29 +629,48 @@ func (k *KEK) loadKEK() error {
 }
 
 // teardown flushes what this KEK created (best effort, bounded by cleanupTimeout)
-// and forgets the connection.
+// and closes the connection (on a shared line, the line's: the TPM's state is in
+// doubt and the next user redials and flushes leftovers).
 func (k *KEK) teardown() error {
 	c := k.c
 	if c == nil {
 		return nil
 	}
+	err := k.flushOwn()
+	if k.line != nil {
+		return errors.Join(err, k.line.drop())
+	}
+	err = errors.Join(err, c.Close())
+	k.forget()
+	return err
+}
+
+// flushOwn flushes the sessions and the transient KEK this KEK loaded, best effort
+// and bounded by cleanupTimeout; the connection stays open.
+func (k *KEK) flushOwn() error {
+	c := k.c
+	if c == nil || c.dead {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	c.ctx = ctx
+	defer func() { c.ctx = nil }()
 	var errs []error
-	if !c.dead {
-		ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
-		defer cancel()
-		c.ctx = ctx
-		for _, s := range []tpm2.Session{k.sIn, k.sOut, k.sPol} {
-			if s != nil && s.Handle() != tpm2.TPMRHNull {
-				errs = append(errs, flushHandle(c, s.Handle()))
-			}
-		}
-		if k.kekTransient && k.kek != 0 {
-			errs = append(errs, flushHandle(c, k.kek))
+	for _, s := range []tpm2.Session{k.sIn, k.sOut, k.sPol} {
+		if s != nil && s.Handle() != tpm2.TPMRHNull {
+			errs = append(errs, flushHandle(c, s.Handle()))
 		}
 	}
-	errs = append(errs, c.Close())
-	k.c, k.kek, k.kekTransient, k.sIn, k.sOut, k.sPol, k.needReset = nil, 0, false, nil, nil, nil, false
+	if k.kekTransient && k.kek != 0 {
+		errs = append(errs, flushHandle(c, k.kek))
+	}
 	return errors.Join(errs...)
+}
+
+// forget drops the KEK's connection state without touching the TPM.
+func (k *KEK) forget() {
+	k.c, k.kek, k.kekTransient, k.sIn, k.sOut, k.sPol, k.needReset = nil, 0, false, nil, nil, nil, false
 }
 
 // flush flushes a transient handle or session now; on failure the connection is

@@ -517,11 +517,13 @@ func TestLeftoversFlushed(t *testing.T) {
 	}
 	// Simulate a crash: drop the connection without flushing anything.
 	k.sem <- struct{}{}
-	k.c.Close()
-	k.c = nil
+	k.line.drop()
 	<-k.sem
 	if hs := simHandles(t, sim); len(hs.Transient) == 0 || len(hs.Sessions) == 0 {
 		t.Fatalf("expected leftovers, TPM holds %+v", hs)
+	}
+	if err := k.Close(); err != nil { // nothing of k's is reachable any more
+		t.Fatal(err)
 	}
 	k2 := openKEK(t, sim, cfg)
 	assertOnlyOwn(t, k2)
