@@ -20,13 +20,12 @@ import (
 // Backends the suite runs every scenario against.
 var backends = []string{"pkcs11", "tpm"}
 
-// device is where the KEKs live: one SoftHSM2 token, or swtpms. The test owns it, so
-// it outlives hwkms restarts, as a real HSM or TPM does.
+// device is where the KEKs live: one SoftHSM2 token, or one swtpm. The test owns it,
+// so it outlives hwkms restarts, as a real HSM or TPM does.
 //
-// On swtpm every KEK lives in its own swtpm. hwkms opens one TPM connection per
-// configured key, and swtpm (like /dev/tpm0, unlike /dev/tpmrm0) serves one connection
-// at a time, so hwkms cannot open two keys that share one swtpm: the second Open waits
-// for the TPM until it times out.
+// swtpm (like /dev/tpm0, unlike /dev/tpmrm0) serves one connection at a time: every
+// key of one hwkms shares its connection, and a key command (`hwkms key create`)
+// waits until hwkms stops.
 type device struct {
 	t    testing.TB
 	kind string
@@ -34,15 +33,15 @@ type device struct {
 	env  []string // for hwkms and the key commands: SOFTHSM2_CONF
 	// pkcs11
 	module, tokenLabel, pinFile string
-	// tpm: KEK number -> its swtpm
-	sims map[int]*swtpmSim
+	// tpm: started on first use
+	sim *swtpmSim
 }
 
 // newDevice creates a SoftHSM2 token with a random PIN under dir, or prepares to start
-// a swtpm per KEK (stopped by PID in t.Cleanup) with its state under dir.
+// a swtpm (stopped by PID in t.Cleanup) with its state under dir.
 func newDevice(t testing.TB, kind, dir string) *device {
 	t.Helper()
-	d := &device{t: t, kind: kind, dir: dir, sims: map[int]*swtpmSim{}}
+	d := &device{t: t, kind: kind, dir: dir}
 	switch kind {
 	case "pkcs11":
 		d.tokenLabel = "hwkms-e2e"
@@ -73,11 +72,10 @@ func (d *device) keyConfig(t testing.TB, n int) map[string]any {
 			"keyLabel":   fmt.Sprintf("e2e-kek-%d", n),
 		}}
 	default:
-		sim := d.sims[n]
-		if sim == nil {
-			sim = startSwtpm(d.t, filepath.Join(d.dir, fmt.Sprintf("swtpm-%d", n)))
-			d.sims[n] = sim
+		if d.sim == nil {
+			d.sim = startSwtpm(d.t, filepath.Join(d.dir, "swtpm"))
 		}
+		sim := d.sim
 		auth := filepath.Join(d.dir, fmt.Sprintf("kek-%d.auth", n))
 		if _, err := os.Stat(auth); os.IsNotExist(err) {
 			if err := os.WriteFile(auth, []byte(randomHex(t, 16)), 0o600); err != nil {
