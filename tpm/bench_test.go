@@ -66,3 +66,43 @@ func reportPercentiles(b *testing.B, lat []time.Duration) {
 	b.ReportMetric(float64(lat[len(lat)/2]), "p50-ns")
 	b.ReportMetric(float64(lat[min(len(lat)-1, len(lat)*99/100)]), "p99-ns")
 }
+
+// BenchmarkUnsealSwitch is BenchmarkUnseal alternating between two KEKs on one swtpm,
+// which share its one connection (line.go): every call evicts the other KEK (flush
+// its transient KEK and sessions) and loads its own (TPM2_Load under the SRK, two
+// salted sessions) before the unseal. The difference from BenchmarkUnseal is the
+// cost of a switch.
+func BenchmarkUnsealSwitch(b *testing.B) {
+	sim := swtpmtest.New(b)
+	ctx := testCtx(b)
+	aad := []byte("aad")
+	var cfgs [2]Config
+	for i := range cfgs {
+		cfgs[i] = keyForms[1].cfg(b, sim)
+		createKey(b, cfgs[i]) // before any Open: swtpm takes one connection at a time
+	}
+	var keks [2]*KEK
+	var bodies [2][]byte
+	for i, cfg := range cfgs {
+		k, err := Open(ctx, cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer k.Close()
+		if bodies[i], err = k.Wrap(ctx, make([]byte, 32), aad); err != nil {
+			b.Fatal(err)
+		}
+		keks[i] = k
+	}
+	lat := make([]time.Duration, 0, b.N)
+	i := 0
+	for b.Loop() {
+		i ^= 1
+		t0 := time.Now()
+		if _, err := keks[i].Unwrap(ctx, bodies[i], aad); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	reportPercentiles(b, lat)
+}
