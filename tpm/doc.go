@@ -129,22 +129,23 @@
 // # Connection, concurrency and recovery
 //
 // On /dev/tpmrm* a KEK owns one connection. Every other device (/dev/tpm0, swtpm)
-// accepts one connection at a time, so the KEKs of one process on such a device share
-// one (line.go): only one of them, the last used, has its KEK and sessions loaded,
-// and a call through another evicts it first (flush, load, two salted sessions:
-// about 1.3 ms on swtpm, BenchmarkUnsealSwitch in docs/BENCHMARKS.md). The TPM's
-// object and session slots then never hold more than one KEK's state, and a config reload or a rotation (several keys on one TPM, a new
-// keyring opened while the old one serves) works on them as on /dev/tpmrm0. Either
-// way a KEK serialises its commands with a lock (on a shared line, the line's) that
-// callers wait for no longer than their ctx allows; each command's socket deadline
-// is the ctx deadline. TPM_RC_RETRY, TPM_RC_YIELDED and TPM_RC_TESTING are retried with a
-// backoff from 1 ms doubling to 20 ms, within the ctx. On any device but
-// /dev/tpmrm* there is no resource manager: hwkms assumes it is the TPM's only user
-// and, on every (re)connect, flushes every transient object and loaded or saved
-// session (GetCapability TPM_CAP_HANDLES), which an earlier process or a broken
-// connection may have left. Do not share such a TPM with other software while hwkms
-// runs. CreateKey, Probe and DestroyKey do not flush (a serving hwkms may be on the
-// same TPM; swtpm then makes them wait until it disconnects).
+// accepts one connection at a time, so the KEKs of one process on such a device
+// share one (line.go): only one of them, the last used, has its KEK and sessions
+// loaded, and a call through another evicts it first (flush, load, two salted
+// sessions: about 1.3 ms on swtpm, BenchmarkUnsealSwitch in docs/BENCHMARKS.md). The
+// TPM's object and session slots then never hold more than one KEK's state, and a
+// config reload or a rotation (several keys on one TPM, a new keyring opened while
+// the old one serves) works on them as on /dev/tpmrm0. Either way a KEK serialises
+// its commands with a lock (on a shared line, the line's) that callers wait for no
+// longer than their ctx allows; each command's socket deadline is the ctx deadline.
+// TPM_RC_RETRY, TPM_RC_YIELDED and TPM_RC_TESTING are retried with a backoff from 1
+// ms doubling to 20 ms, within the ctx. On any device but /dev/tpmrm* there is no
+// resource manager: hwkms assumes it is the TPM's only user and, on every
+// (re)connect, flushes every transient object and loaded or saved session
+// (GetCapability TPM_CAP_HANDLES), which an earlier process or a broken connection
+// may have left. Do not share such a TPM with other software while hwkms runs.
+// CreateKey, Probe and DestroyKey do not flush (a serving hwkms may be on the same
+// TPM; swtpm then makes them wait until it disconnects).
 //
 // A transport failure, TPM_RC_INITIALIZE (the TPM was restarted: TPM2_Startup(CLEAR)
 // is sent), a missing handle or session, full object or session memory, or a
