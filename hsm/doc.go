@@ -64,7 +64,11 @@
 // open until the last of them closes; closing a KEK never logs out or finalises a
 // module another KEK still uses. C_Login is attempted once: CKR_PIN_INCORRECT and the
 // other PIN errors come back as *PINError and are never retried, since repeated
-// attempts can lock the token. A second configuration that names an already logged-in
+// attempts can lock the token. The process also remembers, per token, the last PIN
+// it refused (as an HMAC): a later Open (config reload, SIGHUP) that reads the same PIN
+// gets the same *PINError, marked Repeated, without a C_Login, so a reload loop with
+// an unfixed PIN file cannot count down the token's failed-login limit. A different
+// PIN gets its one attempt; a restart forgets. A second configuration that names an already logged-in
 // token must present the same PIN (compared as an HMAC under a per-process random key;
 // the PIN itself is not kept).
 //
@@ -109,7 +113,8 @@
 //   - CKR_PIN_INCORRECT, CKR_PIN_LOCKED (and the other PIN errors) at a re-login: the
 //     token is marked failed, every operation on it fails with *PINError (which wraps
 //     plugin.ErrUnavailable), and no C_Login is attempted again until Open is called for
-//     the token (a config reload or a restart), which makes exactly one new attempt.
+//     the token with a different PIN (a config reload after the PIN file was fixed) or
+//     in a new process (a restart), which makes exactly one new attempt.
 //   - at C_Decrypt, CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE and
 //     CKR_GENERAL_ERROR (what SoftHSM2 returns for a bad GCM tag): plugin.ErrInvalidCiphertext.
 //

@@ -3,6 +3,7 @@ package hsm
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"runtime"
@@ -200,7 +201,8 @@ func TestFaultTransientDeviceError(t *testing.T) {
 
 // TestFaultPINIncorrectOnRelogin: the device goes away and, at the re-login, the token
 // refuses the PIN. hwkms stops: Unavailable, exactly one C_Login, none while requests
-// keep coming; a config reload (a new Open of the token) tries once more and recovers.
+// keep coming, none either for a config reload that reads the same PIN (a new Open of
+// the token); a new process (restart) tries once more and recovers.
 func TestFaultPINIncorrectOnRelogin(t *testing.T) {
 	r := newRig(t, 2)
 	logins := r.c.count("Login")
@@ -215,7 +217,18 @@ func TestFaultPINIncorrectOnRelogin(t *testing.T) {
 	if h := r.svc.ProbeNow(context.Background()); h.OK {
 		t.Error("health probe OK while the PIN is refused")
 	}
-	// Config reload: Open reads the PIN again and makes one new attempt.
+	// Config reload with the same PIN: refused without a C_Login.
+	var pe *PINError
+	if _, err := Open(context.Background(), r.cfg); !errors.As(err, &pe) || !pe.Repeated {
+		t.Fatalf("Open on reload with the refused PIN = %v, want a Repeated *PINError", err)
+	}
+	if n := r.c.count("Login") - logins; n != 1 {
+		t.Fatalf("C_Login called %d times after a reload with the refused PIN, want still 1", n)
+	}
+	// A restart forgets refused PINs (a new process); its Open makes one new attempt.
+	refusedPINs.Lock()
+	clear(refusedPINs.m)
+	refusedPINs.Unlock()
 	start := time.Now()
 	k2, err := Open(context.Background(), r.cfg)
 	if err != nil {
@@ -223,7 +236,7 @@ func TestFaultPINIncorrectOnRelogin(t *testing.T) {
 	}
 	defer k2.Close()
 	if n := r.c.count("Login") - logins; n != 2 {
-		t.Errorf("C_Login called %d times in all, want 2 (the refused one and the reload's)", n)
+		t.Errorf("C_Login called %d times in all, want 2 (the refused one and the restart's)", n)
 	}
 	r.untilOK(t) // the old KEK works again too: the token is logged in
 	t.Logf("recovered %v after the reload started", time.Since(start).Round(time.Millisecond))

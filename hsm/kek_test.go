@@ -348,8 +348,40 @@ func TestWrongPIN(t *testing.T) {
 	if got := f.count("Login") - logins; got != 1 {
 		t.Errorf("C_Login called %d times for one Open with a wrong PIN, want exactly 1", got)
 	}
-	// The token is not locked: the right PIN still works.
+	if pe != nil && pe.Repeated {
+		t.Errorf("first refusal marked Repeated")
+	}
+
+	// Opening again with the same refused PIN (a reload, a SIGHUP) makes no C_Login.
+	for range 3 {
+		_, err = Open(context.Background(), bad)
+		if !errors.As(err, &pe) || !pe.Repeated || !errors.As(err, &rv) || rv != pkcs11.CKR_PIN_INCORRECT {
+			t.Fatalf("Open again with the refused PIN = %v, want a Repeated *PINError wrapping CKR_PIN_INCORRECT", err)
+		}
+		if strings.Contains(err.Error(), wrongPIN) {
+			t.Errorf("error %q contains the PIN", err)
+		}
+	}
+	if got := f.count("Login") - logins; got != 1 {
+		t.Errorf("C_Login called %d times for four Opens with the same wrong PIN, want exactly 1", got)
+	}
+	// Another PIN gets its one attempt.
+	t.Setenv("HWKMS_TEST_PIN", wrongPIN+"1")
+	if _, err := Open(context.Background(), bad); !errors.As(err, &pe) || pe.Repeated {
+		t.Errorf("Open with a second wrong PIN = %v, want a new refusal", err)
+	}
+	if got := f.count("Login") - logins; got != 2 {
+		t.Errorf("C_Login called %d times after a second wrong PIN, want 2", got)
+	}
+	// The token is not locked: the right PIN still works, and clears the memory.
 	roundTrip(t, openKEK(t, cfg), []byte("seed"), aad)
+	refusedPINs.Lock()
+	for key := range refusedPINs.m {
+		if strings.HasSuffix(key, "\x00"+toks[0].Label) {
+			t.Errorf("token %q: refused PIN still remembered after a successful login", toks[0].Label)
+		}
+	}
+	refusedPINs.Unlock()
 }
 
 func TestPINSources(t *testing.T) {

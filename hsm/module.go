@@ -116,6 +116,24 @@ var pinMACKey = func() []byte {
 	return k
 }()
 
+// refusedPINs remembers, per token (module path, serial, label), the MAC of the last
+// PIN the token refused and its error, across module loads: an Open (config reload,
+// SIGHUP, a doctor run in the same process) that reads the same PIN again gets the
+// remembered PINError without a C_Login, so repeated reloads with an unfixed PIN file
+// cannot count down the token's failed-login limit. A different PIN gets one attempt;
+// a successful login forgets the entry.
+var refusedPINs = struct {
+	sync.Mutex
+	m map[string]refusedPIN
+}{m: map[string]refusedPIN{}}
+
+type refusedPIN struct {
+	mac []byte
+	err error // the pkcs11.Error C_Login returned
+}
+
+func (t *token) pinKey() string { return t.mod.path + "\x00" + t.serial + "\x00" + t.label }
+
 func macPIN(pin string) []byte {
 	m := hmac.New(sha256.New, pinMACKey)
 	m.Write([]byte(pin))
@@ -131,10 +149,16 @@ type PINError struct {
 	Token string
 	// Err is the pkcs11.Error returned by C_Login.
 	Err error
+	// Repeated is set when no C_Login was made: the token had already refused this
+	// same PIN in this process (the PIN file or variable has not been fixed since).
+	Repeated bool
 }
 
 // Error implements error.
 func (e *PINError) Error() string {
+	if e.Repeated {
+		return fmt.Sprintf("hsm: token %q already refused this user PIN at C_Login: %v (no new attempt by this process until the PIN changes, as another could lock the token; restart hwkms if the token's PIN was changed instead)", e.Token, e.Err)
+	}
 	return fmt.Sprintf("hsm: token %q refused the user PIN at C_Login: %v (not retried: another attempt could lock the token)", e.Token, e.Err)
 }
 
@@ -284,6 +308,14 @@ func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
 // wrong PIN is never retried. A refused PIN sets t.pinErr and returns it. The caller
 // holds t.mod.gate exclusively.
 func (t *token) login(pin string) error {
+	mac := macPIN(pin)
+	refusedPINs.Lock()
+	r, refused := refusedPINs.m[t.pinKey()]
+	refusedPINs.Unlock()
+	if refused && hmac.Equal(r.mac, mac) {
+		t.pinErr = &PINError{Token: t.label, Err: r.err, Repeated: true}
+		return t.pinErr
+	}
 	hold, err := t.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
 		return fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
@@ -293,12 +325,18 @@ func (t *token) login(pin string) error {
 		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
 			pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
 			t.pinErr = &PINError{Token: t.label, Err: err}
+			refusedPINs.Lock()
+			refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: err}
+			refusedPINs.Unlock()
 			return t.pinErr
 		}
 		return fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
 	}
 	t.hold, t.loggedIn, t.pinErr, t.loginErr = hold, true, nil, nil
-	t.pinMAC = macPIN(pin)
+	t.pinMAC = mac
+	refusedPINs.Lock()
+	delete(refusedPINs.m, t.pinKey())
+	refusedPINs.Unlock()
 	return nil
 }
 
