@@ -34,16 +34,20 @@ func cmdDoctor(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	d := &doctor{w: stdout, timeout: *timeout}
 	d.run(ctx, *path)
-	if d.failed {
+	switch {
+	case d.pinRefused:
+		return exitPINRefused
+	case d.failed:
 		return exitError(1)
 	}
 	return nil
 }
 
 type doctor struct {
-	w       io.Writer
-	timeout time.Duration
-	failed  bool
+	w          io.Writer
+	timeout    time.Duration
+	failed     bool
+	pinRefused bool // a token refused its PIN: exit exitPINRefused
 }
 
 func (d *doctor) line(status, check, detail, fix string) {
@@ -186,6 +190,7 @@ func (d *doctor) checkPKCS11(ctx context.Context, name string, i int, cfgPath st
 	}
 	d.ok(name+" token found", tokenDesc(c))
 	if pinErr != nil {
+		d.pinRefused = true
 		d.fail(name+" PIN works", fmt.Sprintf("token %q refused the user PIN (%s)", pinErr.Token, hsm.Reason(pinErr)),
 			"correct the PIN in "+field+".pinFile/pinEnv; do not retry blindly, repeated wrong PINs lock the token")
 		return

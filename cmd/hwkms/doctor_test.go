@@ -134,7 +134,7 @@ func TestDoctorPKCS11(t *testing.T) {
 		{"wrong module path", func(c *hsm.Config) { c.Module = "/nonexistent/libpkcs11.so" }, 1, "[FAIL] keys[0] (pkcs11, primary) module loads", "/nonexistent/libpkcs11.so"},
 		{"module is not a PKCS#11 library", func(c *hsm.Config) { c.Module = "/etc/hostname" }, 1, "[FAIL] keys[0] (pkcs11, primary) module loads", "cannot load"},
 		{"unknown token", func(c *hsm.Config) { c.TokenLabel = "no-such-token" }, 1, "[FAIL] keys[0] (pkcs11, primary) token found", "no-such-token"},
-		{"wrong PIN", func(c *hsm.Config) { c.PINFile = wrongPIN }, 1, "[FAIL] keys[0] (pkcs11, primary) PIN works", "CKR_PIN_INCORRECT"},
+		{"wrong PIN", func(c *hsm.Config) { c.PINFile = wrongPIN }, 78, "[FAIL] keys[0] (pkcs11, primary) PIN works", "CKR_PIN_INCORRECT"},
 		{"unreadable PIN file", func(c *hsm.Config) { c.PINFile = "/nonexistent/pin" }, 1, "[FAIL] keys[0] (pkcs11, primary) PIN works", "pinFile"},
 		{"missing key", func(c *hsm.Config) { c.KeyLabel = "absent" }, 1, "[FAIL] keys[0] (pkcs11, primary) key present", "hwkms key create"},
 		{"extractable key", func(c *hsm.Config) {

@@ -67,6 +67,12 @@ func signalContext() (context.Context, context.CancelFunc) {
 // exitError carries a specific exit code.
 type exitError int
 
+// exitPINRefused (78, EX_CONFIG in sysexits.h) is the exit status of serve and doctor
+// when a token refused the PIN. The systemd unit lists it in RestartPreventExitStatus=:
+// restarting with the same PIN file would present the refused PIN again on every
+// start and could lock the token.
+const exitPINRefused exitError = 78
+
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {

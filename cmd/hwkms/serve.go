@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/config"
 	"github.com/hwkms/hwkms/plugin/metrics"
@@ -68,6 +69,9 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	}
 	ring, err := config.OpenKeyring(ctx, cfg)
 	if err != nil {
+		if _, ok := errors.AsType[*hsm.PINError](err); ok {
+			return fmt.Errorf("open keys: %w (%w: not restarting with the same PIN)", err, exitPINRefused)
+		}
 		return fmt.Errorf("open keys: %w", err)
 	}
 	opts := plugin.Options{
