@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -60,13 +62,17 @@ type Observer interface {
 // concurrent use. Status answers from the cached health probe and never touches a
 // device; Encrypt and Decrypt call the device once each.
 type Service struct {
-	ring     atomic.Pointer[Keyring]
-	health   healthCache
-	log      *slog.Logger
-	obs      Observer
-	reason   func(Backend, error) string
-	interval time.Duration
-	timeout  time.Duration
+	ring   atomic.Pointer[Keyring]
+	health healthCache
+	// swapMu orders keyring swaps with storing probe results, so a probe of a keyring
+	// that a reload has just replaced never overwrites the new primary's result.
+	swapMu    sync.Mutex
+	reloadErr atomic.Pointer[string] // why the latest config reload failed; nil if it succeeded
+	log       *slog.Logger
+	obs       Observer
+	reason    func(Backend, error) string
+	interval  time.Duration
+	timeout   time.Duration
 }
 
 var _ service.Service = (*Service)(nil)
@@ -101,10 +107,35 @@ func (s *Service) Keyring() *Keyring { return s.ring.Load() }
 // the previous keyring. The caller closes the old keyring; Keyring.Close waits for the
 // requests still using it, so no in-flight request fails.
 func (s *Service) SwapKeyring(ring *Keyring, h Health) *Keyring {
+	s.swapMu.Lock()
 	old := s.ring.Swap(ring)
-	s.recordProbe(h)
+	s.storeProbeLocked(h)
+	s.swapMu.Unlock()
 	return old
 }
+
+// SetReloadError records the outcome of the latest config reload: nil when it
+// succeeded. While the serving keyring is unhealthy, Status appends the failure to
+// its healthz reason, so an operator sees both why the old keys fail and why the new
+// ones were not taken. The error must hold no secret (hwkms errors never do).
+func (s *Service) SetReloadError(err error) {
+	if err == nil {
+		s.reloadErr.Store(nil)
+		return
+	}
+	msg := strings.Join(strings.Fields(err.Error()), " ")
+	if len(msg) > maxReloadReason {
+		cut := maxReloadReason
+		for cut > 0 && !utf8.RuneStart(msg[cut]) {
+			cut--
+		}
+		msg = msg[:cut] + "..."
+	}
+	s.reloadErr.Store(&msg)
+}
+
+// maxReloadReason bounds the reload error quoted in healthz.
+const maxReloadReason = 300
 
 // Health returns the cached result of the latest probe.
 func (s *Service) Health() Health { return s.health.get() }
@@ -125,7 +156,19 @@ func (s *Service) ProbeNow(ctx context.Context) Health {
 	return h
 }
 
+// recordProbe stores h unless it is the result for a primary that is no longer the
+// current one (a reload swapped the keyring while the probe ran): that result says
+// nothing about the keys now serving.
 func (s *Service) recordProbe(h Health) {
+	s.swapMu.Lock()
+	defer s.swapMu.Unlock()
+	if h.KeyID != "" && h.KeyID != s.ring.Load().Primary().ID() {
+		return
+	}
+	s.storeProbeLocked(h)
+}
+
+func (s *Service) storeProbeLocked(h Health) {
 	prev := s.health.get()
 	s.health.set(h)
 	switch {
@@ -186,6 +229,17 @@ func (s *Service) Healthz() (ok bool, reason string) {
 }
 
 func (s *Service) healthz(primary string) string {
+	r := s.healthReason(primary)
+	if r == "ok" {
+		return r
+	}
+	if e := s.reloadErr.Load(); e != nil {
+		r += "; the latest config reload also failed: " + *e
+	}
+	return r
+}
+
+func (s *Service) healthReason(primary string) string {
 	h := s.health.get()
 	switch {
 	case h.At.IsZero():

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -362,5 +363,61 @@ func TestFrameAADBindsEverything(t *testing.T) {
 		if _, _, err := parseFrame(bad); !errors.Is(err, ErrInvalidCiphertext) {
 			t.Fatalf("parseFrame(% x) = %v", bad, err)
 		}
+	}
+}
+
+// TestProbeOfReplacedKeyringIgnored: a probe that was running on the old keyring when
+// a reload swapped in a new one must not overwrite the new primary's result, or
+// Status would report "not probed yet" until the next probe.
+func TestProbeOfReplacedKeyringIgnored(t *testing.T) {
+	a := newFakeKEK("A")
+	svc := newTestService(t, a)
+	ctx := context.Background()
+	release := make(chan struct{})
+	a.mu.Lock()
+	a.block = release
+	a.mu.Unlock()
+	done := make(chan Health)
+	go func() { done <- svc.ProbeNow(ctx) }()
+	for a.calls.Load() < 2 { // the probe's Wrap, then its blocked Unwrap
+		time.Sleep(time.Millisecond)
+	}
+	b := newFakeKEK("B")
+	ring, _ := NewKeyring(b)
+	old := svc.SwapKeyring(ring, Probe(ctx, b))
+	defer old.Close()
+	close(release)
+	if h := <-done; h.KeyID != "A" || !h.OK {
+		t.Fatalf("the old keyring's probe: %+v", h)
+	}
+	if st, _ := svc.Status(ctx); st.KeyID != "B" || st.Healthz != "ok" {
+		t.Fatalf("Status after a probe of the replaced keyring finished: %+v, want B ok", st)
+	}
+}
+
+// TestStatusQuotesFailedReload: a failed reload shows in healthz only while the
+// serving keys are unhealthy, bounded in length, and is cleared by a good reload.
+func TestStatusQuotesFailedReload(t *testing.T) {
+	a := newFakeKEK("A")
+	svc := newTestService(t, a)
+	ctx := context.Background()
+	svc.ProbeNow(ctx)
+	svc.SetReloadError(errors.New("keys[0] (pkcs11): hsm: key not found"))
+	if st, _ := svc.Status(ctx); st.Healthz != "ok" {
+		t.Fatalf("healthy keys with a failed reload: %q, want ok", st.Healthz)
+	}
+	a.setFail(fmt.Errorf("dev: %w", ErrUnavailable))
+	svc.ProbeNow(ctx)
+	st, _ := svc.Status(ctx)
+	if !strings.Contains(st.Healthz, "device unavailable") || !strings.Contains(st.Healthz, "reload also failed: keys[0] (pkcs11): hsm: key not found") {
+		t.Fatalf("unhealthy keys and a failed reload: %q", st.Healthz)
+	}
+	svc.SetReloadError(errors.New(strings.Repeat("é", 400)))
+	if st, _ := svc.Status(ctx); len(st.Healthz) > 400 || !utf8.ValidString(st.Healthz) {
+		t.Fatalf("long reload error: %d bytes, valid UTF-8 %v", len(st.Healthz), utf8.ValidString(st.Healthz))
+	}
+	svc.SetReloadError(nil)
+	if st, _ := svc.Status(ctx); strings.Contains(st.Healthz, "reload") {
+		t.Fatalf("after a good reload: %q", st.Healthz)
 	}
 }

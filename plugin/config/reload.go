@@ -73,6 +73,7 @@ func (r *Reloader) Reload(ctx context.Context, force bool) error {
 	if errors.Is(err, ErrUnchanged) {
 		return err
 	}
+	r.svc.SetReloadError(err)
 	if r.OnReload != nil {
 		r.OnReload(err)
 	}
@@ -112,8 +113,8 @@ func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
 		ring.Close()
 		return fmt.Errorf("keys[0]: new primary key_id %s failed its health round trip: %w", next, h.Err)
 	}
-	if r.cfg.Socket != cfg.Socket || r.cfg.Log != cfg.Log || r.cfg.Timeout != cfg.Timeout || r.cfg.ShutdownTimeout != cfg.ShutdownTimeout || r.cfg.Metrics != cfg.Metrics {
-		r.log.Warn("config reload: only keys and health settings are reloaded; socket, log, metrics and timeout changes take effect after a restart")
+	if r.cfg.Socket != cfg.Socket || r.cfg.Log != cfg.Log || r.cfg.Timeout != cfg.Timeout || r.cfg.ShutdownTimeout != cfg.ShutdownTimeout || r.cfg.Metrics != cfg.Metrics || r.cfg.Health != cfg.Health {
+		r.log.Warn("config reload: only the keys are reloaded; socket, log, metrics, timeout and health interval changes take effect after a restart")
 	}
 	old := r.svc.SwapKeyring(ring, h)
 	r.cfg, r.data = cfg, data
