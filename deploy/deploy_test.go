@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -353,6 +354,15 @@ func TestSystemdUnitHardening(t *testing.T) {
 		if !strings.HasPrefix(dev, "/dev/tpmrm") && !strings.HasPrefix(dev, "/dev/bus/usb") {
 			t.Errorf("DeviceAllow=%s is more than the TPM or HSM needs", dev)
 		}
+	}
+	// A refused PIN (exit 78) must not be retried by restarts, and nothing may run
+	// before the main process: systemd applies RestartPreventExitStatus= to the main
+	// process only.
+	if got := d["RestartPreventExitStatus"]; len(got) != 1 || !slices.Contains(strings.Fields(got[0]), "78") {
+		t.Errorf("RestartPreventExitStatus=%q, want 78 (a token refused the PIN)", got)
+	}
+	if pre := d["ExecStartPre"]; len(pre) != 0 {
+		t.Errorf("ExecStartPre=%q: a failing pre-command is restarted regardless of RestartPreventExitStatus=", pre)
 	}
 	for _, k := range []string{"ExecStart", "ExecStartPre"} {
 		for _, cmd := range d[k] {
