@@ -161,27 +161,36 @@ func TestBadInputOverSocket(t *testing.T) {
 		})
 	}
 
-	// hwkms caps a gRPC request at 64 KiB (plugin/socket.go maxRecvMsgSize), so grpc-go
-	// refuses a larger one with ResourceExhausted before hwkms's own limit check, which
-	// would say InvalidArgument (DESIGN.md section 1). Either is a refusal the client
-	// cannot retry its way out of; what matters is that nothing is encrypted and the
-	// server keeps serving.
-	t.Run("Encrypt/plaintext 128 KiB over the gRPC message limit", func(t *testing.T) {
-		ctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
-		defer cancel()
-		big := randomBytes(t, 128<<10)
-		sent = append(sent, big)
-		resp, err := c.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: big, Uid: "bad-input"})
-		if got := status.Code(err); got != codes.InvalidArgument && got != codes.ResourceExhausted {
-			t.Errorf("code = %v, want InvalidArgument or ResourceExhausted (err %v)", got, err)
-		}
-		if resp != nil {
-			t.Errorf("got a response with %d bytes of ciphertext", len(resp.Ciphertext))
-		}
-		plain := randomBytes(t, 32)
-		sent = append(sent, plain)
-		roundTrip(t, c, keyID, plain)
-	})
+	// hwkms caps a gRPC request at 1 MiB (plugin/socket.go maxRecvMsgSize): below it
+	// hwkms's own limit check answers InvalidArgument (DESIGN.md section 1), above it
+	// grpc-go refuses the message with ResourceExhausted before hwkms sees it. Either
+	// is a refusal the client cannot retry its way out of; what matters is that nothing
+	// is encrypted and the server keeps serving.
+	for _, tc := range []struct {
+		name string
+		size int
+		want codes.Code
+	}{
+		{"Encrypt/plaintext 128 KiB under the gRPC message limit", 128 << 10, codes.InvalidArgument},
+		{"Encrypt/plaintext 2 MiB over the gRPC message limit", 2 << 20, codes.ResourceExhausted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
+			defer cancel()
+			big := randomBytes(t, tc.size)
+			sent = append(sent, big)
+			resp, err := c.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: big, Uid: "bad-input"})
+			if got := status.Code(err); got != tc.want {
+				t.Errorf("code = %v, want %v (err %v)", got, tc.want, err)
+			}
+			if resp != nil {
+				t.Errorf("got a response with %d bytes of ciphertext", len(resp.Ciphertext))
+			}
+			plain := randomBytes(t, 32)
+			sent = append(sent, plain)
+			roundTrip(t, c, keyID, plain)
+		})
+	}
 
 	t.Run("limits accepted", func(t *testing.T) {
 		for _, n := range []int{1, 32, 96} {
