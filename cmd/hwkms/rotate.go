@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -96,6 +97,35 @@ func cmdKeyRotate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fmt.Fprintf(stderr, "wrote %s; a running hwkms reloads it on its own (or send SIGHUP). Next: docs/rotation.md step 3.\n", *path)
 	fmt.Fprintln(stdout, keyID)
 	return nil
+}
+
+// configuredAs reports whether the configured key k is (or, for a label that several
+// keys share, may be) the key with key_id target. It fails closed: a device it cannot
+// ask is an error, not a "no". A key that does not exist is not target.
+func configuredAs(ctx context.Context, k config.Key, target string) (bool, error) {
+	switch {
+	case k.PKCS11 != nil:
+		keys, err := hsm.ListKeys(ctx, *k.PKCS11)
+		if err != nil {
+			return false, err
+		}
+		for _, info := range keys {
+			if info.Label == k.PKCS11.KeyLabel && (k.PKCS11.KeyCKAID == "" || info.CKAID == k.PKCS11.KeyCKAID) && info.KeyID == target {
+				return true, nil
+			}
+		}
+		return false, nil
+	case k.TPM != nil:
+		info, err := tpm.Probe(ctx, *k.TPM)
+		switch {
+		case errors.Is(err, tpm.ErrKeyNotFound), errors.Is(err, fs.ErrNotExist):
+			return false, nil
+		case err != nil:
+			return false, err
+		}
+		return info.KeyID == target, nil
+	}
+	return false, errors.New("no backend block")
 }
 
 func describeID(ctx context.Context, k config.Key) string {
@@ -190,7 +220,11 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 		return fmt.Errorf("key destroy: the selected key has key_id %s, not %s", target, *keyID)
 	}
 	for i, k := range cfg.Keys {
-		if describeID(ctx, k) == target {
+		is, err := configuredAs(ctx, k, target)
+		if err != nil {
+			return fmt.Errorf("key destroy: cannot tell whether keys[%d] in %s is key_id %s, so nothing was destroyed: %w", i, *path, target, err)
+		}
+		if is {
 			return fmt.Errorf("key destroy: key_id %s is keys[%d] in %s; remove it from the config, let hwkms reload, and confirm no stored data uses it (docs/rotation.md) first", target, i, *path)
 		}
 	}

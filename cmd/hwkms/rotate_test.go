@@ -256,3 +256,71 @@ func writeYAML(t *testing.T, path string, cfg *config.Config) {
 		t.Fatal(err)
 	}
 }
+
+// TestDestroyFailsClosed: key destroy refuses when it cannot rule out that a
+// configured key is the one to destroy: a label several keys share (no keyCKAID), or
+// a configured key whose token it cannot read (wrong PIN). Nothing is destroyed.
+func TestDestroyFailsClosed(t *testing.T) {
+	ctx := context.Background()
+	fx := softhsmtest.New(t)
+	tok := softhsmtest.NewToken(t, fx)
+	dir := shortDir(t)
+	primary := hsm.Config{Module: fx.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, KeyLabel: "primary"}
+	if _, err := hsm.CreateKey(ctx, primary); err != nil {
+		t.Fatal(err)
+	}
+	dup := primary
+	dup.KeyLabel = "dup"
+	info, err := hsm.CreateKey(ctx, dup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := info.KeyID
+	// hsm.CreateKey refuses a second key with a label; another tool would not.
+	createExtractableKey(t, fx.Module, tok, "dup")
+	path := filepath.Join(dir, "hwkms.yaml")
+	base := config.Config{Socket: config.Socket{Path: filepath.Join(dir, "kms.sock")}}
+	destroy := func(keys ...config.Key) error {
+		t.Helper()
+		c := base
+		c.Keys = keys
+		writeYAML(t, path, &c)
+		_, err := runCLI(t, "", "key", "destroy", "--config", path, "--key-id", target, "--confirm", target)
+		return err
+	}
+
+	if err := destroy(config.Key{PKCS11: &primary}, config.Key{PKCS11: &dup}); err == nil || !strings.Contains(err.Error(), "keys[1]") {
+		t.Errorf("destroy of one of two keys a configured label matches = %v, want a refusal naming keys[1]", err)
+	}
+	wrong := dup
+	wrong.PINFile = filepath.Join(dir, "wrong.pin")
+	if err := os.WriteFile(wrong.PINFile, []byte("not-the-pin\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := destroy(config.Key{PKCS11: &primary}, config.Key{PKCS11: &wrong}); err == nil || !strings.Contains(err.Error(), "cannot tell whether keys[1]") {
+		t.Errorf("destroy with an unreadable configured key = %v, want a fail-closed refusal", err)
+	}
+	keys, err := hsm.ListKeys(ctx, primary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, k := range keys {
+		if k.Label == "dup" {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Fatalf("%d keys labelled dup left, want 2: a refused destroy destroyed something", n)
+	}
+	// With the label pinned to the other key by CKA_ID, the destroy goes ahead.
+	pinned := dup
+	for _, k := range keys {
+		if k.Label == "dup" && k.KeyID != target {
+			pinned.KeyCKAID = k.CKAID
+		}
+	}
+	if err := destroy(config.Key{PKCS11: &primary}, config.Key{PKCS11: &pinned}); err != nil {
+		t.Fatalf("destroy of an unconfigured key: %v", err)
+	}
+}
