@@ -145,8 +145,9 @@ func us(v float64) string {
 }
 
 type benchSample struct {
-	ct, pt []byte
-	keyID  string
+	ct, pt      []byte
+	keyID       string
+	annotations map[string][]byte // returned by Encrypt, sent back with Decrypt (KMS v2 contract)
 }
 
 func dialKMS(socket string) (*grpc.ClientConn, kmsapi.KeyManagementServiceClient, error) {
@@ -290,7 +291,7 @@ func benchOne(ctx context.Context, c kmsapi.KeyManagementServiceClient, op strin
 		}
 	case "decrypt":
 		s := samples[i%len(samples)]
-		dec, err := c.Decrypt(rctx, &kmsapi.DecryptRequest{Ciphertext: s.ct, KeyId: s.keyID, Uid: "bench"})
+		dec, err := c.Decrypt(rctx, &kmsapi.DecryptRequest{Ciphertext: s.ct, KeyId: s.keyID, Annotations: s.annotations, Uid: "bench"})
 		if err != nil {
 			return err
 		}
@@ -325,7 +326,7 @@ func makeSamples(ctx context.Context, c kmsapi.KeyManagementServiceClient, n int
 				mu.Unlock()
 				return
 			}
-			out[i] = benchSample{enc.Ciphertext, pt, enc.KeyId}
+			out[i] = benchSample{enc.Ciphertext, pt, enc.KeyId, enc.Annotations}
 		}()
 	}
 	wg.Wait()
