@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/softhsm"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
@@ -22,6 +23,9 @@ import (
 func TestDev(t *testing.T) {
 	for _, backend := range []string{"pkcs11", "tpm"} {
 		t.Run(backend, func(t *testing.T) {
+			// dev points SOFTHSM2_CONF of this process at its own token; restore the
+			// test fixture's after it, or later tests' C_Initialize reads a removed file.
+			t.Setenv(softhsm.ConfEnv, os.Getenv(softhsm.ConfEnv))
 			dir := shortDir(t)
 			work := filepath.Join(dir, "work")
 			sock := filepath.Join(dir, "kms.sock")
