@@ -64,18 +64,20 @@ bench: deps build
 	@$(GO) run ./cmd/benchtable --hwkms bin/hwkms --go $(GO) --out .bench --duration $(BENCH_DURATION)
 
 ## e2e: real kube-apiserver and etcd store Secrets through bin/hwkms on SoftHSM2 and swtpm.
-## The servers are built from test/e2e/go.mod (cold: ~10 min, then cached in test/e2e/bin
-## under their versions). `make e2e-scale` runs the 12,000-Secret experiment instead.
+## kube-apiserver, etcd and kubectl are built from test/e2e/go.mod (cold: ~10 min, then
+## cached in test/e2e/bin under their versions). `make e2e-scale` runs the 12,000-Secret experiment instead.
 E2E_DIR        := test/e2e
 K8S_VERSION     = $(shell cd $(E2E_DIR) && $(GO) list -m -f '{{.Version}}' k8s.io/kubernetes)
 ETCD_VERSION    = $(shell cd $(E2E_DIR) && $(GO) list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
 KUBE_APISERVER  = $(E2E_DIR)/bin/kube-apiserver-$(K8S_VERSION)
 ETCD            = $(E2E_DIR)/bin/etcd-$(ETCD_VERSION)
+KUBECTL         = $(E2E_DIR)/bin/kubectl-$(K8S_VERSION)
 K8S_MINOR       = $(word 2,$(subst ., ,$(K8S_VERSION)))
 K8S_LDFLAGS     = -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
                   -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(K8S_MINOR)
 E2E_ENV         = E2E_HWKMS=$(CURDIR)/bin/hwkms E2E_KUBE_APISERVER=$(CURDIR)/$(KUBE_APISERVER) \
-                  E2E_ETCD=$(CURDIR)/$(ETCD) E2E_KUBE_VERSION=$(K8S_VERSION)
+                  E2E_ETCD=$(CURDIR)/$(ETCD) E2E_KUBECTL=$(CURDIR)/$(KUBECTL) \
+                  E2E_KUBE_VERSION=$(K8S_VERSION)
 E2E_GOFLAGS    ?= -p 2
 
 e2e: deps build e2e-tools
@@ -94,6 +96,10 @@ e2e-tools:
 	  cd $(E2E_DIR) && CGO_ENABLED=0 $(GO) build $(E2E_GOFLAGS) -trimpath \
 	    -o bin/etcd-$(ETCD_VERSION).tmp go.etcd.io/etcd/server/v3 && \
 	  mv bin/etcd-$(ETCD_VERSION).tmp bin/etcd-$(ETCD_VERSION); }
+	@test -x $(KUBECTL) || { echo "building $(KUBECTL)"; \
+	  cd $(E2E_DIR) && CGO_ENABLED=0 $(GO) build $(E2E_GOFLAGS) -trimpath -ldflags "$(K8S_LDFLAGS)" \
+	    -o bin/kubectl-$(K8S_VERSION).tmp k8s.io/kubernetes/cmd/kubectl && \
+	  mv bin/kubectl-$(K8S_VERSION).tmp bin/kubectl-$(K8S_VERSION); }
 
 clean:
 	rm -rf bin .dev .bench $(E2E_DIR)/bin

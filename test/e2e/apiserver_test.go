@@ -29,17 +29,19 @@ import (
 
 // apiServer is a kube-apiserver on loopback with no other control-plane component.
 type apiServer struct {
-	t        testing.TB
-	dir      string
-	bin      string
-	args     []string
-	proc     *proc
-	URL      string
-	Config   *rest.Config // system:masters bearer token, serving cert pinned
-	Client   kubernetes.Interface
-	http     *http.Client
-	restarts int
-	nargs    int // len(args) before --secure-port
+	t      testing.TB
+	dir    string
+	bin    string
+	args   []string
+	proc   *proc
+	URL    string
+	Config *rest.Config // system:masters bearer token, serving cert pinned
+	Client kubernetes.Interface
+	// Kubeconfig is a kubeconfig file for kubectl with the same credentials as Config.
+	Kubeconfig string
+	http       *http.Client
+	restarts   int
+	nargs      int // len(args) before --secure-port
 }
 
 // apiServerOptions are the inputs of startAPIServer.
@@ -83,6 +85,9 @@ func startAPIServer(t testing.TB, opts apiServerOptions) *apiServer {
 		"--service-account-signing-key-file", saKey,
 		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--encryption-provider-config", opts.EncryptionConfig,
+		// As a cluster that rotates providers without restarts runs it; the KMS
+		// readiness check is then /readyz/kms-providers.
+		"--encryption-provider-config-automatic-reload=true",
 		"--endpoint-reconciler-type", "none", // no node, no endpoints to reconcile
 		"--profiling=false",
 		"--v", "1",
@@ -113,6 +118,8 @@ func startAPIServer(t testing.TB, opts apiServerOptions) *apiServer {
 	if a.Client, err = kubernetes.NewForConfig(a.Config); err != nil {
 		t.Fatalf("client for kube-apiserver: %v", err)
 	}
+	a.Kubeconfig = filepath.Join(dir, "kubeconfig")
+	writeKubeconfig(t, a.Kubeconfig, a.URL, token, caPEM)
 	a.checkVersion()
 	return a
 }

@@ -8,12 +8,13 @@
 //	E2E_KUBE_APISERVER  kube-apiserver built from the k8s.io/kubernetes version in go.mod
 //	E2E_KUBE_VERSION    that version, which the server must report
 //	E2E_ETCD            etcd built from the go.etcd.io/etcd/server/v3 version in go.mod
+//	E2E_KUBECTL         kubectl built from the same k8s.io/kubernetes version
 //
 // This directory is its own Go module, so kube-apiserver's dependency tree stays out
 // of the plugin's go.mod. Its go.mod is also the wrapper module that builds the two
-// servers: it requires k8s.io/kubernetes and replaces every staging module that
-// k8s.io/kubernetes requires at v0.0.0 with the matching v0.x release, and lists both
-// servers as tool packages.
+// servers and kubectl: it requires k8s.io/kubernetes and replaces every staging module
+// that k8s.io/kubernetes requires at v0.0.0 with the matching v0.x release, and lists
+// the three as tool packages.
 //
 // Every test starts its own etcd, hwkms and kube-apiserver on loopback, with ports
 // chosen at run time and state under a temporary directory, and stops each process by

@@ -81,6 +81,9 @@ func TestHwkmsRestart(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, backend string) {
 		c := newCluster(t, backend, clusterOptions{})
 		check := c.kmsCheckName()
+		if check != "kms-providers" {
+			t.Fatalf("kube-apiserver runs with --encryption-provider-config-automatic-reload, so its KMS readiness check should be kms-providers, not %s", check)
+		}
 		before, _ := newSecretData(t)
 		c.createSecret("before", before)
 

@@ -138,9 +138,72 @@ func (h *hwkms) writeConfig(keys ...int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(h.Config, b, 0o600); err != nil {
+	h.writeConfigBytes(b)
+}
+
+// writeConfigBytes replaces the config file atomically (write, then rename), so a
+// running hwkms, which watches the file, never reads half of it.
+func (h *hwkms) writeConfigBytes(b []byte) {
+	t := h.t
+	t.Helper()
+	tmp := h.Config + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Rename(tmp, h.Config); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dropOldKeys rewrites the config file with only its first (primary) key, as an
+// operator does after the storage migration (docs/rotation.md step 5).
+func (h *hwkms) dropOldKeys() {
+	t := h.t
+	t.Helper()
+	b, err := os.ReadFile(h.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := yaml.Unmarshal(b, &cfg); err != nil {
+		t.Fatalf("config %s: %v", h.Config, err)
+	}
+	keys, _ := cfg["keys"].([]any)
+	if len(keys) < 2 {
+		t.Fatalf("config %s lists %d key(s); nothing to drop", h.Config, len(keys))
+	}
+	cfg["keys"] = keys[:1]
+	if b, err = yaml.Marshal(cfg); err != nil {
+		t.Fatal(err)
+	}
+	h.writeConfigBytes(b)
+}
+
+// rotate runs `hwkms key rotate --config FILE` with args (such as --apply), as
+// docs/rotation.md step 1 does, and returns the new key's key_id and what the command
+// printed on stdout: the key_id with --apply, the rotated config without.
+func (h *hwkms) rotate(args ...string) (keyID string, stdout []byte) {
+	t := h.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, h.bin, append([]string{"key", "rotate", "--config", h.Config}, args...)...)
+	cmd.Env = append(os.Environ(), h.dev.env...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("hwkms key rotate %s: %v\n%s", strings.Join(args, " "), err, errOut.String())
+	}
+	// stderr: "created new primary key_id <id>; the previous primary ..."
+	for _, line := range strings.Split(errOut.String(), "\n") {
+		if rest, ok := strings.CutPrefix(line, "created new primary key_id "); ok {
+			if id, _, ok := strings.Cut(rest, ";"); ok {
+				return id, out.Bytes()
+			}
+		}
+	}
+	t.Fatalf("hwkms key rotate named no new key_id:\n%s", errOut.String())
+	return "", nil
 }
 
 // createKey runs `hwkms key create --config FILE --key idx` and returns the key_id it
@@ -233,30 +296,39 @@ const (
 // reload sends SIGHUP and waits until the log says the config was reloaded; a failed
 // reload fails the test with hwkms's error.
 func (h *hwkms) reload(timeout time.Duration) {
+	h.t.Helper()
+	before := len(h.reloadResults())
+	h.proc.signal(h.t, syscall.SIGHUP)
+	h.waitReload(before, timeout, "SIGHUP")
+}
+
+// reloadResults returns the log records of every config reload, done or failed.
+func (h *hwkms) reloadResults() []logRecord {
+	var rs []logRecord
+	for _, r := range h.logRecords("") {
+		if r["msg"] == msgReloaded || r["msg"] == msgReloadFailed {
+			rs = append(rs, r)
+		}
+	}
+	return rs
+}
+
+// waitReload waits until hwkms logs a reload result after the first `before` ones
+// and fails the test if that reload failed. why names what triggered the reload.
+func (h *hwkms) waitReload(before int, timeout time.Duration, why string) {
 	t := h.t
 	t.Helper()
-	results := func() []logRecord {
-		var rs []logRecord
-		for _, r := range h.logRecords("") {
-			if r["msg"] == msgReloaded || r["msg"] == msgReloadFailed {
-				rs = append(rs, r)
-			}
-		}
-		return rs
-	}
-	before := len(results())
-	h.proc.signal(t, syscall.SIGHUP)
 	err := waitFor(context.Background(), timeout, 100*time.Millisecond, h.proc, func(context.Context) error {
-		if len(results()) > before {
+		if len(h.reloadResults()) > before {
 			return nil
 		}
 		return fmt.Errorf("hwkms logged no reload result yet")
 	})
 	if err != nil {
-		t.Fatalf("hwkms SIGHUP: %v", err)
+		t.Fatalf("hwkms reload after %s: %v", why, err)
 	}
-	if r := results()[before]; r["msg"] == msgReloadFailed {
-		t.Fatalf("hwkms SIGHUP: reload failed: %v", r["err"])
+	if r := h.reloadResults()[before]; r["msg"] == msgReloadFailed {
+		t.Fatalf("hwkms reload after %s failed: %v", why, r["err"])
 	}
 }
 

@@ -12,29 +12,25 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// Scenario 4: KEK rotation with kube-apiserver, as DESIGN.md section 5 describes it:
-// create the new key first in the config with `hwkms key create --key 0`, reload
-// hwkms, wait for kube-apiserver to see the new key_id on its Status poll (up to
-// 60 s), see old Secrets read as stale, migrate them with a read and unchanged update
-// of each (what `kubectl get secrets -A -o json | kubectl replace -f -` does), check
-// etcd holds only the new key_id, drop the old key from the config, reload, and read
-// everything again, after a kube-apiserver restart so every seed goes through hwkms.
+// Scenario 4: KEK rotation with kube-apiserver, following docs/rotation.md: `hwkms
+// key rotate` creates the new key and puts it first in the config, the running hwkms
+// sees the file change and reloads, kube-apiserver picks up the new key_id on its
+// Status poll (up to 60 s), old Secrets read as stale and migrate with `kubectl get
+// secrets -A -o json | kubectl replace -f -`, etcd holds only the new key_id, the old
+// key is dropped from the config and everything still reads, after a kube-apiserver
+// restart so every seed goes through hwkms.
 //
-// Both keys live in one device and both reloads are SIGHUPs. On swtpm, which serves
-// one connection at a time (as /dev/tpm0 does), `hwkms key create` cannot reach the
-// TPM while hwkms serves, so the new key is created during a short hwkms stop with
-// the old config, and the rotation itself is the SIGHUP reload after it: the reloaded
-// keyring shares the running one's TPM connection.
+// Both keys live in one device and no step restarts hwkms for the rotation itself.
+// On swtpm, which serves one connection at a time (as /dev/tpm0 does), `hwkms key
+// rotate` cannot reach the TPM while hwkms serves, so the key is created ahead of time
+// as docs/rotation.md says: hwkms stops, `key rotate` (without --apply) creates the
+// key and prints the rotated config, hwkms starts again on the old config, and the
+// rotated config is written while it serves: the reloaded keyring shares the running
+// one's TPM connection.
 func TestKeyRotation(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, backend string) {
 		c := newCluster(t, backend, clusterOptions{})
 		oldKey := c.KeyID
-		reload := func(keys ...int) {
-			t.Helper()
-			c.kms.writeConfig(keys...)
-			c.kms.reload(2 * time.Minute)
-		}
-
 		const n = 10
 		want := map[string]map[string][]byte{}
 		for i := range n {
@@ -47,19 +43,21 @@ func TestKeyRotation(t *testing.T) {
 			t.Fatalf("an unchanged update of s4-0 rewrote it before any rotation: kube-apiserver considers fresh data stale")
 		}
 
-		// 1. New key first in the config, created on the device, then reload.
+		// 1. New key first in the config, created on the device; 2. hwkms reloads the file.
 		var newKey string
 		if backend == "tpm" {
 			c.kms.stop()
-			c.kms.writeConfig(2, 1)
-			newKey = c.kms.createKey(0)
-			c.kms.writeConfig(1)
+			var rotated []byte
+			newKey, rotated = c.kms.rotate()
 			c.kms.start()
+			before := len(c.kms.reloadResults())
+			c.kms.writeConfigBytes(rotated)
+			c.kms.waitReload(before, 2*time.Minute, "writing the rotated config")
 		} else {
-			c.kms.writeConfig(2, 1)
-			newKey = c.kms.createKey(0)
+			before := len(c.kms.reloadResults())
+			newKey, _ = c.kms.rotate("--apply")
+			c.kms.waitReload(before, 2*time.Minute, "hwkms key rotate --apply")
 		}
-		reload(2, 1)
 		if newKey == oldKey {
 			t.Fatalf("the new key has the old key's key_id %q", newKey)
 		}
@@ -67,7 +65,7 @@ func TestKeyRotation(t *testing.T) {
 			t.Fatalf("after the reload hwkms Status reports key_id %q (%v), want the new key's %q", got, err, newKey)
 		}
 
-		// 2. kube-apiserver polls Status every 60 s; wait until new writes use the new key.
+		// 3. kube-apiserver polls Status every 60 s; wait until new writes use the new key.
 		began := time.Now()
 		probe := map[string][]byte{}
 		c.createSecret("s4-probe", probe)
@@ -85,7 +83,7 @@ func TestKeyRotation(t *testing.T) {
 		want["s4-probe"] = probe
 		t.Logf("kube-apiserver writes with the new key_id %s after %s", newKey, time.Since(began).Round(time.Second))
 
-		// 3. Old Secrets still read (hwkms decrypts with the old, decrypt-only key) and
+		// 4. Old Secrets still read (hwkms decrypts with the old, decrypt-only key) and
 		// are stale: an unchanged update now rewrites them under the new key.
 		for name, data := range want {
 			c.mustReadSecret(name, data)
@@ -98,25 +96,24 @@ func TestKeyRotation(t *testing.T) {
 			t.Fatalf("an unchanged update of s4-1 did not rewrite it after the rotation: kube-apiserver does not consider old-key data stale")
 		}
 
-		// 4. Migrate everything: read every Secret in every namespace and update it unchanged.
-		list, err := c.api.Client.CoreV1().Secrets("").List(c.ctx(), metav1.ListOptions{})
-		if err != nil {
-			t.Fatalf("list Secrets: %v", err)
-		}
-		for i := range list.Items {
-			s := &list.Items[i]
-			if _, err := c.api.Client.CoreV1().Secrets(s.Namespace).Update(c.ctx(), s, metav1.UpdateOptions{}); err != nil {
-				t.Fatalf("migrate Secret %s/%s: %v", s.Namespace, s.Name, err)
-			}
+		// 5. Migrate everything, as docs/rotation.md step 4 says.
+		secrets := c.api.kubectl(nil, "get", "secrets", "--all-namespaces", "-o", "json")
+		replaced := c.api.kubectl(secrets, "replace", "-f", "-")
+		nReplaced := strings.Count(string(replaced), " replaced\n")
+		if nReplaced < len(want) {
+			t.Fatalf("kubectl replace reported %d Secrets replaced, want at least the test's %d:\n%s", nReplaced, len(want), replaced)
 		}
 		ids := c.storedKeyIDs()
 		if len(ids) != 1 || ids[newKey] == 0 {
-			t.Fatalf("after migrating %d Secrets etcd holds key_ids %v, want only the new %s", len(list.Items), ids, newKey)
+			t.Fatalf("after kubectl replaced %d Secrets etcd holds key_ids %v, want only the new %s", nReplaced, ids, newKey)
 		}
-		t.Logf("migrated %d Secrets; etcd key_ids: %v", len(list.Items), ids)
+		t.Logf("kubectl replaced %d Secrets; etcd key_ids: %v", nReplaced, ids)
 
-		// 5. Drop the old key, reload, restart kube-apiserver so nothing is cached, read all.
-		reload(2)
+		// 6. Drop the old key (hwkms reloads the file), restart kube-apiserver so nothing
+		// is cached, read all.
+		before := len(c.kms.reloadResults())
+		c.kms.dropOldKeys()
+		c.kms.waitReload(before, 2*time.Minute, "dropping the old key from the config")
 		if got, err := c.kms.status(); err != nil || got != newKey {
 			t.Fatalf("after removing the old key hwkms Status reports %q (%v), want %q", got, err, newKey)
 		}
@@ -136,7 +133,7 @@ func TestKeyRotation(t *testing.T) {
 		}
 		t.Logf("old key removed; after a kube-apiserver restart every Secret reads; hwkms served %v", counts)
 
-		// 6. Data still under the removed key no longer reads, and hwkms says which key
+		// 7. Data still under the removed key no longer reads, and hwkms says which key
 		// it was (NotFound naming the key_id), as an operator who removed it too early sees.
 		since = len(c.kms.logRecords(""))
 		c.etcd.put(t, secretKey("default", "s4-2"), relic)
@@ -151,20 +148,15 @@ func TestKeyRotation(t *testing.T) {
 	})
 }
 
-// replaceSecret reads Secret default/name and updates it unchanged, as `kubectl
-// replace` does, and reports whether that rewrote it in etcd (kube-apiserver skips
-// the write unless the stored data is stale).
+// replaceSecret runs `kubectl get secret NAME -o json | kubectl replace -f -` on
+// Secret default/name and reports whether that rewrote it in etcd (kube-apiserver
+// skips the write unless the stored data is stale).
 func (c *cluster) replaceSecret(name string) bool {
 	c.t.Helper()
 	key := secretKey("default", name)
 	before := c.etcd.modRevision(c.t, key)
-	s, err := c.getSecret(name)
-	if err != nil {
-		c.t.Fatalf("read Secret %s: %v", name, err)
-	}
-	if _, err := c.api.Client.CoreV1().Secrets("default").Update(c.ctx(), s, metav1.UpdateOptions{}); err != nil {
-		c.t.Fatalf("update Secret %s unchanged: %v", name, err)
-	}
+	s := c.api.kubectl(nil, "get", "secret", name, "--namespace", "default", "-o", "json")
+	c.api.kubectl(s, "replace", "-f", "-")
 	return c.etcd.modRevision(c.t, key) != before
 }
 
