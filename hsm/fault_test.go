@@ -154,6 +154,7 @@ func containsCode(cs []codes.Code, c codes.Code) bool {
 // never wrong data, and the plugin recovers by itself within recoveryLimit.
 func TestFaultCKR(t *testing.T) {
 	down := func(rv uint) func(*chaos) { return func(c *chaos) { c.down = rv } }
+	isDown := map[string]bool{"CKR_DEVICE_REMOVED": true, "CKR_TOKEN_NOT_PRESENT": true, "CKR_CRYPTOKI_NOT_INITIALIZED": true, "CKR_DEVICE_ERROR": true}
 	onOps := func(rv uint, fns ...string) func(*chaos) {
 		return func(c *chaos) {
 			for _, fn := range fns {
@@ -176,12 +177,22 @@ func TestFaultCKR(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRig(t, 2)
 			inits := r.c.count("Initialize")
+			okBefore, failedBefore := r.k.Reinits()
 			r.c.set(tc.arm)
 			r.during(t, 1500*time.Millisecond, 500*time.Millisecond, codes.Unavailable)
-			if n := r.c.count("Initialize") - inits; n > 12 {
+			n := r.c.count("Initialize") - inits
+			if n > 12 {
 				t.Errorf("%d re-initialisations in 1.5 s of fault: backoff does not hold", n)
 			}
 			r.recovery(t)
+			ok, failed := r.k.Reinits()
+			ok, failed = ok-okBefore, failed-failedBefore
+			if ok+failed != uint64(r.c.count("Initialize")-inits) {
+				t.Errorf("Reinits() counted %d ok + %d failed, but C_Initialize ran %d times", ok, failed, r.c.count("Initialize")-inits)
+			}
+			if isDown[tc.name] && (ok == 0 || failed == 0) {
+				t.Errorf("Reinits() = %d ok, %d failed after a device that was down and came back; want both > 0", ok, failed)
+			}
 		})
 	}
 }

@@ -78,6 +78,9 @@ type module struct {
 	// (their numbers may have been given to new sessions). Written under gate.
 	gen atomic.Uint64
 	rec recovery
+	// reinitsOK and reinitsFailed count re-initialisations since the module was loaded,
+	// for metrics (KEK.Reinits).
+	reinitsOK, reinitsFailed atomic.Uint64
 }
 
 // token is a logged-in token. It keeps one session open for its lifetime: login state

@@ -66,6 +66,16 @@ type PoolStats struct {
 	InUse int
 }
 
+// Reinits returns how many re-initialisations of the PKCS#11 module this KEK uses
+// (C_Finalize, C_Initialize, every token logged in again, after a device-class error;
+// doc.go, "Recovery") succeeded and failed since the module was loaded. The module is
+// shared by every KEK on it, so they all report the same counts. It never touches the
+// token and is safe to call at any time, also after Close.
+func (k *KEK) Reinits() (ok, failed uint64) {
+	m := k.tok.mod
+	return m.reinitsOK.Load(), m.reinitsFailed.Load()
+}
+
 // Stats returns a snapshot of the KEK's session pool. It never touches the token and
 // is safe to call at any time, also after Close.
 func (k *KEK) Stats() PoolStats {

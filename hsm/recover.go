@@ -89,6 +89,11 @@ func (m *module) reinit(seen uint64, call *reinitCall) {
 	m.gate.Lock() // waits for calls still running on the module (a hung call delays this)
 	if m.gen.Load() == seen {
 		err = m.reinitLocked()
+		if err != nil {
+			m.reinitsFailed.Add(1)
+		} else {
+			m.reinitsOK.Add(1)
+		}
 	}
 	for _, t := range m.tokens {
 		tokErr[t] = t.state()

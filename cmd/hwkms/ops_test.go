@@ -309,6 +309,8 @@ func testServeMetricsAndLogs(t *testing.T, format string) {
 		{"hwkms_pkcs11_sessions", map[string]string{"key_id_hash": hA}, 3},
 		{"hwkms_pkcs11_sessions_in_use", map[string]string{"key_id_hash": hA}, 0},
 		{"hwkms_tpm_reconnects_total", map[string]string{"key_id_hash": hT}, 1},
+		{"hwkms_pkcs11_reinits_total", map[string]string{"key_id_hash": hA, "result": "ok"}, 0},
+		{"hwkms_pkcs11_reinits_total", map[string]string{"key_id_hash": hA, "result": "error"}, 0},
 		{"hwkms_build_info", nil, 1},
 	} {
 		v, ok := sample(f, w.name, w.labels)

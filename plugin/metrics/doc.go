@@ -4,8 +4,9 @@
 // It owns: the metric definitions (all named hwkms_*, on a dedicated registry, never
 // the global one), the plugin.Observer that records requests, device operations,
 // probes and reloads, a collector that reads the serving keyring at scrape time (key
-// info, PKCS#11 session pools, TPM reconnects), the mapping of device errors to a
-// bounded reason label, and the HTTP handler for /metrics, /healthz and /livez.
+// info, PKCS#11 session pools and re-initialisations, TPM reconnects), the mapping
+// of device errors to a bounded reason label, and the HTTP handler for /metrics,
+// /healthz and /livez.
 //
 // It does not own the KMS service, the health probe itself (plugin.Service runs it and
 // caches the result; /healthz only reads that cache), or any device access: nothing

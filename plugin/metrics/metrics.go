@@ -112,7 +112,7 @@ func New(version string) *Metrics {
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
 // Watch makes the metrics export svc's current keyring at every scrape: key info,
-// PKCS#11 session pools and TPM reconnects. It follows reloads, since it reads
+// PKCS#11 session pools and re-initialisations, TPM reconnects. It follows reloads, since it reads
 // svc.Keyring() each time.
 func (m *Metrics) Watch(svc *plugin.Service) { m.svc.Store(svc) }
 
@@ -218,17 +218,23 @@ var (
 	descPoolInUse = prometheus.NewDesc("hwkms_pkcs11_sessions_in_use",
 		"PKCS#11 sessions of each pkcs11 key held by an operation at scrape time.",
 		[]string{"key_id_hash"}, nil)
+	descReinits = prometheus.NewDesc("hwkms_pkcs11_reinits_total",
+		"Re-initialisations (C_Finalize, C_Initialize, login again) of the PKCS#11 module each pkcs11 key uses, after a device-class error, by result (ok or error). Counts are per module, since the module was loaded.",
+		[]string{"key_id_hash", "result"}, nil)
 	descReconnects = prometheus.NewDesc("hwkms_tpm_reconnects_total",
 		"Times each tpm key re-established its TPM connection after losing it (TPM or swtpm restart, transport failure). Restarts from 0 when the key is reloaded.",
 		[]string{"key_id_hash"}, nil)
 )
 
-// poolStats and reconnector are the parts of hsm.KEK and tpm.KEK the collector reads.
+// poolStats, reiniter and reconnector are the parts of hsm.KEK and tpm.KEK the
+// collector reads.
 type poolStats interface{ Stats() hsm.PoolStats }
+type reiniter interface{ Reinits() (ok, failed uint64) }
 type reconnector interface{ Reconnects() uint64 }
 
 var (
 	_ poolStats   = (*hsm.KEK)(nil)
+	_ reiniter    = (*hsm.KEK)(nil)
 	_ reconnector = (*tpm.KEK)(nil)
 )
 
@@ -239,6 +245,7 @@ func (c keyringCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descKeyInfo
 	ch <- descPoolSize
 	ch <- descPoolInUse
+	ch <- descReinits
 	ch <- descReconnects
 }
 
@@ -258,6 +265,11 @@ func (c keyringCollector) Collect(ch chan<- prometheus.Metric) {
 			st := p.Stats()
 			ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(st.Size), h)
 			ch <- prometheus.MustNewConstMetric(descPoolInUse, prometheus.GaugeValue, float64(st.InUse), h)
+		}
+		if r, ok := k.(reiniter); ok {
+			okN, failedN := r.Reinits()
+			ch <- prometheus.MustNewConstMetric(descReinits, prometheus.CounterValue, float64(okN), h, "ok")
+			ch <- prometheus.MustNewConstMetric(descReinits, prometheus.CounterValue, float64(failedN), h, "error")
 		}
 		if r, ok := k.(reconnector); ok {
 			ch <- prometheus.MustNewConstMetric(descReconnects, prometheus.CounterValue, float64(r.Reconnects()), h)
