@@ -226,14 +226,49 @@
 // Trust: the KEK exists in the clear in the ceremony process (Go's crypto/ecdh and
 // go-tpm keep copies of the scalar that hwkms cannot clear; run the ceremony in a
 // short-lived process on an offline machine). The admin must get the SRK public
-// files from the right TPMs (compare the srk_name printed on each node); EK
-// certificate verification is not implemented. Import blob format:
+// files from the right TPMs: compare the srk_name printed on each node, or check
+// the TPMs with their EK certificates (below). Import blob format:
 //
 //	"HWKI" 0x01 | TPM2B_PUBLIC (KEK) | TPM2B_NAME (target SRK) |
 //	TPM2B_PRIVATE (duplicate) | TPM2B_ENCRYPTED_SECRET (seed)
 //
 // ImportKey refuses a blob whose SRK Name is not this TPM's (ErrWrongTPM); a TPM
 // given another TPM's blob anyway fails TPM2_Import with TPM_RC_INTEGRITY.
+//
+// # EK-bound import blobs (ek.go)
+//
+// An SRK public file says nothing about where its private key lives: a file
+// swapped on its way to the admin machine would make the ceremony encrypt the KEK
+// to an attacker's key. `hwkms tpm export-srk --ek` adds the TPM's endorsement key
+// (re-created from the TCG EK template, ECC P-256 or RSA 2048, matching the EK
+// certificate found at NV index 0x01C0000A or 0x01C00002) and that certificate.
+// With `--ek-roots` the ceremony (VerifyNodeEK) checks that the certificate chains
+// to the operator's manufacturer CAs (a critical subjectAltName holding only the
+// TPM's directoryName is accepted, as TCG EK certificates have one; any extended
+// key usage), that it certifies exactly that EK, that the EK is the TCG template,
+// and that the SRK is the TCG SRK template. The certificate proves the EK is in a
+// genuine TPM but says nothing about the SRK; what ties them is credential
+// activation (Part 1 section 24): ImportBlobForEK seals the duplicate and its seed
+// with AES-256-GCM under a fresh key K and protects K with tpm2.CreateCredential
+// (TPM2_MakeCredential's construction) to the EK for the SRK's Name. On the node,
+// ImportKey re-creates the EK, checks its Name (ErrWrongTPM otherwise) and runs
+// TPM2_ActivateCredential with the SRK (ADMIN role) and the EK (USER role, by
+// PolicySecret on the endorsement hierarchy, whose auth must be empty): the TPM
+// releases K only if it holds the EK's private key and an object with the SRK's
+// exact Name is loaded and authorised. An attacker who holds the genuine TPM and
+// the private key of a look-alike SRK can load only the look-alike's public area
+// (TPM2_LoadExternal refuses a fixedTPM private area: TPM_RC_ATTRIBUTES), and a public-only object
+// has no auth value for the ADMIN role the SRK template requires (adminWithPolicy
+// clear): TPM2_ActivateCredential answers TPM_RC_AUTH_UNAVAILABLE (measured on
+// swtpm 0.7.1; TestEKBoundImportLookalikeSRK). Format, version 2:
+//
+//	"HWKI" 0x02 | TPM2B_PUBLIC (KEK) | TPM2B_NAME (target SRK) |
+//	TPM2B_PUBLIC (EK) | TPM2B_ID_OBJECT | TPM2B_ENCRYPTED_SECRET (credential) |
+//	TPM2B (12-byte nonce || AES-256-GCM(K, TPM2B duplicate || TPM2B seed))
+//
+// with everything before the last field as GCM additional data. Not covered: an
+// operator's trust file is only as good as the CAs in it, and EK certificates are
+// not checked for revocation. The escrow blob is never EK-bound.
 //
 // Escrow: the ceremony can also make an import blob for an offline escrow key, a
 // software P-256 key pair whose public half is written as an SRK public area

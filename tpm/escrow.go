@@ -106,6 +106,9 @@ func RecoverKEKMaterial(escrowBlob, escrowPrivPEM []byte) (*KEKMaterial, error) 
 	if err != nil {
 		return nil, fmt.Errorf("tpm: escrow blob: %w", err)
 	}
+	if ib.ek != nil {
+		return nil, fmt.Errorf("tpm: escrow blob: %w: this blob is bound to a TPM's EK (a node's blob, not the escrow copy)", errMalformed)
+	}
 	priv, err := parseEscrowKey(escrowPrivPEM)
 	if err != nil {
 		return nil, err

@@ -344,21 +344,28 @@ type importBlob struct {
 	pubBytes   []byte // TPMT_PUBLIC
 	name       []byte // the KEK's Name, computed
 	parentName []byte
-	duplicate  []byte
+	duplicate  []byte // nil in an EK-bound blob until activated
 	seed       []byte
+	ek         *ekBinding // set for an EK-bound (version 2) blob
 }
 
-// parseImportBlob parses an import blob strictly and checks that the KEK's public
-// area has the imported KEK's exact shape.
+// parseImportBlob parses an import blob (version 1, or version 2 bound to an EK)
+// strictly and checks that the KEK's public area has the imported KEK's exact shape.
 func parseImportBlob(b []byte) (*importBlob, error) {
 	if !bytes.HasPrefix(b, importMagic) || len(b) < len(importMagic)+1 {
 		return nil, fmt.Errorf("%w: not an hwkms import blob", errMalformed)
 	}
-	if v := b[len(importMagic)]; v != importV1 {
-		return nil, fmt.Errorf("%w: import blob version %d, want %d", errMalformed, v, importV1)
+	var fields int
+	switch v := b[len(importMagic)]; v {
+	case importV1:
+		fields = 4
+	case importV2:
+		fields = 6
+	default:
+		return nil, fmt.Errorf("%w: import blob version %d, want %d or %d", errMalformed, v, importV1, importV2)
 	}
 	rest := b[len(importMagic)+1:]
-	var f [4][]byte
+	f := make([][]byte, fields)
 	for i := range f {
 		var ok bool
 		if f[i], rest, ok = cut2B(rest); !ok || len(f[i]) == 0 {
@@ -382,13 +389,23 @@ func parseImportBlob(b []byte) (*importBlob, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &importBlob{pub: pub, pubBytes: f[0], name: name, parentName: f[1], duplicate: f[2], seed: f[3]}, nil
+	ib := &importBlob{pub: pub, pubBytes: f[0], name: name, parentName: f[1]}
+	if fields == 4 {
+		ib.duplicate, ib.seed = f[2], f[3]
+		return ib, nil
+	}
+	aad := b[:len(b)-2-len(f[5])]
+	if ib.ek, err = parseEKBinding(f[2:], aad); err != nil {
+		return nil, err
+	}
+	return ib, nil
 }
 
 // ImportBlobInfo describes an import blob without a TPM.
 type ImportBlobInfo struct {
 	KeyID      string // the key_id of the KEK inside
 	ParentName []byte // Name of the SRK it was made for
+	EKName     []byte // Name of the EK it is bound to; nil for a version 1 blob
 }
 
 // InspectImportBlob parses an import blob and reports what it holds.
@@ -397,7 +414,11 @@ func InspectImportBlob(b []byte) (ImportBlobInfo, error) {
 	if err != nil {
 		return ImportBlobInfo{}, fmt.Errorf("tpm: import blob: %w", err)
 	}
-	return ImportBlobInfo{KeyID: keyID(ib.name), ParentName: bytes.Clone(ib.parentName)}, nil
+	info := ImportBlobInfo{KeyID: keyID(ib.name), ParentName: bytes.Clone(ib.parentName)}
+	if ib.ek != nil {
+		info.EKName = bytes.Clone(ib.ek.name)
+	}
+	return info, nil
 }
 
 // ImportKey imports the KEK in an import blob into the TPM in cfg: it re-creates
@@ -446,6 +467,11 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 	defer flushHandle(c, srk.Handle)
 	if !bytes.Equal(srk.Name.Buffer, ib.parentName) {
 		return KeyInfo{}, fmt.Errorf("tpm: import: blob is for SRK %x, this TPM's SRK is %x: %w", ib.parentName, srk.Name.Buffer, ErrWrongTPM)
+	}
+	if ib.ek != nil {
+		if ib.duplicate, ib.seed, err = activate(c, srk, ib.ek); err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
+		}
 	}
 	priv, err := importUnder(c, srk, ib)
 	if err != nil {

@@ -92,6 +92,7 @@ func cmdExportSRK(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs := newFlags("tpm export-srk", stderr)
 	device := fs.String("device", tpm.DefaultDevice, "TPM device: /dev/tpmrm0, tcp://host:port or unix:///path")
 	out := fs.String("out", "", "write the SRK public area (TPM2B_PUBLIC) to this file instead of stdout (PEM)")
+	withEK := fs.Bool("ek", false, "also export the endorsement key and its manufacturer certificate (from TPM NV), so the ceremony can check with --ek-roots that the SRK is in a genuine TPM; the file is then PEM")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -100,11 +101,23 @@ func cmdExportSRK(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return fmt.Errorf("tpm export-srk: %w", err)
 	}
 	fmt.Fprintf(stdout, "srk_name: %s\n", hex.EncodeToString(srk.Name))
+	data := srk.Public
+	if *withEK {
+		ek, err := tpm.ExportEK(ctx, *device)
+		if err != nil {
+			return fmt.Errorf("tpm export-srk: %w", err)
+		}
+		fmt.Fprintf(stdout, "ek_name: %s\n", hex.EncodeToString(ek.Name))
+		data = append(srk.EncodeSRKPEM(), ek.EncodePEM()...)
+	}
 	if *out == "" {
-		_, err := stdout.Write(srk.EncodeSRKPEM())
+		if !*withEK {
+			data = srk.EncodeSRKPEM()
+		}
+		_, err := stdout.Write(data)
 		return err
 	}
-	if err := writeExcl(*out, srk.Public, 0o644); err != nil {
+	if err := writeExcl(*out, data, 0o644); err != nil {
 		return fmt.Errorf("tpm export-srk: %w", err)
 	}
 	fmt.Fprintf(stdout, "wrote %s\n", *out)
@@ -112,33 +125,55 @@ func cmdExportSRK(ctx context.Context, args []string, stdout, stderr io.Writer) 
 }
 
 // importTargets reads the comma-separated SRK public files and maps each to
-// DIR/<basename without extension>.import.
-func importTargets(list, dir string) (pubs [][]byte, outs []string, err error) {
+// DIR/<basename without extension>.import. With trust (from --ek-roots) every file
+// must carry an EK whose certificate chains to it; the results are in eks.
+func importTargets(list, dir string, trust *tpm.EKTrust) (pubs [][]byte, outs []string, eks []*tpm.NodeEK, err error) {
 	if list == "" {
-		return nil, nil, errors.New("--import-for is required")
+		return nil, nil, nil, errors.New("--import-for is required")
 	}
 	if dir == "" {
-		return nil, nil, errors.New("--out-dir is required")
+		return nil, nil, nil, errors.New("--out-dir is required")
 	}
 	seen := map[string]bool{}
 	for _, p := range strings.Split(list, ",") {
 		b, err := os.ReadFile(p)
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if _, _, err := tpm.ParseSRKPublic(b); err != nil {
-			return nil, nil, fmt.Errorf("%s: %w", p, err)
+			return nil, nil, nil, fmt.Errorf("%s: %w", p, err)
+		}
+		if trust != nil {
+			ek, err := tpm.VerifyNodeEK(b, trust)
+			if err != nil {
+				return nil, nil, nil, fmt.Errorf("%s: %w", p, err)
+			}
+			eks = append(eks, ek)
 		}
 		base := strings.TrimSuffix(filepath.Base(p), filepath.Ext(p))
 		if seen[base] || base == "escrow" {
-			return nil, nil, fmt.Errorf("%s: output name %q.import is used twice (or is reserved)", p, base)
+			return nil, nil, nil, fmt.Errorf("%s: output name %q.import is used twice (or is reserved)", p, base)
 		}
 		seen[base] = true
 		pubs = append(pubs, b)
 		outs = append(outs, filepath.Join(dir, base+".import"))
 	}
-	return pubs, outs, nil
+	return pubs, outs, eks, nil
 }
+
+// ekTrust reads --ek-roots; "" means no EK verification.
+func ekTrust(path string) (*tpm.EKTrust, error) {
+	if path == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return tpm.ParseEKTrust(b)
+}
+
+const ekRootsUsage = "PEM file of the TPM manufacturers' EK CA certificates (roots and issuing CAs): every --import-for file must then carry an EK (export-srk --ek) whose certificate chains to them, and each blob is bound to that EK (only that TPM can import it)"
 
 func cmdProvision(args []string, stdout, stderr io.Writer, name string) error {
 	fs := newFlags(name, stderr)
@@ -146,10 +181,15 @@ func cmdProvision(args []string, stdout, stderr io.Writer, name string) error {
 	outDir := fs.String("out-dir", "", "directory for the import blobs (created if missing)")
 	escrowPub := fs.String("escrow-pub", "", "optional escrow public key (hwkms tpm escrow-keygen): also write DIR/escrow.import")
 	authFile := fs.String("auth-file", "", "optional file with the KEK auth value (16-32 bytes); nodes then need tpm.authFile with it")
+	ekRoots := fs.String("ek-roots", "", ekRootsUsage)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	pubs, outs, err := importTargets(*importFor, *outDir)
+	trust, err := ekTrust(*ekRoots)
+	if err != nil {
+		return fmt.Errorf("%s: --ek-roots: %w", name, err)
+	}
+	pubs, outs, eks, err := importTargets(*importFor, *outDir, trust)
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
@@ -165,33 +205,52 @@ func cmdProvision(args []string, stdout, stderr io.Writer, name string) error {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	defer m.Destroy()
-	return writeBlobs(m, pubs, outs, *outDir, *escrowPub, stdout, name)
+	return writeBlobs(m, pubs, outs, eks, *outDir, *escrowPub, stdout, name)
 }
 
-// writeBlobs writes one import blob per SRK (and the escrow blob) into dir.
-func writeBlobs(m *tpm.KEKMaterial, pubs [][]byte, outs []string, dir, escrowPub string, stdout io.Writer, name string) error {
+// writeBlobs writes one import blob per SRK (and the escrow blob) into dir. With
+// eks (one per SRK, verified), each node's blob is bound to its EK.
+func writeBlobs(m *tpm.KEKMaterial, pubs [][]byte, outs []string, eks []*tpm.NodeEK, dir, escrowPub string, stdout io.Writer, name string) error {
+	blobs := make([][]byte, 0, len(pubs)+1)
+	for i, pub := range pubs {
+		var blob []byte
+		var err error
+		if eks != nil {
+			blob, err = m.ImportBlobForEK(pub, eks[i])
+		} else {
+			blob, err = m.ImportBlob(pub)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %s: %w", name, outs[i], err)
+		}
+		blobs = append(blobs, blob)
+	}
 	if escrowPub != "" {
 		b, err := os.ReadFile(escrowPub)
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		pubs = append(pubs, b)
+		blob, err := m.ImportBlob(b)
+		if err != nil {
+			return fmt.Errorf("%s: escrow: %w", name, err)
+		}
+		blobs = append(blobs, blob)
 		outs = append(outs, filepath.Join(dir, "escrow.import"))
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	fmt.Fprintf(stdout, "key_id: %s\n", m.KeyID())
-	for i, pub := range pubs {
-		blob, err := m.ImportBlob(pub)
-		if err != nil {
-			return fmt.Errorf("%s: %s: %w", name, outs[i], err)
-		}
+	for i, blob := range blobs {
 		info, _ := tpm.InspectImportBlob(blob)
 		if err := writeExcl(outs[i], blob, 0o600); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		fmt.Fprintf(stdout, "wrote %s for SRK %s\n", outs[i], hex.EncodeToString(info.ParentName))
+		fmt.Fprintf(stdout, "wrote %s for SRK %s", outs[i], hex.EncodeToString(info.ParentName))
+		if info.EKName != nil {
+			fmt.Fprintf(stdout, ", bound to EK %s (certificate serial %s, issuer %q)", hex.EncodeToString(info.EKName), eks[i].Serial, eks[i].Issuer)
+		}
+		fmt.Fprintln(stdout)
 	}
 	return nil
 }
@@ -228,13 +287,18 @@ func cmdRecover(args []string, stdout, stderr io.Writer) error {
 	importFor := fs.String("import-for", "", "comma-separated SRK public files of the new nodes")
 	outDir := fs.String("out-dir", "", "directory for the new import blobs")
 	escrowPub := fs.String("escrow-pub", "", "optional: also write a fresh DIR/escrow.import for this escrow public key")
+	ekRoots := fs.String("ek-roots", "", ekRootsUsage)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *escrowBlob == "" || *escrowKey == "" {
 		return errors.New("tpm recover: --escrow-blob and --escrow-key are required")
 	}
-	pubs, outs, err := importTargets(*importFor, *outDir)
+	trust, err := ekTrust(*ekRoots)
+	if err != nil {
+		return fmt.Errorf("tpm recover: --ek-roots: %w", err)
+	}
+	pubs, outs, eks, err := importTargets(*importFor, *outDir, trust)
 	if err != nil {
 		return fmt.Errorf("tpm recover: %w", err)
 	}
@@ -252,7 +316,7 @@ func cmdRecover(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("tpm recover: %w", err)
 	}
 	defer m.Destroy()
-	return writeBlobs(m, pubs, outs, *outDir, *escrowPub, stdout, "tpm recover")
+	return writeBlobs(m, pubs, outs, eks, *outDir, *escrowPub, stdout, "tpm recover")
 }
 
 func cmdKeyImport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -277,6 +341,9 @@ func cmdKeyImport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return fmt.Errorf("key import: %w", err)
 	}
 	fmt.Fprintf(stdout, "imported into TPM %s: %s\nkey_id: %s\n", *device, tpmWhere(info), info.KeyID)
+	if bi, err := tpm.InspectImportBlob(blob); err == nil && bi.EKName != nil {
+		fmt.Fprintf(stdout, "the blob was bound to this TPM's EK %s and activated with it\n", hex.EncodeToString(bi.EKName))
+	}
 	return nil
 }
 

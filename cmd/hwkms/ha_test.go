@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -109,6 +110,90 @@ func TestTPMClusterCLI(t *testing.T) {
 	freshSock := serveTPM(t, dir, "fresh", freshKC)
 	if out, err := runCLI(t, "", "cluster-check", "--sockets", strings.Join([]string{socks[0], freshSock}, ",")); err != nil {
 		t.Fatalf("cluster-check with the recovered node: %v\n%s", err, out)
+	}
+}
+
+// TestTPMClusterCLIWithEK is TestTPMClusterCLI with EK verification (docs/ha.md,
+// "Check the nodes' TPMs with their EK certificates"): export-srk --ek, key create
+// --ek-roots, key import activates with each node's EK; a file without an EK or with
+// an EK from an untrusted CA stops the ceremony before any blob is written; tpm
+// recover --ek-roots binds the recovered blob too.
+func TestTPMClusterCLIWithEK(t *testing.T) {
+	dir := shortDir(t)
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	roots := filepath.Join(dir, "ek-roots.pem")
+	if err := os.WriteFile(roots, ca.PEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	export := func(name string, ekCA *swtpmtest.EKCA, rsaEK bool) (string, string) {
+		t.Helper()
+		sim := swtpmtest.New(t)
+		args := []string{"tpm", "export-srk", "--device", sim.Device, "--out", filepath.Join(dir, name+".pub")}
+		if ekCA != nil {
+			ekCA.ProvisionEK(t, sim, rsaEK)
+			args = append(args, "--ek")
+		}
+		out, err := runCLI(t, "", args...)
+		if err != nil || (ekCA != nil && !strings.Contains(out, "ek_name: 000b")) {
+			t.Fatalf("export-srk %s: %q, %v", name, out, err)
+		}
+		return sim.Device, filepath.Join(dir, name+".pub")
+	}
+	dev0, pub0 := export("node0", ca, false)
+	dev1, pub1 := export("node1", ca, true)
+	_, plain := export("plain", nil, false)
+	_, foreign := export("foreign", swtpmtest.NewEKCA(t, "Unknown Vendor"), false)
+
+	blobs := filepath.Join(dir, "blobs")
+	for name, pubs := range map[string]string{"no EK": pub0 + "," + plain, "untrusted EK": pub0 + "," + foreign} {
+		_, err := runCLI(t, "", "key", "create", "--backend", "tpm", "--import-for", pubs, "--out-dir", blobs, "--ek-roots", roots)
+		if !errors.Is(err, tpm.ErrEKNotTrusted) {
+			t.Errorf("key create --ek-roots with a node file with %s: %v, want ErrEKNotTrusted", name, err)
+		}
+		if _, err := os.Stat(blobs); err == nil {
+			t.Fatalf("key create --ek-roots failed (%s) but wrote %s", name, blobs)
+		}
+	}
+
+	key, escrowPub := filepath.Join(dir, "escrow.key"), filepath.Join(dir, "escrow.pub")
+	if _, err := runCLI(t, "", "tpm", "escrow-keygen", "--out-key", key, "--out-pub", escrowPub); err != nil {
+		t.Fatal(err)
+	}
+	out, err := runCLI(t, "", "key", "create", "--backend", "tpm", "--import-for", pub0+","+pub1,
+		"--out-dir", blobs, "--ek-roots", roots, "--escrow-pub", escrowPub)
+	t.Logf("key create --ek-roots:\n%s", out)
+	if err != nil || strings.Count(out, ", bound to EK 000b") != 2 {
+		t.Fatalf("key create --ek-roots: %v", err)
+	}
+	keyID := strings.TrimSpace(strings.TrimPrefix(strings.Split(out, "\n")[0], "key_id:"))
+	if _, err := runCLI(t, "", "key", "import", "--device", dev0, "--blob", filepath.Join(blobs, "node1.import"),
+		"--blob-file", filepath.Join(dir, "x.kek")); !errors.Is(err, tpm.ErrWrongTPM) {
+		t.Errorf("node 1's EK-bound blob on node 0: %v, want ErrWrongTPM", err)
+	}
+	var socks []string
+	for i, dev := range []string{dev0, dev1} {
+		kc := tpm.Config{Device: dev, BlobFile: filepath.Join(dir, fmt.Sprintf("node%d.kek", i))}
+		out, err := runCLI(t, "", "key", "import", "--device", dev, "--blob", filepath.Join(blobs, fmt.Sprintf("node%d.import", i)), "--blob-file", kc.BlobFile)
+		if err != nil || !strings.Contains(out, keyID) || !strings.Contains(out, "bound to this TPM's EK") {
+			t.Fatalf("key import on node %d: %q, %v", i, out, err)
+		}
+		socks = append(socks, serveTPM(t, dir, fmt.Sprintf("n%d", i), kc))
+	}
+
+	// Recovery onto a new, certified TPM.
+	devR, pubR := export("fresh", ca, false)
+	rec := filepath.Join(dir, "recovered")
+	if out, err := runCLI(t, "", "tpm", "recover", "--escrow-blob", filepath.Join(blobs, "escrow.import"), "--escrow-key", key,
+		"--import-for", pubR, "--out-dir", rec, "--ek-roots", roots); err != nil || !strings.Contains(out, "bound to EK") {
+		t.Fatalf("tpm recover --ek-roots: %q, %v", out, err)
+	}
+	kc := tpm.Config{Device: devR, BlobFile: filepath.Join(dir, "fresh.kek")}
+	if out, err := runCLI(t, "", "key", "import", "--device", devR, "--blob", filepath.Join(rec, "fresh.import"), "--blob-file", kc.BlobFile); err != nil || !strings.Contains(out, keyID) {
+		t.Fatalf("key import of the recovered EK-bound blob: %q, %v", out, err)
+	}
+	socks = append(socks, serveTPM(t, dir, "fresh", kc))
+	if out, err := runCLI(t, "", "cluster-check", "--sockets", strings.Join(socks, ",")); err != nil || !strings.Contains(out, "cluster-check: ok, 3 nodes, key_id "+keyID) {
+		t.Fatalf("cluster-check: %v\n%s", err, out)
 	}
 }
 

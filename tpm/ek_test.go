@@ -1,0 +1,362 @@
+package tpm
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/rand"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/hwkms/hwkms/tpm/swtpm"
+	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
+)
+
+// ekNode is a swtpm whose EK has a certificate from a test manufacturer CA, and the
+// public file `hwkms tpm export-srk --ek` would write for it.
+type ekNode struct {
+	sim  *swtpm.Sim
+	srk  SRKPublic
+	ek   EKPublic
+	file []byte
+}
+
+func newEKNode(t *testing.T, ca *swtpmtest.EKCA, rsaEK bool) *ekNode {
+	t.Helper()
+	sim := swtpmtest.New(t)
+	ca.ProvisionEK(t, sim, rsaEK)
+	srk, err := ExportSRK(testCtx(t), sim.Device)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, err := ExportEK(testCtx(t), sim.Device)
+	if err != nil {
+		t.Fatalf("ExportEK: %v", err)
+	}
+	assertNoHandles(t, sim)
+	return &ekNode{sim: sim, srk: srk, ek: ek, file: append(srk.EncodeSRKPEM(), ek.EncodePEM()...)}
+}
+
+func (n *ekNode) cfg(t *testing.T) Config {
+	return Config{Device: n.sim.Device, BlobFile: filepath.Join(t.TempDir(), "kek.blob")}
+}
+
+// TestEKBoundImport: blobs bound to each node's certified EK import on that node
+// (ECC and RSA EKs) and nowhere else, and the nodes then share the KEK.
+func TestEKBoundImport(t *testing.T) {
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	trust, err := ParseEKTrust(ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b, c := newEKNode(t, ca, false), newEKNode(t, ca, true), newEKNode(t, ca, false)
+	m, err := NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Destroy()
+
+	blobFor := func(file []byte) []byte {
+		t.Helper()
+		node, err := VerifyNodeEK(file, trust)
+		if err != nil {
+			t.Fatalf("VerifyNodeEK: %v", err)
+		}
+		blob, err := m.ImportBlobForEK(file, node)
+		if err != nil {
+			t.Fatalf("ImportBlobForEK: %v", err)
+		}
+		info, err := InspectImportBlob(blob)
+		if err != nil || info.KeyID != m.KeyID() || !bytes.Equal(info.EKName, node.Name) {
+			t.Fatalf("InspectImportBlob = %+v, %v; want key_id %s and EK %x", info, err, m.KeyID(), node.Name)
+		}
+		return blob
+	}
+
+	blobs := map[*ekNode][]byte{}
+	cfgs := map[*ekNode]Config{}
+	for _, n := range []*ekNode{a, b} {
+		blob := blobFor(n.file)
+		blobs[n] = blob
+		cfg := n.cfg(t)
+		info, err := ImportKey(testCtx(t), cfg, blob)
+		if err != nil {
+			t.Fatalf("ImportKey of an EK-bound blob on its own TPM: %v", err)
+		}
+		if info.KeyID != m.KeyID() {
+			t.Fatalf("imported key_id %s, want %s", info.KeyID, m.KeyID())
+		}
+		assertNoHandles(t, n.sim) // the EK, the SRK and the KEK were flushed
+		cfgs[n] = cfg
+	}
+
+	// A's blob on C: another SRK.
+	if _, err := ImportKey(testCtx(t), c.cfg(t), blobs[a]); !errors.Is(err, ErrWrongTPM) {
+		t.Errorf("ImportKey of A's blob on C = %v, want ErrWrongTPM", err)
+	}
+	// C's SRK with A's certified EK (a file put together from two TPMs): the ceremony
+	// cannot tell, but neither TPM can import the blob.
+	mixed := append(c.srk.EncodeSRKPEM(), a.ek.EncodePEM()...)
+	blob := blobFor(mixed)
+	for name, n := range map[string]*ekNode{"C (its SRK, another EK)": c, "A (its EK, another SRK)": a} {
+		cfg := n.cfg(t)
+		if _, err := ImportKey(testCtx(t), cfg, blob); !errors.Is(err, ErrWrongTPM) {
+			t.Errorf("ImportKey of the mixed blob on %s = %v, want ErrWrongTPM", name, err)
+		}
+		if _, err := os.Stat(cfg.BlobFile); err == nil {
+			t.Errorf("a failed import on %s wrote a blob file", name)
+		}
+		assertNoHandles(t, n.sim)
+	}
+
+	// Last, since a KEK holds its swtpm's one connection: the nodes share the KEK.
+	crossUnwrap(t, []*KEK{openKEK(t, a.sim, cfgs[a]), openKEK(t, b.sim, cfgs[b])})
+}
+
+// TestEKBoundImportLookalikeSRK is the attack EK binding exists for: a node file
+// with a genuine, certified EK but an SRK whose private key the attacker holds in
+// software. The ceremony cannot tell the SRK apart offline; the attacker, with the
+// genuine TPM in hand, loads the look-alike SRK's public area (TPM2_LoadExternal)
+// and asks for the credential. The TPM must refuse, so the sealed duplicate stays
+// sealed.
+func TestEKBoundImportLookalikeSRK(t *testing.T) {
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	trust, err := ParseEKTrust(ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := newEKNode(t, ca, false)
+	priv, err := ecdh.P256().GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake, err := escrowPublic(priv.PublicKey()) // the SRK template with the attacker's point
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := append(fake.EncodeSRKPEM(), victim.ek.EncodePEM()...)
+	node, err := VerifyNodeEK(file, trust)
+	if err != nil {
+		t.Fatalf("VerifyNodeEK of the look-alike: %v (the offline checks cannot catch it; the TPM must)", err)
+	}
+	m, err := NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Destroy()
+	blob, err := m.ImportBlobForEK(file, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ib, err := parseImportBlob(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, fakePub, err := ParseSRKPublic(fake.EncodeSRKPEM())
+	if err != nil {
+		t.Fatal(err)
+	}
+	withConn(t, victim.sim, func(c *conn) {
+		// With its private key the look-alike does not load at all: an external
+		// object with a sensitive area must have fixedTPM and fixedParent clear.
+		sens := tpm2.TPMTSensitive{
+			SensitiveType: tpm2.TPMAlgECC,
+			Sensitive:     tpm2.NewTPMUSensitiveComposite(tpm2.TPMAlgECC, &tpm2.TPM2BECCParameter{Buffer: priv.Bytes()}),
+		}
+		if ext, err := (tpm2.LoadExternal{InPublic: tpm2.New2B(*fakePub), InPrivate: tpm2.New2B(sens), Hierarchy: tpm2.TPMRHNull}).Execute(c); err == nil {
+			flushHandle(c, ext.ObjectHandle)
+			t.Fatal("TPM2_LoadExternal loaded a fixedTPM object with its private area")
+		} else {
+			t.Logf("TPM2_LoadExternal with the private area refused: %v", err)
+		}
+		ext, err := tpm2.LoadExternal{InPublic: tpm2.New2B(*fakePub), Hierarchy: tpm2.TPMRHNull}.Execute(c)
+		if err != nil {
+			t.Logf("TPM2_LoadExternal of the look-alike SRK refused: %v", err)
+			return
+		}
+		defer flushHandle(c, ext.ObjectHandle)
+		if !bytes.Equal(ext.Name.Buffer, fake.Name) {
+			t.Fatalf("loaded look-alike has Name %x, want %x", ext.Name.Buffer, fake.Name)
+		}
+		srk := srkObject{NamedHandle: tpm2.NamedHandle{Handle: ext.ObjectHandle, Name: ext.Name}, pub: *fakePub}
+		if _, _, err := activate(c, srk, ib.ek); err == nil {
+			t.Fatal("TPM2_ActivateCredential released the credential for a public-only look-alike SRK")
+		} else {
+			t.Logf("look-alike activation refused: %v", err)
+		}
+	})
+	assertNoHandles(t, victim.sim)
+	if _, err := ImportKey(testCtx(t), victim.cfg(t), blob); !errors.Is(err, ErrWrongTPM) {
+		t.Errorf("ImportKey of the look-alike's blob on the victim = %v, want ErrWrongTPM", err)
+	}
+}
+
+// TestVerifyNodeEKRefuses: every reason not to trust a node file.
+func TestVerifyNodeEKRefuses(t *testing.T) {
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	other := swtpmtest.NewEKCA(t, "Someone Else")
+	trust, err := ParseEKTrust(ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherTrust, err := ParseEKTrust(other.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := newEKNode(t, ca, false), newEKNode(t, ca, true)
+
+	rootOnly, err := ParseEKTrust(ca.PEM[:bytes.Index(ca.PEM, []byte("-----END CERTIFICATE-----"))+len("-----END CERTIFICATE-----\n")])
+	if err != nil {
+		t.Fatal(err)
+	}
+	notTemplate := func() []byte {
+		_, pub, err := ParseSRKPublic(a.srk.Public)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub.ObjectAttributes.AdminWithPolicy = true // ADMIN role by policy: the look-alike defence needs it clear
+		p := SRKPublic{Public: tpm2.Marshal(tpm2.New2B(*pub))}
+		return append(p.EncodeSRKPEM(), a.ek.EncodePEM()...)
+	}()
+	swapped := EKPublic{Public: b.ek.Public, Cert: a.ek.Cert}
+	for _, tc := range []struct {
+		name  string
+		file  []byte
+		trust *EKTrust
+		want  string
+	}{
+		{"another manufacturer's CA", a.file, otherTrust, "certificate signed by unknown authority"},
+		{"issuing CA missing from the trust file", a.file, rootOnly, "certificate signed by unknown authority"},
+		{"no EK in the file", a.srk.EncodeSRKPEM(), trust, "no EK public area"},
+		{"certificate of another EK", append(a.srk.EncodeSRKPEM(), swapped.EncodePEM()...), trust, "not RSA"},
+		{"SRK not the TCG template", notTemplate, trust, "SRK public area is not the TCG"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := VerifyNodeEK(tc.file, tc.trust)
+			if !errors.Is(err, ErrEKNotTrusted) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("VerifyNodeEK = %v, want ErrEKNotTrusted mentioning %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := ParseEKTrust(a.ek.EncodePEM()); err == nil {
+		t.Error("ParseEKTrust accepted a file without a self-signed CA")
+	}
+	// A TPM without an EK certificate.
+	bare := swtpmtest.New(t)
+	if _, err := ExportEK(testCtx(t), bare.Device); err == nil || !strings.Contains(err.Error(), "no EK certificate") {
+		t.Errorf("ExportEK without a certificate = %v", err)
+	}
+	assertNoHandles(t, bare)
+}
+
+// TestEKBoundBlobTampered: a changed byte anywhere in an EK-bound blob's sealed part
+// or credential makes the import fail without writing anything; the escrow path
+// refuses EK-bound blobs.
+func TestEKBoundBlobTampered(t *testing.T) {
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	trust, err := ParseEKTrust(ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := newEKNode(t, ca, false)
+	node, err := VerifyNodeEK(n.file, trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Destroy()
+	blob, err := m.ImportBlobForEK(n.file, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ib, err := parseImportBlob(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, off := range map[string]int{
+		"sealed duplicate": len(blob) - 5,
+		"GCM nonce":        bytes.Index(blob, ib.ek.sealed) + 1,
+		"credential":       bytes.Index(blob, ib.ek.idObject) + 10,
+		"KEK public area":  bytes.Index(blob, ib.pubBytes) + 40,
+	} {
+		bad := bytes.Clone(blob)
+		bad[off] ^= 0x01
+		cfg := n.cfg(t)
+		if _, err := ImportKey(testCtx(t), cfg, bad); err == nil {
+			t.Errorf("ImportKey with a changed byte in the %s succeeded", name)
+		} else {
+			t.Logf("%s: %v", name, err)
+		}
+		if _, err := os.Stat(cfg.BlobFile); err == nil {
+			t.Errorf("a failed import (%s) wrote a blob file", name)
+		}
+		assertNoHandles(t, n.sim)
+	}
+	// The untampered blob still imports.
+	if _, err := ImportKey(testCtx(t), n.cfg(t), blob); err != nil {
+		t.Fatalf("ImportKey of the untampered blob: %v", err)
+	}
+	escrowKey, _, err := NewEscrowKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := RecoverKEKMaterial(blob, escrowKey); err == nil || !strings.Contains(err.Error(), "bound to a TPM's EK") {
+		t.Errorf("RecoverKEKMaterial of an EK-bound blob = %v", err)
+	}
+}
+
+// FuzzParseImportBlob: parsing an import blob of either version never panics, and
+// what it accepts InspectImportBlob reports consistently.
+func FuzzParseImportBlob(f *testing.F) {
+	_, escrow, err := NewEscrowKey()
+	if err != nil {
+		f.Fatal(err)
+	}
+	m, err := NewKEKMaterial(nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	v1, err := m.ImportBlob(escrow.EncodeSRKPEM())
+	m.Destroy()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(v1)
+	// A version 2 shape: the EK public area is the ECC EK template, then three fields.
+	v2 := bytes.Clone(v1[:len(importMagic)])
+	v2 = append(v2, importV2)
+	rest := v1[len(importMagic)+1:]
+	for range 2 { // KEK public, parent Name
+		field, r, _ := cut2B(rest)
+		v2, _ = append2B(v2, field)
+		rest = r
+	}
+	v2, _ = append2B(v2, tpm2.Marshal(tpm2.ECCEKTemplate))
+	for _, n := range []int{66, 66, 60} {
+		v2, _ = append2B(v2, bytes.Repeat([]byte{0x5a}, n))
+	}
+	f.Add(v2)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ib, err := parseImportBlob(b)
+		info, ierr := InspectImportBlob(b)
+		if (err == nil) != (ierr == nil) {
+			t.Fatalf("parseImportBlob error %v, InspectImportBlob error %v", err, ierr)
+		}
+		if err != nil {
+			return
+		}
+		if info.KeyID != keyID(ib.name) || (ib.ek == nil) != (info.EKName == nil) {
+			t.Fatalf("InspectImportBlob %+v disagrees with the parse", info)
+		}
+		if ib.ek == nil && (ib.duplicate == nil || ib.seed == nil) {
+			t.Fatal("a version 1 blob parsed without its duplicate")
+		}
+	})
+}
