@@ -240,11 +240,18 @@ func sameKey(pub *tpm2.TPMTPublic, cert *x509.Certificate) error {
 			return err
 		}
 		k, ok := cert.PublicKey.(*ecdsa.PublicKey)
-		if !ok || k.Curve != elliptic.P256() {
+		if !ok || k.Curve != elliptic.P256() || len(pt.X.Buffer) > 32 || len(pt.Y.Buffer) > 32 {
 			return errors.New("the EK certificate's key is not ECC P-256")
 		}
-		x, y := new(big.Int).SetBytes(pt.X.Buffer), new(big.Int).SetBytes(pt.Y.Buffer)
-		if k.X.Cmp(x) != 0 || k.Y.Cmp(y) != 0 { //nolint:staticcheck // comparing a parsed public point
+		got, err := k.Bytes()
+		if err != nil {
+			return err
+		}
+		want := make([]byte, 65) // 0x04 || X || Y, coordinates left-padded to 32 bytes
+		want[0] = 4
+		copy(want[33-len(pt.X.Buffer):33], pt.X.Buffer)
+		copy(want[65-len(pt.Y.Buffer):], pt.Y.Buffer)
+		if !bytes.Equal(got, want) {
 			return errors.New("the EK certificate certifies another key than this EK")
 		}
 	case tpm2.TPMAlgRSA:
