@@ -11,6 +11,7 @@ import (
 	"math"
 	mrand "math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -150,8 +151,14 @@ type benchSample struct {
 	annotations map[string][]byte // returned by Encrypt, sent back with Decrypt (KMS v2 contract)
 }
 
+// dialKMS returns a client of the KMS v2 socket at path, relative or absolute (a
+// "unix://" target takes only an absolute path: "unix://./x" would name an authority).
 func dialKMS(socket string) (*grpc.ClientConn, kmsapi.KeyManagementServiceClient, error) {
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	abs, err := filepath.Abs(socket)
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, nil, err
 	}

@@ -77,6 +77,12 @@ func TestDev(t *testing.T) {
 			if err != nil || !bytes.Equal(dec.Plaintext, pt) {
 				t.Fatalf("Decrypt: %v", err)
 			}
+			// The README's `hwkms status --socket ./.dev/kms.sock`: a relative path works.
+			t.Chdir(dir)
+			var out lockedBuffer
+			if err := run(ctx, []string{"status", "--socket", "./kms.sock"}, strings.NewReader(""), &out, &out); err != nil || !strings.Contains(string(out.Bytes()), "healthz: ok") {
+				t.Errorf("status with a relative socket path: %v\n%s", err, out.Bytes())
+			}
 			if !strings.Contains(string(stdout.Bytes()), sock) {
 				t.Errorf("the banner does not name the socket:\n%s", string(stdout.Bytes()))
 			}

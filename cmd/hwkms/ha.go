@@ -19,8 +19,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/hwkms/hwkms/hsm"
@@ -415,12 +413,12 @@ func cmdClusterCheck(ctx context.Context, args []string, stdout, stderr io.Write
 	paths := strings.Split(*sockets, ",")
 	clients := make([]kmsapi.KeyManagementServiceClient, len(paths))
 	for i, p := range paths {
-		conn, err := grpc.NewClient("unix://"+p, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		conn, client, err := dialKMS(p)
 		if err != nil {
 			return fmt.Errorf("cluster-check: %s: %w", p, err)
 		}
 		defer conn.Close()
-		clients[i] = kmsapi.NewKeyManagementServiceClient(conn)
+		clients[i] = client
 	}
 	call := func() (context.Context, context.CancelFunc) { return context.WithTimeout(ctx, *timeout) }
 	failed := false

@@ -7,8 +7,6 @@ import (
 	"io"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
 )
 
@@ -22,14 +20,14 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *socket == "" {
 		return errors.New("status: --socket is required")
 	}
-	conn, err := grpc.NewClient("unix://"+*socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, client, err := dialKMS(*socket)
 	if err != nil {
 		return fmt.Errorf("status: %w", err)
 	}
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	st, err := kmsapi.NewKeyManagementServiceClient(conn).Status(ctx, &kmsapi.StatusRequest{})
+	st, err := client.Status(ctx, &kmsapi.StatusRequest{})
 	if err != nil {
 		return fmt.Errorf("status: %w", err)
 	}
