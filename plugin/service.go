@@ -134,6 +134,15 @@ func (s *Service) SetReloadError(err error) {
 	s.reloadErr.Store(&msg)
 }
 
+// ReloadError returns what SetReloadError recorded last, as Status would quote it: ""
+// when the latest reload succeeded or none failed.
+func (s *Service) ReloadError() string {
+	if e := s.reloadErr.Load(); e != nil {
+		return *e
+	}
+	return ""
+}
+
 // maxReloadReason bounds the reload error quoted in healthz.
 const maxReloadReason = 300
 

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
@@ -67,7 +68,7 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	if err := plugin.CheckSocket(cfg.Socket.Path); err != nil {
 		return err
 	}
-	ring, err := config.OpenKeyring(ctx, cfg)
+	ring, err := config.OpenKeyringWithin(ctx, cfg, config.OpenTimeout)
 	if err != nil {
 		if _, ok := errors.AsType[*hsm.PINError](err); ok {
 			return fmt.Errorf("open keys: %w (%w: not restarting with the same PIN)", err, exitPINRefused)
@@ -86,13 +87,7 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 		opts.Observer = m
 	}
 	svc := plugin.NewService(ring, opts)
-	defer func() {
-		if err := svc.Keyring().Close(); err != nil {
-			log.Warn("closing keys", "err", err)
-		} else {
-			log.Info("keys closed")
-		}
-	}()
+	defer func() { closeKeys(log, svc.Keyring(), keyCloseTimeout) }()
 
 	// The metrics listener outlives the KMS socket at shutdown, so /livez and /metrics
 	// answer while in-flight requests drain.
@@ -146,6 +141,30 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 		log.Info("stopped serving; socket removed", "socket", cfg.Socket.Path)
 	}
 	return err
+}
+
+// keyCloseTimeout bounds closing the keys at shutdown. Closing waits for device calls
+// still running; a hung HSM would otherwise keep the process alive until its
+// supervisor kills it (systemd TimeoutStopSec=15s, after shutdownTimeout's drain).
+const keyCloseTimeout = 5 * time.Second
+
+// closeKeys closes ring, waiting at most d: a device call that never returns leaves
+// its sessions to the process exit instead of holding up the shutdown.
+func closeKeys(log *slog.Logger, ring io.Closer, d time.Duration) {
+	done := make(chan error, 1)
+	go func() { done <- ring.Close() }()
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		if err != nil {
+			log.Warn("closing keys", "err", err)
+			return
+		}
+		log.Info("keys closed")
+	case <-timer.C:
+		log.Warn("closing keys: device calls still running; exiting without waiting for them (the process exit releases the sessions)", "waited", d)
+	}
 }
 
 // forwardSIGHUP turns SIGHUP into reload triggers until ctx is done.

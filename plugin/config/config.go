@@ -369,6 +369,47 @@ func OpenKeyring(ctx context.Context, cfg *Config) (*plugin.Keyring, error) {
 	return ring, nil
 }
 
+// OpenTimeout bounds opening the keys at start and at every reload (module load,
+// login, finding each key, on every device): a network HSM that stopped answering must
+// not hang a reload, and every later one queued behind it, forever.
+const OpenTimeout = 60 * time.Second
+
+// openKeyring is OpenKeyring; tests replace it with one that hangs.
+var openKeyring = OpenKeyring
+
+// OpenKeyringWithin is OpenKeyring bounded by d. A device call cannot be interrupted,
+// so when d passes (or ctx ends) first, the open goes on in the background and the
+// keyring it may still produce is closed; the error wraps plugin.ErrUnavailable and
+// context.DeadlineExceeded (or ctx's error).
+func OpenKeyringWithin(ctx context.Context, cfg *Config, d time.Duration) (*plugin.Keyring, error) {
+	type result struct {
+		ring *plugin.Keyring
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ring, err := openKeyring(ctx, cfg)
+		done <- result{ring, err}
+	}()
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	var why error
+	select {
+	case r := <-done:
+		return r.ring, r.err
+	case <-timer.C:
+		why = context.DeadlineExceeded
+	case <-ctx.Done():
+		why = ctx.Err()
+	}
+	go func() {
+		if r := <-done; r.ring != nil {
+			r.ring.Close()
+		}
+	}()
+	return nil, fmt.Errorf("opening the keys did not finish within %v (a device does not answer; the open goes on in the background): %w: %w", d, plugin.ErrUnavailable, why)
+}
+
 // check validates Metrics.Address.
 func (m Metrics) check() error {
 	if m.Address == "" {

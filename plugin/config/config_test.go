@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -177,6 +178,95 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 			if _, err := svc.Decrypt(ctx, "", &service.DecryptRequest{Ciphertext: encA.Ciphertext, KeyID: idA}); err != nil {
 				t.Fatalf("old data no longer decrypts: %v", err)
 			}
+			if svc.ReloadError() == "" {
+				t.Fatal("a failed reload left no reload error for Status to quote")
+			}
 		})
 	}
+	// The operator puts the serving file back byte for byte: nothing to reload, and
+	// the failed reload's error no longer applies.
+	writeConfig(t, path, b, a)
+	if err := rl.Reload(ctx, false); !errors.Is(err, ErrUnchanged) {
+		t.Fatalf("reload of the file being served: %v", err)
+	}
+	if e := svc.ReloadError(); e != "" {
+		t.Fatalf("after the file went back to the serving config, Status would still quote %q", e)
+	}
 }
+
+// TestReloadOpenHangs: a device that stops answering while a reload opens the new
+// keys fails that reload after the open timeout, keeps the old keys serving, and the
+// keyring the stuck open produces later is closed; the next reload works.
+func TestReloadOpenHangs(t *testing.T) {
+	ctx := context.Background()
+	a := newFakeKEK("A")
+	ring, err := plugin.NewKeyring(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := plugin.NewService(ring, plugin.Options{})
+	t.Cleanup(func() { svc.Keyring().Close() })
+	path := filepath.Join(t.TempDir(), "hwkms.yaml")
+	if err := os.WriteFile(path, []byte("socket: {path: /run/x.sock}\nkeys: [{tpm: {device: /dev/tpmrm0, blobFile: /a.blob}}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rl := NewReloader(svc, cfg, path, discard())
+	rl.openTimeout = 200 * time.Millisecond
+
+	release := make(chan struct{})
+	late := newFakeKEK("B")
+	opened := make(chan struct{})
+	openKeyring = func(context.Context, *Config) (*plugin.Keyring, error) {
+		<-release // the device answers only when the test says so
+		defer close(opened)
+		return plugin.NewKeyring(late)
+	}
+	t.Cleanup(func() { openKeyring = OpenKeyring })
+
+	if err := os.WriteFile(path, []byte("socket: {path: /run/x.sock}\nkeys: [{tpm: {device: /dev/tpmrm0, blobFile: /b.blob}}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err = rl.Reload(ctx, false)
+	if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("reload with a hung open = %v, want ErrUnavailable and DeadlineExceeded", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("reload returned after %v, want about the 200 ms open timeout", d)
+	}
+	if svc.Keyring().Primary() != plugin.KEK(a) || svc.ReloadError() == "" {
+		t.Fatalf("after the failed reload: primary %s, reload error %q", svc.Keyring().Primary().ID(), svc.ReloadError())
+	}
+	close(release)
+	<-opened
+	deadline := time.Now().Add(5 * time.Second)
+	for !late.isClosed() {
+		if time.Now().After(deadline) {
+			t.Fatal("the keyring the stuck open produced was never closed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// stubKEK is a KEK that only records Close, for tests that never wrap.
+type stubKEK struct {
+	id     string
+	closed atomic.Bool
+}
+
+func newFakeKEK(id string) *stubKEK { return &stubKEK{id: id} }
+
+func (k *stubKEK) ID() string              { return k.id }
+func (k *stubKEK) Backend() plugin.Backend { return plugin.BackendTest }
+func (k *stubKEK) Wrap(context.Context, []byte, []byte) ([]byte, error) {
+	return nil, plugin.ErrUnavailable
+}
+func (k *stubKEK) Unwrap(context.Context, []byte, []byte) ([]byte, error) {
+	return nil, plugin.ErrUnavailable
+}
+func (k *stubKEK) Close() error   { k.closed.Store(true); return nil }
+func (k *stubKEK) isClosed() bool { return k.closed.Load() }

@@ -38,18 +38,22 @@ type Reloader struct {
 	cfg       *Config
 	data      []byte   // bytes of the file that cfg came from
 	primaries []string // key_ids that have been primary, oldest first
+	failing   bool     // the latest reload attempt failed
+	// openTimeout bounds opening the new keys (OpenTimeout; tests shorten it).
+	openTimeout time.Duration
 }
 
 // NewReloader returns a Reloader for svc, which is serving cfg loaded from path.
 func NewReloader(svc *plugin.Service, cfg *Config, path string, log *slog.Logger) *Reloader {
 	data, _ := os.ReadFile(path)
 	return &Reloader{
-		svc:       svc,
-		path:      path,
-		log:       log,
-		cfg:       cfg,
-		data:      data,
-		primaries: []string{svc.Keyring().Primary().ID()},
+		svc:         svc,
+		path:        path,
+		log:         log,
+		cfg:         cfg,
+		data:        data,
+		primaries:   []string{svc.Keyring().Primary().ID()},
+		openTimeout: OpenTimeout,
 	}
 }
 
@@ -71,8 +75,16 @@ func (r *Reloader) Reload(ctx context.Context, force bool) error {
 	defer r.mu.Unlock()
 	err := r.reloadLocked(ctx, force)
 	if errors.Is(err, ErrUnchanged) {
+		if r.failing {
+			// The file is back to the bytes being served: the failed reload's file is
+			// gone, so Status must stop quoting its error.
+			r.failing = false
+			r.svc.SetReloadError(nil)
+			r.log.Info("config file is back to the serving config; the failed reload no longer applies", "config", r.path)
+		}
 		return err
 	}
+	r.failing = err != nil
 	r.svc.SetReloadError(err)
 	if r.OnReload != nil {
 		r.OnReload(err)
@@ -96,7 +108,7 @@ func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
 	if err != nil {
 		return fmt.Errorf("config %s: %w", r.path, err)
 	}
-	ring, err := OpenKeyring(ctx, cfg)
+	ring, err := OpenKeyringWithin(ctx, cfg, r.openTimeout)
 	if err != nil {
 		return err
 	}
