@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -132,7 +133,11 @@ func TestSocketModeAndGroup(t *testing.T) {
 	} else if groups, _ := os.Getgroups(); len(groups) > 0 {
 		gid = groups[len(groups)-1]
 	}
-	path := filepath.Join(t.TempDir(), "kms.sock")
+	sockDir := filepath.Join(t.TempDir(), "run")
+	if err := os.Mkdir(sockDir, 0o700); err != nil { // as private as a RuntimeDirectory
+		t.Fatal(err)
+	}
+	path := filepath.Join(sockDir, "kms.sock")
 	ln, err := Listen(path, 0o660, gid)
 	if err != nil {
 		t.Fatal(err)
@@ -154,4 +159,29 @@ func TestSocketModeAndGroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Close()
+	// ... and can reach it: the directory (0700) now lets the group search it,
+	// and nothing else was widened.
+	di, err := os.Stat(filepath.Dir(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := int(di.Sys().(*syscall.Stat_t).Gid); got != gid || di.Mode().Perm() != 0o710 {
+		t.Fatalf("socket directory gid %d mode %04o, want gid %d mode 0710", got, di.Mode().Perm(), gid)
+	}
+	if os.Geteuid() == 0 {
+		// A directory of another user that the group cannot search: refused, untouched.
+		dir := filepath.Join(t.TempDir(), "theirs")
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(dir, 4243, 4243); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Listen(filepath.Join(dir, "kms.sock"), 0o660, gid); err == nil || !strings.Contains(err.Error(), "cannot be searched by socket group") {
+			t.Fatalf("Listen in another user's closed directory = %v", err)
+		}
+		if di, _ := os.Stat(dir); di.Mode().Perm() != 0o700 || int(di.Sys().(*syscall.Stat_t).Gid) != 4243 {
+			t.Fatalf("Listen changed another user's directory: %v", di.Mode())
+		}
+	}
 }

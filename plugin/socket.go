@@ -132,6 +132,11 @@ func Listen(path string, mode fs.FileMode, gid int) (*Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("create socket directory: %w", err)
 	}
+	if gid >= 0 {
+		if err := letGroupTraverse(filepath.Dir(path), gid); err != nil {
+			return nil, err
+		}
+	}
 	lock, err := lockSocket(path)
 	if err != nil {
 		return nil, err
@@ -142,6 +147,38 @@ func Listen(path string, mode fs.FileMode, gid int) (*Listener, error) {
 		return nil, err
 	}
 	return &Listener{UnixListener: ln, lock: lock}, nil
+}
+
+// letGroupTraverse makes sure members of gid can pass through dir to reach the
+// socket: a socket with mode 0660 and that group is useless inside a directory the
+// group cannot search (systemd's RuntimeDirectory is root:root 0750). When neither
+// others nor gid may search dir and this process owns it, dir gets group gid and g+x
+// (its read and write bits are not widened); otherwise that is an error naming dir.
+func letGroupTraverse(dir string, gid int) error {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	perm := st.Mode().Perm()
+	if perm&0o001 != 0 || (int(sys.Gid) == gid && perm&0o010 != 0) {
+		return nil
+	}
+	if int(sys.Uid) != os.Geteuid() {
+		return fmt.Errorf("socket directory %s (mode %04o, uid %d, gid %d) cannot be searched by socket group %d and belongs to another user: give that group search (x) permission on it", dir, perm, sys.Uid, sys.Gid, gid)
+	}
+	if int(sys.Gid) != gid {
+		if err := os.Chown(dir, -1, gid); err != nil {
+			return fmt.Errorf("socket directory %s: give it group %d so the socket group can reach the socket: %w", dir, gid, err)
+		}
+	}
+	if err := os.Chmod(dir, st.Mode()&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)|0o010); err != nil {
+		return fmt.Errorf("socket directory %s: add group search permission: %w", dir, err)
+	}
+	return nil
 }
 
 // lockSocket takes the exclusive, non-blocking flock that guards path.
