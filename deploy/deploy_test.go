@@ -340,6 +340,8 @@ func TestSystemdUnitHardening(t *testing.T) {
 		"CapabilityBoundingSet":   "",
 		"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
 		"DevicePolicy":            "closed",
+		"Type":                    "notify", // serve sends READY=1 once the socket accepts
+		"NotifyAccess":            "main",
 	} {
 		if got := d[k]; len(got) != 1 || got[0] != want {
 			t.Errorf("%s=%q, want %q", k, got, want)
@@ -353,6 +355,12 @@ func TestSystemdUnitHardening(t *testing.T) {
 	for _, dev := range d["DeviceAllow"] {
 		if !strings.HasPrefix(dev, "/dev/tpmrm") && !strings.HasPrefix(dev, "/dev/bus/usb") {
 			t.Errorf("DeviceAllow=%s is more than the TPM or HSM needs", dev)
+		}
+		// Without capabilities root opens tss:tss 0660 /dev/tpmrm0 only as a tss member.
+		if strings.HasPrefix(dev, "/dev/tpmrm") && !slices.ContainsFunc(d["SupplementaryGroups"], func(g string) bool {
+			return slices.Contains(strings.Fields(g), "tss")
+		}) {
+			t.Errorf("DeviceAllow=%s without SupplementaryGroups=tss: with CapabilityBoundingSet= empty, root cannot open a tss:tss 0660 TPM node", dev)
 		}
 	}
 	// A refused PIN (exit 78) must not be retried by restarts, and nothing may run

@@ -8,7 +8,10 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"os/user"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -145,6 +148,43 @@ func (d *doctor) checkSocket(path string) (served bool) {
 		}
 	}
 	return false
+}
+
+// permitsRW reports whether path's permission bits give this process read and write
+// access without any capability: by owner, group (effective or supplementary) or
+// others. group names the file's group, for advice.
+func permitsRW(path string) (ok bool, group string) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return true, "" // CheckDevice already opened it; nothing to say
+	}
+	st, isUnix := fi.Sys().(*syscall.Stat_t)
+	if !isUnix {
+		return true, ""
+	}
+	group = strconv.Itoa(int(st.Gid))
+	if g, err := user.LookupGroupId(group); err == nil {
+		group = g.Name
+	}
+	perm := fi.Mode().Perm()
+	var bits fs.FileMode
+	switch {
+	case int(st.Uid) == os.Geteuid():
+		bits = perm >> 6
+	case inGroup(int(st.Gid)):
+		bits = perm >> 3
+	default:
+		bits = perm
+	}
+	return bits&0o6 == 0o6, group
+}
+
+func inGroup(gid int) bool {
+	if gid == os.Getegid() {
+		return true
+	}
+	groups, _ := os.Getgroups()
+	return slices.Contains(groups, gid)
 }
 
 func (d *doctor) checkMetrics(addr string) {
@@ -288,6 +328,12 @@ func (d *doctor) checkTPM(ctx context.Context, name string, i int, cfgPath strin
 		return
 	}
 	d.ok(name+" TPM reachable", dev)
+	if strings.HasPrefix(dev, "/dev/") && os.Geteuid() == 0 {
+		if ok, group := permitsRW(dev); !ok {
+			d.warn(name+" TPM permissions", dev+" is reachable here only because root bypasses file permissions (CAP_DAC_OVERRIDE); the shipped systemd unit drops every capability, so serve would get \"permission denied\"",
+				"keep SupplementaryGroups="+group+" in the unit (or run hwkms as a user in group "+group+")")
+		}
+	}
 	if len(c.PCRs) > 0 {
 		cctx, cancel := d.ctx(ctx)
 		err := tpm.CheckPCRs(cctx, c)
