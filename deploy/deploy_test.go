@@ -286,7 +286,7 @@ func TestStaticPodManifest(t *testing.T) {
 		t.Error("config directory /etc/hwkms is not mounted from the host")
 	}
 	_, port, _ := net.SplitHostPort(cfg.Metrics.Address)
-	for name, pr := range map[string]*probe{"readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
+	for name, pr := range map[string]*probe{"readiness": c.ReadinessProbe, "liveness": c.LivenessProbe, "startup": c.StartupProbe} {
 		if pr == nil {
 			t.Errorf("no %s probe", name)
 			continue
@@ -304,6 +304,41 @@ func TestStaticPodManifest(t *testing.T) {
 	sc := c.SecurityContext
 	if sc.AllowPrivilegeEscalation || !sc.ReadOnlyRootFilesystem || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
 		t.Errorf("securityContext not hardened: %+v", sc)
+	}
+}
+
+// TestReadmeHSMConfig: the config the README tells an operator to write for a real
+// HSM parses, and enables the metrics listener on the port the static pod probes (a
+// config without it makes kubelet restart the pod forever).
+func TestReadmeHSMConfig(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(data)
+	i := strings.Index(readme, "Write `/etc/hwkms/hwkms.yaml`")
+	if i < 0 {
+		t.Fatal("README no longer shows the /etc/hwkms/hwkms.yaml example")
+	}
+	start := strings.Index(readme[i:], "```yaml\n")
+	end := strings.Index(readme[i+start+8:], "```")
+	if start < 0 || end < 0 {
+		t.Fatal("README example is not a yaml code block")
+	}
+	var lines []string
+	for _, l := range strings.Split(readme[i+start+8:i+start+8+end], "\n") {
+		lines = append(lines, strings.TrimPrefix(l, "   ")) // the block is indented in a list item
+	}
+	cfg, err := config.Parse([]byte(strings.Join(lines, "\n")))
+	if err != nil {
+		t.Fatalf("README's HSM config does not parse: %v", err)
+	}
+	var p pod
+	readStrict(t, filepath.Join("kubernetes", "hwkms-static-pod.yaml"), &p)
+	host, port, err := net.SplitHostPort(cfg.Metrics.Address)
+	probe := p.Spec.Containers[0].StartupProbe.HTTPGet
+	if err != nil || host != probe.Host || port != strconv.Itoa(probe.Port) {
+		t.Errorf("README's config has metrics.address %q; the static pod probes %s:%d", cfg.Metrics.Address, probe.Host, probe.Port)
 	}
 }
 

@@ -389,3 +389,32 @@ func TestKeyIDHash(t *testing.T) {
 		t.Fatalf("KeyIDHash = %q", got)
 	}
 }
+
+// devKEK is a memKEK that also reports what hsm.KEK and tpm.KEK report at scrape
+// time: session pool, module re-initialisations, TPM reconnects.
+type devKEK struct {
+	*memKEK
+	pool               hsm.PoolStats
+	reinitOK, reinitKO uint64
+	reconnects         uint64
+}
+
+func (k *devKEK) Stats() hsm.PoolStats         { return k.pool }
+func (k *devKEK) Reinits() (ok, failed uint64) { return k.reinitOK, k.reinitKO }
+func (k *devKEK) Reconnects() uint64           { return k.reconnects }
+func (k *devKEK) Backend() plugin.Backend      { return plugin.BackendPKCS11 }
+
+// TestDeviceCollectorValues: the scrape-time collector exports each key's session pool
+// (in use above zero), re-initialisation counts by result and reconnects as the key
+// reports them, under that key's key_id hash.
+func TestDeviceCollectorValues(t *testing.T) {
+	k := &devKEK{memKEK: newMemKEK(t, "key-dev"), pool: hsm.PoolStats{Size: 8, InUse: 5}, reinitOK: 3, reinitKO: 7, reconnects: 2}
+	s := start(t, k)
+	fams := scrape(t, s.baseURL)
+	h := metrics.KeyIDHash("key-dev")
+	mustValue(t, fams, "hwkms_pkcs11_sessions", map[string]string{"key_id_hash": h}, 8)
+	mustValue(t, fams, "hwkms_pkcs11_sessions_in_use", map[string]string{"key_id_hash": h}, 5)
+	mustValue(t, fams, "hwkms_pkcs11_reinits_total", map[string]string{"key_id_hash": h, "result": "ok"}, 3)
+	mustValue(t, fams, "hwkms_pkcs11_reinits_total", map[string]string{"key_id_hash": h, "result": "error"}, 7)
+	mustValue(t, fams, "hwkms_tpm_reconnects_total", map[string]string{"key_id_hash": h}, 2)
+}
