@@ -239,14 +239,19 @@
 //
 // An SRK public file says nothing about where its private key lives: a file
 // swapped on its way to the admin machine would make the ceremony encrypt the KEK
-// to an attacker's key. `hwkms tpm export-srk --ek` adds the TPM's endorsement key
+// to a key in software. EK binding rules that out (the KEK can only land in a
+// genuine TPM of a trusted vendor); it cannot tell one genuine TPM from another, so
+// the operator still compares each node's EK Name with a record (docs/ha.md).
+// `hwkms tpm export-srk --ek` adds the TPM's endorsement key
 // (re-created from the TCG EK template, ECC P-256 or RSA 2048, matching the EK
 // certificate found at NV index 0x01C0000A or 0x01C00002) and that certificate.
 // With `--ek-roots` the ceremony (VerifyNodeEK) checks that the certificate chains
-// to the operator's manufacturer CAs (a critical subjectAltName holding only the
-// TPM's directoryName is accepted, as TCG EK certificates have one; any extended
-// key usage), that it certifies exactly that EK, that the EK is the TCG template,
-// and that the SRK is the TCG SRK template. The certificate proves the EK is in a
+// to the operator's manufacturer CAs (a critical subjectAltName is accepted only
+// when it holds nothing but directoryNames, the form TCG EK certificates use for the
+// TPM's manufacturer, model and version; any extended key usage, since older EK
+// certificates carry none), that it certifies exactly that EK (an RSA modulus of
+// exactly the template's size), that the EK is the TCG template, and that the SRK is
+// the TCG SRK template; the NodeEK it returns only makes blobs for that SRK. The certificate proves the EK is in a
 // genuine TPM but says nothing about the SRK; what ties them is credential
 // activation (Part 1 section 24): ImportBlobForEK seals the duplicate and its seed
 // with AES-256-GCM under a fresh key K and protects K with tpm2.CreateCredential
@@ -260,7 +265,7 @@
 // (TPM2_LoadExternal refuses a fixedTPM private area: TPM_RC_ATTRIBUTES), and a public-only object
 // has no auth value for the ADMIN role the SRK template requires (adminWithPolicy
 // clear): TPM2_ActivateCredential answers TPM_RC_AUTH_UNAVAILABLE (measured on
-// swtpm 0.7.1; TestEKBoundImportLookalikeSRK). Format, version 2:
+// swtpm 0.7.1 and asserted by TestEKBoundImportLookalikeSRK). Format, version 2:
 //
 //	"HWKI" 0x02 | TPM2B_PUBLIC (KEK) | TPM2B_NAME (target SRK) |
 //	TPM2B_PUBLIC (EK) | TPM2B_ID_OBJECT | TPM2B_ENCRYPTED_SECRET (credential) |

@@ -104,10 +104,15 @@ func ExportEK(ctx context.Context, device string) (EKPublic, error) {
 		return EKPublic{}, fmt.Errorf("tpm: export EK: %w", err)
 	}
 	defer flushHandle(c, ek.Handle)
-	out := EKPublic{Public: tpm2.Marshal(tpm2.New2B(ek.pub)), Cert: cert, Name: bytes.Clone(ek.Name.Buffer)}
-	if _, err := parseEK(out.Public, out.Cert); err != nil {
+	out := EKPublic{Public: tpm2.Marshal(tpm2.New2B(ek.pub)), Cert: cert}
+	parsed, err := parseEK(out.Public, out.Cert)
+	if err != nil {
 		return EKPublic{}, fmt.Errorf("tpm: export EK: %w", err)
 	}
+	if !bytes.Equal(parsed.name, ek.Name.Buffer) {
+		return EKPublic{}, fmt.Errorf("tpm: export EK: the TPM's Name does not match the public area: %w", errDesync)
+	}
+	out.Name = parsed.name
 	return out, nil
 }
 
@@ -271,6 +276,9 @@ func sameKey(pub *tpm2.TPMTPublic, cert *x509.Certificate) error {
 		if e == 0 {
 			e = 65537
 		}
+		if len(n.Buffer) != int(parms.KeyBits)/8 {
+			return errors.New("the EK's modulus is not as long as its key size")
+		}
 		if k.N.Cmp(new(big.Int).SetBytes(n.Buffer)) != 0 || k.E != e {
 			return errors.New("the EK certificate certifies another key than this EK")
 		}
@@ -284,6 +292,29 @@ func sameKey(pub *tpm2.TPMTPublic, cert *x509.Certificate) error {
 // manufacturer, model and version in a critical SAN of directoryName form only, which
 // crypto/x509 leaves in UnhandledCriticalExtensions.
 var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
+
+// onlyDirectoryNames reports whether c's subjectAltName holds directoryName entries
+// only (GeneralName tag [4]), the form TCG EK certificates use for the TPM's
+// manufacturer, model and version.
+func onlyDirectoryNames(c *x509.Certificate) bool {
+	for _, e := range c.Extensions {
+		if !e.Id.Equal(oidSubjectAltName) {
+			continue
+		}
+		var names []asn1.RawValue
+		rest, err := asn1.Unmarshal(e.Value, &names)
+		if err != nil || len(rest) != 0 || len(names) == 0 {
+			return false
+		}
+		for _, n := range names {
+			if n.Class != asn1.ClassContextSpecific || n.Tag != 4 || !n.IsCompound {
+				return false
+			}
+		}
+		return true
+	}
+	return false
+}
 
 // EKTrust is the set of certificates EK certificates must chain to.
 type EKTrust struct {
@@ -326,7 +357,7 @@ func (t *EKTrust) verify(ek *parsedEK) error {
 	c := *ek.cert
 	var unhandled []asn1.ObjectIdentifier
 	for _, oid := range c.UnhandledCriticalExtensions {
-		if !oid.Equal(oidSubjectAltName) {
+		if !oid.Equal(oidSubjectAltName) || !onlyDirectoryNames(&c) {
 			unhandled = append(unhandled, oid)
 		}
 	}
@@ -346,6 +377,9 @@ func (t *EKTrust) verify(ek *parsedEK) error {
 type NodeEK struct {
 	// Name is the EK's TPM Name.
 	Name []byte
+	// SRKName is the Name of the SRK in the same file, which VerifyNodeEK checked is
+	// the TCG SRK template; ImportBlobForEK makes blobs for that SRK only.
+	SRKName []byte
 	// Serial (hex) and Issuer are the EK certificate's, for the ceremony to print
 	// (EK certificates usually have an empty subject).
 	Serial, Issuer string
@@ -358,7 +392,7 @@ type NodeEK struct {
 // SRK in the same file is the TCG SRK template (see the comment at the top of this
 // file for why). It fails with ErrEKNotTrusted.
 func VerifyNodeEK(file []byte, trust *EKTrust) (*NodeEK, error) {
-	_, srkPub, err := ParseSRKPublic(file)
+	srk, srkPub, err := ParseSRKPublic(file)
 	if err != nil {
 		return nil, err
 	}
@@ -395,7 +429,7 @@ func VerifyNodeEK(file []byte, trust *EKTrust) (*NodeEK, error) {
 	if err := trust.verify(ek); err != nil {
 		return nil, err
 	}
-	return &NodeEK{Name: ek.name, Serial: ek.cert.SerialNumber.Text(16), Issuer: ek.cert.Issuer.String(), ek: ek}, nil
+	return &NodeEK{Name: ek.name, SRKName: srk.Name, Serial: ek.cert.SerialNumber.Text(16), Issuer: ek.cert.Issuer.String(), ek: ek}, nil
 }
 
 // importV2 is the format version of an EK-bound import blob.
@@ -422,6 +456,9 @@ func (m *KEKMaterial) ImportBlobForEK(parent []byte, node *NodeEK) ([]byte, erro
 	ib, err := parseImportBlob(v1)
 	if err != nil {
 		return nil, err
+	}
+	if !bytes.Equal(ib.parentName, node.SRKName) {
+		return nil, fmt.Errorf("%w: the SRK is not the one VerifyNodeEK checked with this EK", ErrEKNotTrusted)
 	}
 	ekKey, err := tpm2.ImportEncapsulationKey(node.ek.pub)
 	if err != nil {

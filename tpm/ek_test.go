@@ -170,24 +170,23 @@ func TestEKBoundImportLookalikeSRK(t *testing.T) {
 		if ext, err := (tpm2.LoadExternal{InPublic: tpm2.New2B(*fakePub), InPrivate: tpm2.New2B(sens), Hierarchy: tpm2.TPMRHNull}).Execute(c); err == nil {
 			flushHandle(c, ext.ObjectHandle)
 			t.Fatal("TPM2_LoadExternal loaded a fixedTPM object with its private area")
-		} else {
-			t.Logf("TPM2_LoadExternal with the private area refused: %v", err)
+		} else if !errors.Is(err, tpm2.TPMRCAttributes) {
+			t.Fatalf("TPM2_LoadExternal with the private area = %v, want TPM_RC_ATTRIBUTES", err)
 		}
 		ext, err := tpm2.LoadExternal{InPublic: tpm2.New2B(*fakePub), Hierarchy: tpm2.TPMRHNull}.Execute(c)
 		if err != nil {
-			t.Logf("TPM2_LoadExternal of the look-alike SRK refused: %v", err)
-			return
+			t.Fatalf("TPM2_LoadExternal of the look-alike's public area: %v (expected to load; the defence is at activation)", err)
 		}
 		defer flushHandle(c, ext.ObjectHandle)
 		if !bytes.Equal(ext.Name.Buffer, fake.Name) {
 			t.Fatalf("loaded look-alike has Name %x, want %x", ext.Name.Buffer, fake.Name)
 		}
 		srk := srkObject{NamedHandle: tpm2.NamedHandle{Handle: ext.ObjectHandle, Name: ext.Name}, pub: *fakePub}
-		if _, _, err := activate(c, srk, ib.ek); err == nil {
-			t.Fatal("TPM2_ActivateCredential released the credential for a public-only look-alike SRK")
-		} else {
-			t.Logf("look-alike activation refused: %v", err)
+		_, _, err = activate(c, srk, ib.ek)
+		if !errors.Is(err, tpm2.TPMRCAuthUnavailable) {
+			t.Fatalf("TPM2_ActivateCredential for a public-only look-alike SRK = %v, want TPM_RC_AUTH_UNAVAILABLE", err)
 		}
+		t.Logf("look-alike activation refused: %v", err)
 	})
 	assertNoHandles(t, victim.sim)
 	if _, err := ImportKey(testCtx(t), victim.cfg(t), blob); !errors.Is(err, ErrWrongTPM) {
@@ -241,6 +240,33 @@ func TestVerifyNodeEKRefuses(t *testing.T) {
 				t.Errorf("VerifyNodeEK = %v, want ErrEKNotTrusted mentioning %q", err, tc.want)
 			}
 		})
+	}
+	// An EK public area that is not the TCG template (here: not restricted, so it could
+	// decrypt the credential outside TPM2_ActivateCredential) with its own point and
+	// certificate: refused before the certificate matters.
+	_, ekPub, err := ParseSRKPublic(a.srk.Public) // any public area to start from
+	if err != nil {
+		t.Fatal(err)
+	}
+	loose := tpm2.ECCEKTemplate
+	loose.ObjectAttributes.Restricted = false
+	loose.Unique = ekPub.Unique
+	looseEK := EKPublic{Public: tpm2.Marshal(tpm2.New2B(loose)), Cert: a.ek.Cert}
+	if _, err := VerifyNodeEK(append(a.srk.EncodeSRKPEM(), looseEK.EncodePEM()...), trust); !errors.Is(err, ErrEKNotTrusted) || !strings.Contains(err.Error(), "not the TCG EK template") {
+		t.Errorf("VerifyNodeEK with a non-template EK = %v", err)
+	}
+	// A verified EK does not lend its trust to another SRK.
+	node, err := VerifyNodeEK(a.file, trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Destroy()
+	if _, err := m.ImportBlobForEK(b.srk.EncodeSRKPEM(), node); !errors.Is(err, ErrEKNotTrusted) {
+		t.Errorf("ImportBlobForEK with another SRK than the verified one = %v, want ErrEKNotTrusted", err)
 	}
 	if _, err := ParseEKTrust(a.ek.EncodePEM()); err == nil {
 		t.Error("ParseEKTrust accepted a file without a self-signed CA")
@@ -298,6 +324,25 @@ func TestEKBoundBlobTampered(t *testing.T) {
 			t.Errorf("a failed import (%s) wrote a blob file", name)
 		}
 		assertNoHandles(t, n.sim)
+	}
+	// The header is GCM additional data: a blob whose KEK public area is swapped for
+	// another (well-formed) imported KEK's fails authentication before the TPM sees it.
+	other, err := NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherPub := tpm2.Marshal(other.pub)
+	other.Destroy()
+	swapped := bytes.Replace(blob, ib.pubBytes, otherPub, 1)
+	if _, err := ImportKey(testCtx(t), n.cfg(t), swapped); err == nil || !strings.Contains(err.Error(), "does not authenticate") {
+		t.Errorf("ImportKey with another KEK's public area = %v, want the GCM authentication failure", err)
+	}
+	// A non-template EK in a version 2 blob is malformed.
+	loose := tpm2.ECCEKTemplate
+	loose.ObjectAttributes.Restricted = false
+	loose.Unique = ib.ek.pub.Unique
+	if _, err := parseImportBlob(bytes.Replace(blob, tpm2.Marshal(ib.ek.pub), tpm2.Marshal(loose), 1)); !errors.Is(err, errMalformed) {
+		t.Errorf("parseImportBlob with a non-template EK = %v, want errMalformed", err)
 	}
 	// The untampered blob still imports.
 	if _, err := ImportKey(testCtx(t), n.cfg(t), blob); err != nil {

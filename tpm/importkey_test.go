@@ -159,8 +159,8 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := importUnder(c, srk, ib); err == nil {
-			t.Error("the outsider TPM imported node 0's blob")
+		if _, err := importUnder(c, srk, ib); !errors.Is(err, tpm2.TPMRCIntegrity) {
+			t.Errorf("the outsider TPM's TPM2_Import of node 0's blob = %v, want TPM_RC_INTEGRITY", err)
 		} else {
 			t.Logf("outsider TPM2_Import: %v", err)
 		}
@@ -344,7 +344,8 @@ func TestImportBlobFormat(t *testing.T) {
 	}{
 		{"empty", nil},
 		{"magic only", blob[:4]},
-		{"bad version", append(append([]byte("HWKI"), 2), blob[5:]...)},
+		{"unknown version", append(append([]byte("HWKI"), 3), blob[5:]...)},
+		{"version 2 with version 1 fields", append(append([]byte("HWKI"), 2), blob[5:]...)},
 		{"truncated", blob[:len(blob)-1]},
 		{"trailing", append(bytes.Clone(blob), 0)},
 		{"kek blob file", []byte{1, 0, 1, 0, 0, 1, 0}},

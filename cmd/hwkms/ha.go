@@ -238,12 +238,26 @@ func writeBlobs(m *tpm.KEKMaterial, pubs [][]byte, outs []string, eks []*tpm.Nod
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
+	// All or nothing: a ceremony that stops half way must not leave node blobs without
+	// their escrow copy (the KEK material is gone when it returns).
+	for _, out := range outs {
+		if _, err := os.Lstat(out); err == nil {
+			return fmt.Errorf("%s: %s already exists; nothing written", name, out)
+		}
+	}
+	var written []string
+	for i, blob := range blobs {
+		if err := writeExcl(outs[i], blob, 0o600); err != nil {
+			for _, w := range written {
+				os.Remove(w)
+			}
+			return fmt.Errorf("%s: %w (the blobs of this run were removed)", name, err)
+		}
+		written = append(written, outs[i])
+	}
 	fmt.Fprintf(stdout, "key_id: %s\n", m.KeyID())
 	for i, blob := range blobs {
 		info, _ := tpm.InspectImportBlob(blob)
-		if err := writeExcl(outs[i], blob, 0o600); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
 		fmt.Fprintf(stdout, "wrote %s for SRK %s", outs[i], hex.EncodeToString(info.ParentName))
 		if info.EKName != nil {
 			fmt.Fprintf(stdout, ", bound to EK %s (certificate serial %s, issuer %q)", hex.EncodeToString(info.EKName), eks[i].Serial, eks[i].Issuer)

@@ -150,13 +150,32 @@ func TestTPMClusterCLIWithEK(t *testing.T) {
 		if !errors.Is(err, tpm.ErrEKNotTrusted) {
 			t.Errorf("key create --ek-roots with a node file with %s: %v, want ErrEKNotTrusted", name, err)
 		}
-		if _, err := os.Stat(blobs); err == nil {
-			t.Fatalf("key create --ek-roots failed (%s) but wrote %s", name, blobs)
+		if entries, _ := os.ReadDir(blobs); len(entries) != 0 {
+			t.Fatalf("key create --ek-roots failed (%s) but wrote %v", name, entries)
 		}
 	}
 
 	key, escrowPub := filepath.Join(dir, "escrow.key"), filepath.Join(dir, "escrow.pub")
 	if _, err := runCLI(t, "", "tpm", "escrow-keygen", "--out-key", key, "--out-pub", escrowPub); err != nil {
+		t.Fatal(err)
+	}
+	// All or nothing: an escrow.import left from an earlier run stops the ceremony
+	// before any node blob is written.
+	if err := os.MkdirAll(blobs, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(blobs, "escrow.import")
+	if err := os.WriteFile(stale, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := runCLI(t, "", "key", "create", "--backend", "tpm", "--import-for", pub0+","+pub1,
+		"--out-dir", blobs, "--ek-roots", roots, "--escrow-pub", escrowPub); err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Fatalf("key create over an existing escrow.import: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(blobs, "node0.import")); err == nil {
+		t.Fatal("a failed ceremony left node0.import behind")
+	}
+	if err := os.Remove(stale); err != nil {
 		t.Fatal(err)
 	}
 	out, err := runCLI(t, "", "key", "create", "--backend", "tpm", "--import-for", pub0+","+pub1,
