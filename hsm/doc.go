@@ -68,7 +68,11 @@
 // it refused (as an HMAC): a later Open (config reload, SIGHUP) that reads the same PIN
 // gets the same *PINError, marked Repeated, without a C_Login, so a reload loop with
 // an unfixed PIN file cannot count down the token's failed-login limit. A different
-// PIN gets its one attempt; a restart forgets. A second configuration that names an already logged-in
+// PIN gets its one attempt. With RememberRefusals (serve, doctor and the key commands
+// keep the record in the socket's directory) the memory outlives the process: a
+// supervisor that restarts hwkms whatever its exit status (kubelet, for a static pod)
+// starts processes that find the refusal recorded and make no C_Login either, until
+// the PIN changes; a successful login erases the record. A second configuration that names an already logged-in
 // token must present the same PIN (compared as an HMAC under a per-process random key;
 // the PIN itself is not kept).
 //
@@ -113,8 +117,9 @@
 //   - CKR_PIN_INCORRECT, CKR_PIN_LOCKED (and the other PIN errors) at a re-login: the
 //     token is marked failed, every operation on it fails with *PINError (which wraps
 //     plugin.ErrUnavailable), and no C_Login is attempted again until Open is called for
-//     the token with a different PIN (a config reload after the PIN file was fixed) or
-//     in a new process (a restart), which makes exactly one new attempt.
+//     the token with a different PIN (a config reload or restart after the PIN file
+//     was fixed), which makes exactly one new attempt. A restart with the same PIN
+//     makes none when RememberRefusals recorded the refusal.
 //   - at C_Decrypt, CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE and
 //     CKR_GENERAL_ERROR (what SoftHSM2 returns for a bad GCM tag): plugin.ErrInvalidCiphertext.
 //

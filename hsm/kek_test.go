@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -382,6 +384,79 @@ func TestWrongPIN(t *testing.T) {
 		}
 	}
 	refusedPINs.Unlock()
+}
+
+// TestWrongPINRememberedAcrossRestarts: with RememberRefusals, a PIN the token refused
+// is not presented again by the next process either (a static pod restarted by kubelet
+// after exit 78), until the PIN changes; a successful login erases the record. The
+// record never holds the PIN.
+func TestWrongPINRememberedAcrossRestarts(t *testing.T) {
+	fx, toks := newTokens(t, 1)
+	f := newFaulty(nil)
+	seam(t, func(c p11) p11 { f.p11 = c; return f })
+	cfg := cfgFor(fx, toks[0], "kek")
+	createKey(t, cfg)
+	record := filepath.Join(t.TempDir(), "run", "hwkms-refused-pins.json")
+	restart := func() {
+		t.Helper()
+		refusedPINs.Lock()
+		clear(refusedPINs.m) // a new process remembers nothing in memory
+		refusedPINs.Unlock()
+		if err := RememberRefusals(record); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restart()
+	t.Cleanup(func() { RememberRefusals("") })
+	logins := f.count("Login")
+
+	const wrongPIN = "wrong-pin-4711"
+	t.Setenv("HWKMS_TEST_PIN", wrongPIN)
+	bad := cfg
+	bad.PINFile, bad.PINEnv = "", "HWKMS_TEST_PIN"
+	var pe *PINError
+	if _, err := Open(context.Background(), bad); !errors.As(err, &pe) || pe.Repeated {
+		t.Fatalf("first Open with a wrong PIN = %v, want a new refusal", err)
+	}
+	for i := range 3 {
+		restart()
+		_, err := Open(context.Background(), bad)
+		var rv pkcs11.Error
+		if !errors.As(err, &pe) || !pe.Repeated || pe.Record != record || !errors.As(err, &rv) || rv != pkcs11.CKR_PIN_INCORRECT {
+			t.Fatalf("Open after restart %d with the refused PIN = %v, want a Repeated *PINError from %s wrapping CKR_PIN_INCORRECT", i+1, err, record)
+		}
+		if strings.Contains(err.Error(), wrongPIN) || !strings.Contains(err.Error(), record) {
+			t.Fatalf("error %q must name the record and contain no PIN", err)
+		}
+	}
+	if got := f.count("Login") - logins; got != 1 {
+		t.Fatalf("C_Login called %d times over four processes with the same wrong PIN, want 1", got)
+	}
+	fi, err := os.Stat(record)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("record %s: %v, mode %v; want 0600", record, err, fi.Mode())
+	}
+	if data, _ := os.ReadFile(record); strings.Contains(string(data), wrongPIN) || strings.Contains(string(data), toks[0].PIN) {
+		t.Fatal("the record holds a PIN")
+	}
+	// The operator fixes the PIN file: one attempt, success, and the record is erased.
+	restart()
+	roundTrip(t, openKEK(t, cfg), []byte("seed"), []byte("aad"))
+	if got := f.count("Login") - logins; got != 2 {
+		t.Fatalf("C_Login called %d times in all after the fix, want 2", got)
+	}
+	var rf refusalFile
+	data, _ := os.ReadFile(record)
+	if err := json.Unmarshal(data, &rf); err != nil || len(rf.Refused) != 0 {
+		t.Fatalf("record after a successful login: %s (%v), want no refusals", data, err)
+	}
+	// A damaged record stops the start with a clear error instead of being ignored.
+	if err := os.WriteFile(record, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := RememberRefusals(record); err == nil || !strings.Contains(err.Error(), "damaged") {
+		t.Fatalf("RememberRefusals on a damaged record = %v", err)
+	}
 }
 
 func TestPINSources(t *testing.T) {

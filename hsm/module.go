@@ -155,10 +155,21 @@ type PINError struct {
 	// Repeated is set when no C_Login was made: the token had already refused this
 	// same PIN in this process (the PIN file or variable has not been fixed since).
 	Repeated bool
+	// Record is set, with Repeated, when the refusal was found in the file
+	// RememberRefusals keeps: an earlier process (before a restart) made the attempt.
+	Record string
+	// NotRecorded says why a new refusal could not be written to that file.
+	NotRecorded string
 }
 
 // Error implements error.
 func (e *PINError) Error() string {
+	if e.Record != "" {
+		return fmt.Sprintf("hsm: token %q refused this user PIN in an earlier run (recorded in %s): %v (no C_Login until the PIN file or variable changes, as another attempt could lock the token; if the token's PIN was changed to this one instead, remove %s)", e.Token, e.Record, e.Err, e.Record)
+	}
+	if e.NotRecorded != "" {
+		return fmt.Sprintf("hsm: token %q refused the user PIN at C_Login: %v (not retried: another attempt could lock the token; the refusal could not be recorded for restarts: %s)", e.Token, e.Err, e.NotRecorded)
+	}
 	if e.Repeated {
 		return fmt.Sprintf("hsm: token %q already refused this user PIN at C_Login: %v (no new attempt by this process until the PIN changes, as another could lock the token; restart hwkms if the token's PIN was changed instead)", e.Token, e.Err)
 	}
@@ -319,6 +330,16 @@ func (t *token) login(pin string) error {
 		t.pinErr = &PINError{Token: t.label, Err: r.err, Repeated: true}
 		return t.pinErr
 	}
+	if rv, ok := persistedRefusal(t.pinKey(), pin); ok {
+		refusalStore.Lock()
+		record := refusalStore.path
+		refusalStore.Unlock()
+		t.pinErr = &PINError{Token: t.label, Err: rv, Repeated: true, Record: record}
+		refusedPINs.Lock()
+		refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: rv}
+		refusedPINs.Unlock()
+		return t.pinErr
+	}
 	hold, err := t.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
 		return fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
@@ -331,6 +352,12 @@ func (t *token) login(pin string) error {
 			refusedPINs.Lock()
 			refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: err}
 			refusedPINs.Unlock()
+			var rv pkcs11.Error
+			if errors.As(err, &rv) {
+				if perr := persistRefusal(t.pinKey(), pin, rv); perr != nil {
+					t.pinErr.NotRecorded = perr.Error()
+				}
+			}
 			return t.pinErr
 		}
 		return fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
@@ -340,6 +367,9 @@ func (t *token) login(pin string) error {
 	refusedPINs.Lock()
 	delete(refusedPINs.m, t.pinKey())
 	refusedPINs.Unlock()
+	// A stale record is harmless for this PIN (it no longer matches); if it cannot be
+	// erased now, the next successful login tries again.
+	_ = persistRefusal(t.pinKey(), "", 0)
 	return nil
 }
 

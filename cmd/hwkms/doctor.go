@@ -78,6 +78,10 @@ func (d *doctor) run(ctx context.Context, path string) {
 		return
 	}
 	d.ok("config", fmt.Sprintf("%s parses (%d keys, socket %s)", path, len(cfg.Keys), cfg.Socket.Path))
+	if err := rememberRefusedPINs(cfg, false); err != nil {
+		d.fail("refused-PIN record", err.Error(), "remove the damaged file; it only stops hwkms from presenting a PIN the token refused")
+		return
+	}
 	served := d.checkSocket(cfg.Socket.Path)
 	if cfg.Metrics.Address != "" {
 		d.checkMetrics(cfg.Metrics.Address)

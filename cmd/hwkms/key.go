@@ -138,5 +138,12 @@ func loadFor(cmd, path string) (*config.Config, error) {
 	if path == "" {
 		return nil, errors.New(cmd + ": --config is required")
 	}
-	return config.Load(path)
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := rememberRefusedPINs(cfg, false); err != nil {
+		return nil, fmt.Errorf("%s: %w", cmd, err)
+	}
+	return cfg, nil
 }

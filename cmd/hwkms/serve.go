@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -66,6 +68,9 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	}
 	// Fail fast, before touching a device, if another process serves the socket.
 	if err := plugin.CheckSocket(cfg.Socket.Path); err != nil {
+		return err
+	}
+	if err := rememberRefusedPINs(cfg, true); err != nil {
 		return err
 	}
 	ring, err := config.OpenKeyringWithin(ctx, cfg, config.OpenTimeout)
@@ -159,6 +164,30 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 		log.Info("stopped serving; socket removed", "socket", cfg.Socket.Path)
 	}
 	return err
+}
+
+// refusedPINsFile is where refused PINs are recorded, in the socket's directory: the
+// one directory hwkms always writes (systemd ReadWritePaths=, the static pod's
+// hostPath), kept across restarts of the process (a tmpfs /run forgets it at reboot).
+const refusedPINsFile = "hwkms-refused-pins.json"
+
+// rememberRefusedPINs makes a PIN a token refused stay refused across restarts
+// (hsm.RememberRefusals), for configs with a pkcs11 key. serve creates the socket
+// directory for it; the other commands use the record only where it already exists.
+func rememberRefusedPINs(cfg *config.Config, create bool) error {
+	if !slices.ContainsFunc(cfg.Keys, func(k config.Key) bool { return k.PKCS11 != nil }) {
+		return hsm.RememberRefusals("")
+	}
+	dir := filepath.Dir(cfg.Socket.Path)
+	if !create {
+		if _, err := os.Stat(dir); err != nil {
+			return hsm.RememberRefusals("")
+		}
+	}
+	if err := hsm.RememberRefusals(filepath.Join(dir, refusedPINsFile)); err != nil {
+		return fmt.Errorf("open keys: %w", err)
+	}
+	return nil
 }
 
 // keyCloseTimeout bounds closing the keys at shutdown. Closing waits for device calls
