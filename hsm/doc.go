@@ -105,7 +105,11 @@
 //     CKR_USER_NOT_LOGGED_IN, CKR_SESSION_COUNT): the module is re-initialised and the
 //     operation retried once. Re-initialisation is per module and single-flight: every
 //     KEK on the module shares one C_Finalize/C_Initialize, which waits (module gate,
-//     held shared by every device call) until no other call runs on the module. Then
+//     held shared by every device call) until no other call runs on the module; new
+//     operations fail at once with plugin.ErrUnavailable meanwhile instead of queueing.
+//     If a call has not returned after 2 s (a hung, half-open network connection), the
+//     attempt is abandoned (counted as failed, with backoff): operations resume on the
+//     current sessions instead of stalling behind the hung call. Then
 //     every token of the module is found again by its selector (its slot may change),
 //     its PIN is read again from the configured file or variable, and it is logged in
 //     once. A generation counter advances: sessions and key handles of older

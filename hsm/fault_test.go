@@ -341,3 +341,62 @@ func TestFaultSharedModule(t *testing.T) {
 		t.Errorf("%d logins for two tokens, want 2", n)
 	}
 }
+
+// TestFaultHungCallThenDeviceError: one call hangs (a half-open network HSM
+// connection) and another gets a device-class error. The re-initialisation cannot run
+// under the hung call; it gives up after reinitWait instead of stalling the module,
+// operations on the free session go on, and once the hung call returns a later
+// re-initialisation succeeds.
+func TestFaultHungCallThenDeviceError(t *testing.T) {
+	old := reinitWait
+	reinitWait = 300 * time.Millisecond
+	t.Cleanup(func() { reinitWait = old })
+	r := newRig(t, 2)
+	release := make(chan struct{})
+	hung := make(chan string, 1)
+	r.c.set(func(c *chaos) {
+		c.hang["Decrypt"] = release
+		c.hungIn = hung
+	})
+	go func() { // one Decrypt hangs, holding one of the two sessions
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		defer cancel()
+		r.svc.Decrypt(ctx, "hung", &service.DecryptRequest{Ciphertext: r.ct, KeyID: r.k.ID()})
+	}()
+	select {
+	case <-hung:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the Decrypt did not hang")
+	}
+	r.c.set(func(c *chaos) {
+		delete(c.hang, "Decrypt")
+		c.once["Encrypt"] = []error{pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)}
+	})
+	okBefore, failedBefore := r.k.Reinits()
+	start := time.Now()
+	var encOK time.Duration
+	for time.Since(start) < 5*time.Second {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := r.svc.Encrypt(ctx, "t", r.seed)
+		cancel()
+		if err == nil && encOK == 0 {
+			encOK = time.Since(start)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if encOK == 0 {
+		t.Fatal("no Encrypt succeeded within 5 s while one call hung: the module stalled behind it")
+	}
+	t.Logf("Encrypt works again %v after the device error, with the other call still hung", encOK.Round(time.Millisecond))
+	if _, failed := r.k.Reinits(); failed == failedBefore {
+		t.Error("no re-initialisation attempt was counted as failed while the call hung")
+	}
+	close(release)                                // the hung call returns; the next device error is recovered for real
+	time.Sleep(maxBackoff + 100*time.Millisecond) // past the backoff of the failed attempt
+	r.c.set(func(c *chaos) { c.once["Decrypt"] = []error{pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)} })
+	r.untilOK(t)
+	if ok, _ := r.k.Reinits(); ok == okBefore {
+		t.Error("no successful re-initialisation after the hung call returned")
+	}
+}

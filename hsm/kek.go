@@ -321,6 +321,10 @@ func (k *KEK) attempt(ctx context.Context, op opFunc) attemptResult {
 // attemptOn runs op once on s, holding the module's gate, and releases s.
 func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
 	m := k.tok.mod
+	if m.draining.Load() {
+		k.pool.release(s, m.gen.Load())
+		return attemptResult{err: fmt.Errorf("hsm: token %q: the module is being re-initialised: %w", k.tok.label, plugin.ErrUnavailable)}
+	}
 	m.gate.RLock()
 	defer m.gate.RUnlock()
 	gen := m.gen.Load()

@@ -78,6 +78,10 @@ type module struct {
 	// (their numbers may have been given to new sessions). Written under gate.
 	gen atomic.Uint64
 	rec recovery
+	// draining is set while a re-initialisation waits for calls still running on the
+	// module: new operations then fail at once with plugin.ErrUnavailable instead of
+	// queueing behind it (see reinit).
+	draining atomic.Bool
 	// reinitsOK and reinitsFailed count re-initialisations since the module was loaded,
 	// for metrics (KEK.Reinits).
 	reinitsOK, reinitsFailed atomic.Uint64

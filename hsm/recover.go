@@ -22,6 +22,13 @@ const (
 	maxBackoff = time.Second
 )
 
+// reinitWait bounds how long a re-initialisation waits for device calls still running
+// on the module (C_Finalize must not run under them). A call that hangs longer (a
+// network HSM whose connection went half-open) makes that attempt fail instead of
+// stalling the module: operations resume on the current sessions, and the next attempt
+// follows the backoff. A var so tests can shorten it.
+var reinitWait = 2 * time.Second
+
 // recovery is the single-flight and backoff state of one module's re-initialisation.
 type recovery struct {
 	mu       sync.Mutex
@@ -33,9 +40,10 @@ type recovery struct {
 
 // reinitCall is one re-initialisation; done is closed when err is set.
 type reinitCall struct {
-	done   chan struct{}
-	err    error            // module-level failure (C_Initialize) or a token's login failure
-	tokErr map[*token]error // per token: why operations cannot run after the re-init (nil: they can)
+	done    chan struct{}
+	stalled bool             // no re-initialisation ran: calls still running held the gate (err says so)
+	err     error            // module-level failure (C_Initialize) or a token's login failure
+	tokErr  map[*token]error // per token: why operations cannot run after the re-init (nil: they can)
 }
 
 // errBackoff marks a request refused because the module failed to re-initialise
@@ -73,6 +81,9 @@ func (m *module) recoverDevice(ctx context.Context, t *token, seen uint64, cause
 	r.mu.Unlock()
 	select {
 	case <-call.done:
+		if call.stalled {
+			return fmt.Errorf("hsm: module %q: re-initialisation after %v: %w", m.path, cause, call.err)
+		}
 		if err, ok := call.tokErr[t]; ok && err != nil {
 			return fmt.Errorf("hsm: module %q: re-initialisation after %v: %w", m.path, cause, err)
 		}
@@ -86,19 +97,24 @@ func (m *module) recoverDevice(ctx context.Context, t *token, seen uint64, cause
 func (m *module) reinit(seen uint64, call *reinitCall) {
 	var err error
 	tokErr := map[*token]error{}
-	m.gate.Lock() // waits for calls still running on the module (a hung call delays this)
-	if m.gen.Load() == seen {
-		err = m.reinitLocked()
-		if err != nil {
-			m.reinitsFailed.Add(1)
-		} else {
-			m.reinitsOK.Add(1)
+	if m.lockForReinit() {
+		if m.gen.Load() == seen {
+			err = m.reinitLocked()
+			if err != nil {
+				m.reinitsFailed.Add(1)
+			} else {
+				m.reinitsOK.Add(1)
+			}
 		}
+		for _, t := range m.tokens {
+			tokErr[t] = t.state()
+		}
+		m.gate.Unlock()
+	} else {
+		m.reinitsFailed.Add(1)
+		err = fmt.Errorf("C_Finalize not attempted: a device call on the module has not returned after %v: %w", reinitWait, plugin.ErrUnavailable)
+		call.stalled = true
 	}
-	for _, t := range m.tokens {
-		tokErr[t] = t.state()
-	}
-	m.gate.Unlock()
 
 	r := &m.rec
 	r.mu.Lock()
@@ -116,6 +132,23 @@ func (m *module) reinit(seen uint64, call *reinitCall) {
 	registry.Lock()
 	releaseModuleLocked(m) //nolint:errcheck // a C_Finalize error of an unused module has no one to report to
 	registry.Unlock()
+}
+
+// lockForReinit takes the gate exclusively for a re-initialisation. It stops new
+// operations first (draining: they fail at once with plugin.ErrUnavailable) and
+// waits for the calls already running, at most reinitWait; it reports false when they
+// did not all return in time, leaving the gate to them.
+func (m *module) lockForReinit() bool {
+	m.draining.Store(true)
+	defer m.draining.Store(false)
+	deadline := time.Now().Add(reinitWait)
+	for !m.gate.TryLock() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
 }
 
 // reinitLocked finalises and initialises the module and logs every token in again. The
