@@ -36,7 +36,9 @@ type SocketOptions struct {
 	Mode fs.FileMode
 	// GID, if >= 0, becomes the socket's group (for a non-root kube-apiserver).
 	GID int
-	// Timeout is the gRPC connection timeout, as k8s.io/kms/pkg/service uses it.
+	// Timeout is the gRPC connection timeout, as k8s.io/kms/pkg/service uses it, and
+	// the longest any one request may run: a request without a deadline, or with a
+	// later one, gets this one (kube-apiserver sends the provider timeout anyway).
 	Timeout time.Duration
 	// ShutdownTimeout bounds graceful shutdown: in-flight requests get this long to
 	// finish before connections are closed. Default 5 s.
@@ -73,6 +75,7 @@ func Serve(ctx context.Context, svc service.Service, opts SocketOptions, ready c
 	srvOpts := append([]grpc.ServerOption{
 		grpc.ConnectionTimeout(opts.Timeout),
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
+		grpc.ChainUnaryInterceptor(requestDeadline(opts.Timeout)),
 	}, opts.ServerOptions...)
 	gs := grpc.NewServer(srvOpts...)
 	kmsapi.RegisterKeyManagementServiceServer(gs, service.NewGRPCService(opts.Path, opts.Timeout, svc))
@@ -99,6 +102,19 @@ func Serve(ctx context.Context, svc service.Service, opts SocketOptions, ready c
 		<-stopped
 	}
 	return nil
+}
+
+// requestDeadline bounds every request by d (when d > 0), so a client that sends no
+// deadline cannot keep a handler, and a device call, waiting forever.
+func requestDeadline(d time.Duration) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if d <= 0 {
+			return handler(ctx, req)
+		}
+		ctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		return handler(ctx, req)
+	}
 }
 
 // Listener is a unix socket listener that holds an exclusive lock on "<path>.lock" for

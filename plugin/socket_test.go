@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 )
 
@@ -166,4 +167,30 @@ func TestListenStaleAndForeignFiles(t *testing.T) {
 	if b, _ := os.ReadFile(regular); string(b) != "keep me" {
 		t.Fatal("regular file was touched")
 	}
+}
+
+// TestRequestWithoutDeadline: a client that sends no deadline cannot hold a handler
+// past the server's Timeout (1 s in serveTest) when the device hangs.
+func TestRequestWithoutDeadline(t *testing.T) {
+	k := newFakeKEK("A")
+	svc := newTestService(t, k)
+	svc.ProbeNow(context.Background())
+	client, _, stop := serveTest(t, svc)
+	defer stop()
+	enc, err := client.Encrypt(context.Background(), &kmsapi.EncryptRequest{Plaintext: seed(32), Uid: "u"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hang := make(chan struct{})
+	defer close(hang)
+	k.mu.Lock()
+	k.block = hang
+	k.mu.Unlock()
+	start := time.Now()
+	_, err = client.Decrypt(context.Background(), &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: "A", Uid: "u"})
+	took := time.Since(start)
+	if status.Code(err) != codes.DeadlineExceeded || took > 3*time.Second {
+		t.Fatalf("Decrypt without a deadline on a hung device: %v after %v, want DeadlineExceeded after about 1 s", err, took)
+	}
+	t.Logf("answered %v after %v", status.Code(err), took.Round(time.Millisecond))
 }
