@@ -13,23 +13,30 @@ import (
 // use; faults can be changed while calls run.
 type chaos struct {
 	p11
-	mu     sync.Mutex
-	calls  map[string]int
-	down   uint                     // non-zero: every call answers this CK_RV
-	fail   map[string]uint          // function -> CK_RV answered on every call
-	once   map[string][]error       // function -> errors answered one per call
-	delay  map[string]time.Duration // function -> added latency
-	hang   map[string]chan struct{} // function -> calls block until the channel closes
-	hungIn chan string              // if set, told the name of every call that starts hanging
+	mu    sync.Mutex
+	calls map[string]int
+	down  uint                     // non-zero: every call answers this CK_RV
+	fail  map[string]uint          // function -> CK_RV answered on every call
+	once  map[string][]error       // function -> errors answered one per call
+	delay map[string]time.Duration // function -> added latency
+	hang  map[string]chan struct{} // function -> calls block until the channel closes
+	// failAfter and onceAfter answer a CK_RV *after* the real call ran (every call, or
+	// one per call), as a token that fails a C_Decrypt does: the failed call ends the
+	// operation, so the session stays usable.
+	failAfter map[string]uint
+	onceAfter map[string][]uint
+	hungIn    chan string // if set, told the name of every call that starts hanging
 }
 
 func newChaos() *chaos {
 	return &chaos{
-		calls: map[string]int{},
-		fail:  map[string]uint{},
-		once:  map[string][]error{},
-		delay: map[string]time.Duration{},
-		hang:  map[string]chan struct{}{},
+		calls:     map[string]int{},
+		fail:      map[string]uint{},
+		once:      map[string][]error{},
+		delay:     map[string]time.Duration{},
+		hang:      map[string]chan struct{}{},
+		failAfter: map[string]uint{},
+		onceAfter: map[string][]uint{},
 	}
 }
 
@@ -81,6 +88,7 @@ func (c *chaos) clear() {
 	c.down = 0
 	clear(c.fail)
 	clear(c.delay)
+	clear(c.failAfter)
 	for name, h := range c.hang {
 		close(h)
 		delete(c.hang, name)
@@ -202,5 +210,23 @@ func (c *chaos) Decrypt(sh pkcs11.SessionHandle, cipher []byte) ([]byte, error) 
 	if err := c.pre("Decrypt"); err != nil {
 		return nil, err
 	}
-	return c.p11.Decrypt(sh, cipher)
+	out, err := c.p11.Decrypt(sh, cipher)
+	if rv := c.postRV("Decrypt"); rv != 0 {
+		return nil, pkcs11.Error(rv)
+	}
+	return out, err
+}
+
+// postRV returns the CK_RV to answer after the real call, or 0.
+func (c *chaos) postRV(name string) uint {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if rv := c.failAfter[name]; rv != 0 {
+		return rv
+	}
+	if q := c.onceAfter[name]; len(q) > 0 {
+		c.onceAfter[name] = q[1:]
+		return q[0]
+	}
+	return 0
 }

@@ -126,6 +126,11 @@
 //     makes none when RememberRefusals recorded the refusal.
 //   - at C_Decrypt, CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE and
 //     CKR_GENERAL_ERROR (what SoftHSM2 returns for a bad GCM tag): plugin.ErrInvalidCiphertext.
+//     CKR_GENERAL_ERROR is also how a token reports an internal failure, so before
+//     calling the body bad, Unwrap runs a round trip of a fixed plaintext on the same
+//     key: if that fails too, the token is at fault (plugin.ErrUnavailable); if it
+//     works, the body is tried once more (a one-off internal error then succeeds, a bad
+//     tag fails again). A bad body thus costs four device calls instead of one.
 //
 // A dropped session's slot stays empty until the next operation opens a new session in
 // it. Every returned error keeps the pkcs11.Error for errors.As.

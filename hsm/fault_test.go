@@ -400,3 +400,32 @@ func TestFaultHungCallThenDeviceError(t *testing.T) {
 		t.Error("no successful re-initialisation after the hung call returned")
 	}
 }
+
+// TestFaultGeneralErrorAtDecrypt: CKR_GENERAL_ERROR from C_Decrypt is what SoftHSM2
+// answers for a bad GCM tag, but also how a token reports an internal failure. A
+// persistent one on valid data is a device fault (Unavailable), not bad data; a
+// one-off is retried; a tampered body is still InvalidArgument.
+func TestFaultGeneralErrorAtDecrypt(t *testing.T) {
+	r := newRig(t, 2)
+	ctx := context.Background()
+	r.c.set(func(c *chaos) { c.failAfter["Decrypt"] = pkcs11.CKR_GENERAL_ERROR })
+	_, err := r.svc.Decrypt(ctx, "t", &service.DecryptRequest{Ciphertext: r.ct, KeyID: r.k.ID()})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("valid data, token answering CKR_GENERAL_ERROR to every C_Decrypt: %v, want Unavailable", err)
+	}
+	if h := r.svc.ProbeNow(ctx); h.OK || !errors.Is(h.Err, plugin.ErrUnavailable) {
+		t.Errorf("health probe with the faulty token: %+v, want a failure wrapping ErrUnavailable", h)
+	}
+	r.c.set(func(c *chaos) {
+		delete(c.failAfter, "Decrypt")
+		c.onceAfter["Decrypt"] = []uint{pkcs11.CKR_GENERAL_ERROR}
+	})
+	if pt, err := r.svc.Decrypt(ctx, "t", &service.DecryptRequest{Ciphertext: r.ct, KeyID: r.k.ID()}); err != nil || !bytes.Equal(pt, r.seed) {
+		t.Fatalf("valid data, one CKR_GENERAL_ERROR: %v, want the plaintext after the retry", err)
+	}
+	bad := bytes.Clone(r.ct)
+	bad[len(bad)-1] ^= 1 // SoftHSM2 itself answers CKR_GENERAL_ERROR for it
+	if _, err := r.svc.Decrypt(ctx, "t", &service.DecryptRequest{Ciphertext: bad, KeyID: r.k.ID()}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("tampered body: %v, want InvalidArgument", err)
+	}
+}

@@ -188,6 +188,20 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 // plugin.ErrInvalidCiphertext; tokens report that as CKR_ENCRYPTED_DATA_INVALID,
 // CKR_ENCRYPTED_DATA_LEN_RANGE, or (SoftHSM2) CKR_GENERAL_ERROR.
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
+	pt, err := k.unwrapOnce(ctx, body, aad)
+	if err != nil && isRV(err, pkcs11.CKR_GENERAL_ERROR) && errors.Is(err, plugin.ErrInvalidCiphertext) {
+		if err := k.generalError(ctx, err); errors.Is(err, plugin.ErrUnavailable) {
+			return nil, err
+		}
+		// The device works: a one-off internal error gets one more try, a body that
+		// does not authenticate fails again the same way.
+		return k.unwrapOnce(ctx, body, aad)
+	}
+	return pt, err
+}
+
+// unwrapOnce is Unwrap without the CKR_GENERAL_ERROR self-check.
+func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) {
 	if len(body) < minBody || len(body) > maxBody {
 		return nil, fmt.Errorf("hsm: body is %d bytes, want %d..%d: %w", len(body), minBody, maxBody, plugin.ErrInvalidCiphertext)
 	}
@@ -226,6 +240,30 @@ func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 			k.tok.label, len(pt), len(ct), len(ct)-gcmTagSize)
 	}
 	return pt, nil
+}
+
+// generalError decides what CKR_GENERAL_ERROR from C_Decrypt meant. SoftHSM2 (and
+// other tokens) answer it for a GCM tag that does not verify, but it is also how a
+// token reports an internal failure. A round trip of a fixed plaintext on the same
+// key tells them apart: if it works, the device is fine (err is returned; Unwrap then
+// tries the body once more); if it fails, the device is at fault and the error says
+// so, wrapping plugin.ErrUnavailable and quoting the round trip's own failure (which
+// went through the usual recovery).
+func (k *KEK) generalError(ctx context.Context, err error) error {
+	check := []byte("hwkms: CKR_GENERAL_ERROR self-check, 32B")
+	aad := []byte("hwkms self-check")
+	body, werr := k.Wrap(ctx, check, aad)
+	if werr == nil {
+		var got []byte
+		if got, werr = k.unwrapOnce(ctx, body, aad); werr == nil && bytes.Equal(got, check) {
+			return err
+		}
+		if werr == nil {
+			werr = errors.New("the self-check round trip returned other bytes")
+		}
+	}
+	// werr as text only: it may wrap ErrInvalidCiphertext, which is not the verdict.
+	return fmt.Errorf("hsm: C_Decrypt on token %q answered CKR_GENERAL_ERROR and a round trip on the same key then failed too, so the token is at fault, not the ciphertext: %w (%v)", k.tok.label, plugin.ErrUnavailable, werr)
 }
 
 // Close closes the KEK's sessions and releases its module and token references. It is
