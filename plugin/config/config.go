@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -122,7 +124,10 @@ func (d Duration) D() time.Duration { return d.d }
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration must be a string like \"3s\": %w", err)
+		// Not a string (a bare number such as 3): Validate reports it with the field's
+		// name, which this method does not know.
+		*d = Duration{bad: string(b)}
+		return nil
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
@@ -172,6 +177,11 @@ func Load(path string) (*Config, error) {
 // are errors.
 func Parse(data []byte) (*Config, error) {
 	var c Config
+	// Checked first: strict decoding does not say where an unknown field is, and
+	// matches names case-insensitively ("pinfile" would quietly set pinFile).
+	if path := unknownField(data); path != "" {
+		return nil, fmt.Errorf("parse: %s: unknown field (names are case-sensitive; see deploy/hwkms.yaml for the fields)", path)
+	}
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
 		return nil, fmt.Errorf("parse: %w", err)
 	}
@@ -180,6 +190,67 @@ func Parse(data []byte) (*Config, error) {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// unknownField returns the path (such as "keys[0].pkcs11.pinfile") of the first
+// field in data that Config does not have, or "" if there is none or data does not
+// parse as YAML: strict decoding names an unknown field without saying where it is.
+func unknownField(data []byte) string {
+	var v any
+	if err := yaml.Unmarshal(data, &v); err != nil {
+		return ""
+	}
+	return unknownIn(v, reflect.TypeFor[Config](), "")
+}
+
+func unknownIn(v any, t reflect.Type, path string) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		m, ok := v.(map[string]any)
+		if !ok {
+			return ""
+		}
+		fields := map[string]reflect.Type{}
+		for i := range t.NumField() {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			if name != "" && name != "-" {
+				fields[name] = f.Type
+			}
+		}
+		names := make([]string, 0, len(m))
+		for k := range m {
+			names = append(names, k)
+		}
+		slices.Sort(names)
+		for _, k := range names {
+			sub := path + "." + k
+			if path == "" {
+				sub = k
+			}
+			ft, ok := fields[k]
+			if !ok {
+				return sub
+			}
+			if p := unknownIn(m[k], ft, sub); p != "" {
+				return p
+			}
+		}
+	case reflect.Slice:
+		items, ok := v.([]any)
+		if !ok {
+			return ""
+		}
+		for i, item := range items {
+			if p := unknownIn(item, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); p != "" {
+				return p
+			}
+		}
+	}
+	return ""
 }
 
 func (c *Config) applyDefaults() {

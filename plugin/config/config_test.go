@@ -53,8 +53,11 @@ func TestParseErrorsNameTheField(t *testing.T) {
 	for _, tc := range []struct {
 		name, yaml, want string
 	}{
-		{"unknown top-level field", validYAML + "bogus: 1\n", `unknown field "bogus"`},
-		{"unknown nested field", strings.Replace(validYAML, "keyLabel: k", "keyLabel: k\n      keyLable: k", 1), `unknown field "keyLable"`},
+		{"unknown top-level field", validYAML + "bogus: 1\n", "bogus: unknown field"},
+		{"unknown nested field", strings.Replace(validYAML, "keyLabel: k", "keyLabel: k\n      keyLable: k", 1), "keys[0].pkcs11.keyLable: unknown field"},
+		{"field in the wrong case", strings.Replace(validYAML, "pinFile: /etc/hwkms/pin", "pinFile: /etc/hwkms/pin\n      pinfile: /tmp/other", 1), "keys[0].pkcs11.pinfile: unknown field"},
+		{"bare number duration", validYAML + "timeout: 3\n", `timeout: invalid duration "3"`},
+		{"bare number nested duration", validYAML + "health:\n  interval: 10\n", `health.interval: invalid duration "10"`},
 		{"not yaml", "socket: [\n", "parse"},
 		{"no socket", strings.Replace(validYAML, "path: /run/hwkms/kms.sock", "mode: \"0600\"", 1), "socket.path: is required"},
 		{"relative socket", strings.Replace(validYAML, "/run/hwkms/kms.sock", "kms.sock", 1), "socket.path: must be an absolute path"},

@@ -26,7 +26,7 @@ func TestMetricsAddress(t *testing.T) {
 		{"big port", "metrics:\n  address: 127.0.0.1:70000\n", "metrics.address: port"},
 		{"non-loopback allowed", "metrics:\n  address: 0.0.0.0:9464\n  allowNonLoopback: true\n", ""},
 		{"every interface allowed", "metrics:\n  address: \":9464\"\n  allowNonLoopback: true\n", ""},
-		{"unknown field", "metrics:\n  adress: 127.0.0.1:9464\n", `unknown field "adress"`},
+		{"unknown field", "metrics:\n  adress: 127.0.0.1:9464\n", "metrics.adress: unknown field"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := Parse([]byte(validYAML + tc.block))
