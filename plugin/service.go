@@ -156,6 +156,12 @@ func (s *Service) ProbeNow(ctx context.Context) Health {
 	var h Health
 	err := s.withRing(func(r *Keyring) error {
 		h = Probe(ctx, s.observed(r.Primary()))
+		// Say what the device said, when it said something bounded and non-secret
+		// (a CK_RV or TPM_RC name, key_not_found): "device unavailable" alone does not
+		// tell a refused PIN from a destroyed key.
+		if name := s.deviceReason(r.Primary().Backend(), h.Err); !h.OK && (strings.HasPrefix(name, "CKR_") || strings.HasPrefix(name, "TPM_RC_") || name == "key_not_found") {
+			h.Reason += " (" + name + ")"
+		}
 		return nil
 	})
 	if err != nil {

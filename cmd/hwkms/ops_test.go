@@ -435,3 +435,51 @@ func TestSIGTERMStopsGracefully(t *testing.T) {
 		t.Fatalf("keys not closed; log:\n%s", logs.Bytes())
 	}
 }
+
+// TestKeyDestroyedWhileServing: a careless admin destroys the KEK on the token while
+// hwkms serves. Requests fail with Unavailable (never wrong data), and Status says
+// which: the key is gone from the device, not merely "unavailable".
+func TestKeyDestroyedWhileServing(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := softhsmtest.NewToken(t, fx)
+	ctx := context.Background()
+	kc := hsm.Config{Module: fx.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, KeyLabel: "doomed"}
+	if _, err := hsm.CreateKey(ctx, kc); err != nil {
+		t.Fatal(err)
+	}
+	dir := shortDir(t)
+	path := filepath.Join(dir, "hwkms.yaml")
+	writeYAML(t, path, &config.Config{
+		Socket:  config.Socket{Path: filepath.Join(dir, "kms.sock")},
+		Health:  config.Health{Interval: config.Dur(time.Second)},
+		Metrics: config.Metrics{Address: "127.0.0.1:0"},
+		Keys:    []config.Key{{PKCS11: &kc}},
+	})
+	srv := startServeWith(t, path, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	c := srv.client
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	enc, err := c.Encrypt(rctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 32), Uid: "u"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.DestroyKey(ctx, kc); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Decrypt(rctx, &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: enc.KeyId, Uid: "u"})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("Decrypt after the key was destroyed: %v, want Unavailable", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := c.Status(rctx, &kmsapi.StatusRequest{})
+		if err == nil && strings.Contains(st.Healthz, "(key_not_found)") {
+			t.Logf("Status: %s", st.Healthz)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Status never said the key is gone: %v %v", st, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -70,7 +70,7 @@ func New(version string) *Metrics {
 		}, []string{"backend", "op"}),
 		devErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hwkms_device_errors_total",
-			Help: "KEK operations that failed for a device reason (not for bad client input), by backend, op and reason (a CKR_ or TPM_RC_ name, or unavailable, deadline_exceeded, closed, policy, other).",
+			Help: "KEK operations that failed for a device reason (not for bad client input), by backend, op and reason (a CKR_ or TPM_RC_ name, or key_not_found, unavailable, deadline_exceeded, closed, policy, other).",
 		}, []string{"backend", "op", "reason"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hwkms_reloads_total",
@@ -167,9 +167,10 @@ var reasonName = regexp.MustCompile(`^(CKR_|TPM_RC_)[A-Z0-9_]{1,40}$`)
 
 // DeviceReason returns a short, bounded name for why a KEK operation on backend b
 // failed: the CK_RV name (hsm.Reason) or TPM_RC name (tpm.Reason) when the device
-// answered with one, else "deadline_exceeded", "canceled", "closed", "policy",
+// answered with one, else "key_not_found", "deadline_exceeded", "canceled", "closed", "policy",
 // "invalid_ciphertext", "unavailable" or "other". It is fit for a metric label and a
-// log attribute; it never contains an error message.
+// log attribute; it never contains an error message. A key that is gone from the
+// device (destroyed, token re-initialised) is "key_not_found".
 func DeviceReason(b plugin.Backend, err error) string {
 	var name string
 	switch b {
@@ -184,6 +185,8 @@ func DeviceReason(b plugin.Backend, err error) string {
 	switch {
 	case err == nil:
 		return "other"
+	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, tpm.ErrKeyNotFound):
+		return "key_not_found"
 	case errors.Is(err, context.DeadlineExceeded):
 		return "deadline_exceeded"
 	case errors.Is(err, context.Canceled):
