@@ -55,7 +55,10 @@
 // CKA_EXTRACTABLE false, CKA_ENCRYPT and CKA_DECRYPT true and CKA_WRAP, CKA_UNWRAP,
 // CKA_SIGN, CKA_VERIFY and CKA_DERIVE false. Open refuses an existing key whose
 // CKA_EXTRACTABLE is true, CKA_SENSITIVE false or CKA_NEVER_EXTRACTABLE false (its value
-// may exist outside the token), unless Config.AllowExtractable is set.
+// may exist outside the token), unless Config.AllowExtractable is set. It refuses a key
+// with an empty CKA_ID (the key_id would not change if the key were re-created with
+// the same label) or with CKA_PRIVATE false (usable in a session without login)
+// whatever AllowExtractable says.
 //
 // # Sessions, login and sharing
 //

@@ -247,6 +247,7 @@ func TestUnsafeKeyRefused(t *testing.T) {
 		{"extractable", []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true)}, "CKA_EXTRACTABLE"},
 		{"not-sensitive", []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false)}, "CKA_SENSITIVE"},
 		{"no-ckaid", []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)}, "CKA_ID"},
+		{"public", []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false)}, "CKA_PRIVATE"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.label, func(t *testing.T) {
@@ -258,6 +259,13 @@ func TestUnsafeKeyRefused(t *testing.T) {
 				t.Fatalf("Open = %v, want ErrUnsafeKey naming %s", err, tt.wantAttr)
 			}
 			cfg.AllowExtractable = true
+			if tt.wantAttr == "CKA_ID" || tt.wantAttr == "CKA_PRIVATE" {
+				// Not about extraction: allowExtractable does not lift these.
+				if _, err := Open(context.Background(), cfg); !errors.Is(err, ErrUnsafeKey) || !strings.Contains(err.Error(), "does not accept") {
+					t.Fatalf("Open with allowExtractable = %v, want still ErrUnsafeKey", err)
+				}
+				return
+			}
 			k := openKEK(t, cfg)
 			roundTrip(t, k, []byte("seed"), aad)
 		})

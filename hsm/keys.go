@@ -64,10 +64,13 @@ type KeyInfo struct {
 	Sensitive bool
 	// NeverExtractable is CKA_NEVER_EXTRACTABLE: the key has never been extractable.
 	NeverExtractable bool
+	// Private is CKA_PRIVATE: the key can be used only in a logged-in session.
+	Private bool
 }
 
-// Safe reports whether the key's value can never have left the token: Sensitive,
-// NeverExtractable, not Extractable, and with a CKA_ID (which key_id uniqueness needs).
+// Safe reports whether the key's value can never have left the token and only a
+// logged-in user can use it: Sensitive, NeverExtractable, not Extractable, Private,
+// and with a CKA_ID (which key_id uniqueness needs).
 func (k KeyInfo) Safe() bool { return k.unsafeReason() == "" }
 
 // unsafeReason names the first attribute that makes the key unsafe, or "".
@@ -81,9 +84,16 @@ func (k KeyInfo) unsafeReason() string {
 		return "CKA_NEVER_EXTRACTABLE is false: the key was extractable at some time and may exist outside the token"
 	case k.CKAID == "":
 		return "CKA_ID is empty: the key_id would not change if the key were re-created with the same label"
+	case !k.Private:
+		return "CKA_PRIVATE is false: anyone who can open a session on the token can use the key without the PIN"
 	}
 	return ""
 }
+
+// acceptableWithOverride reports whether allowExtractable may accept the key despite
+// unsafeReason: it covers how the key's value may have left the token, never a key
+// without a CKA_ID (key_id uniqueness) or one usable without login.
+func (k KeyInfo) acceptableWithOverride() bool { return k.CKAID != "" && k.Private }
 
 // keyTemplate is the search template of hsm keys: token AES secret keys.
 func keyTemplate(label string, ckaID []byte) []*pkcs11.Attribute {
@@ -132,6 +142,7 @@ func readKeyInfo(c p11, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (KeyInfo
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_NEVER_EXTRACTABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil),
 	})
 	if err != nil {
 		return KeyInfo{}, nil, opError{op: "C_GetAttributeValue", err: err}
@@ -153,6 +164,8 @@ func readKeyInfo(c p11, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (KeyInfo
 			ki.Sensitive = len(a.Value) == 1 && a.Value[0] != 0
 		case pkcs11.CKA_NEVER_EXTRACTABLE:
 			ki.NeverExtractable = len(a.Value) == 1 && a.Value[0] != 0
+		case pkcs11.CKA_PRIVATE:
+			ki.Private = len(a.Value) == 1 && a.Value[0] != 0
 		}
 	}
 	if ckaID == nil {
@@ -185,9 +198,13 @@ func selectKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID [
 	if err != nil {
 		return 0, KeyInfo{}, nil, err
 	}
-	if reason := ki.unsafeReason(); reason != "" && !allowUnsafe {
-		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: %s on token %q refused: %s (set allowExtractable to accept it): %w",
-			desc, tokenLabel, reason, ErrUnsafeKey)
+	if reason := ki.unsafeReason(); reason != "" && (!allowUnsafe || !ki.acceptableWithOverride()) {
+		hint := "set allowExtractable to accept it"
+		if !ki.acceptableWithOverride() {
+			hint = "allowExtractable does not accept this; use a key made by hwkms key create"
+		}
+		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: %s on token %q refused: %s (%s): %w",
+			desc, tokenLabel, reason, hint, ErrUnsafeKey)
 	}
 	return hs[0], ki, id, nil
 }

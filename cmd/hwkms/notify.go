@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"net"
-	"os"
 )
 
 // notifySocketEnv names systemd's notification socket (sd_notify(3)); the unit runs
@@ -11,10 +10,10 @@ import (
 // KMS socket accepts connections.
 const notifySocketEnv = "NOTIFY_SOCKET"
 
-// sdNotify sends state ("READY=1", "STOPPING=1", ...) to $NOTIFY_SOCKET. Without the
-// variable it does nothing; an abstract socket name starts with '@'.
-func sdNotify(state string) error {
-	addr := os.Getenv(notifySocketEnv)
+// sdNotify sends state ("READY=1", "STOPPING=1", ...) to addr, the value of
+// $NOTIFY_SOCKET read when serve started. Without one it does nothing; an abstract
+// socket name starts with '@'.
+func sdNotify(addr, state string) error {
 	if addr == "" {
 		return nil
 	}

@@ -136,20 +136,21 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 
 	log.Info("serving KMS v2", "socket", cfg.Socket.Path, "primary_key_id", ring.Primary().ID(), "keys", len(cfg.Keys), "version", version)
 	listening := make(chan struct{})
+	notifyAddr := os.Getenv(notifySocketEnv)
 	go func() {
 		select {
 		case <-listening:
 		case <-runCtx.Done():
 			return
 		}
-		if err := sdNotify("READY=1\nSTATUS=serving KMS v2 on " + cfg.Socket.Path); err != nil {
+		if err := sdNotify(notifyAddr, "READY=1\nSTATUS=serving KMS v2 on "+cfg.Socket.Path); err != nil {
 			log.Warn("telling systemd that hwkms is ready", "err", err)
 		}
 		if hooks.ready != nil {
 			close(hooks.ready)
 		}
 		<-runCtx.Done()
-		if err := sdNotify("STOPPING=1"); err != nil {
+		if err := sdNotify(notifyAddr, "STOPPING=1"); err != nil {
 			log.Warn("telling systemd that hwkms stops", "err", err)
 		}
 	}()
