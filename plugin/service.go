@@ -425,8 +425,24 @@ func (s *Service) done(ctx context.Context, method, uid, keyID string, start tim
 	if !s.log.Enabled(ctx, level) {
 		return
 	}
-	attrs := append([]any{"method", method, "uid", uid, "key_id", keyID, "code", code.String(), "duration", d}, extra...)
+	attrs := append([]any{"method", method, "uid", clip(uid, maxLoggedUID), "key_id", clip(keyID, MaxKeyIDLen), "code", code.String(), "duration", d}, extra...)
 	s.log.Log(ctx, level, msg, attrs...)
+}
+
+// maxLoggedUID bounds the client-chosen uid in a log line (kube-apiserver sends a
+// 36-byte UUID): a client must not write a megabyte of log per bad request.
+const maxLoggedUID = 128
+
+// clip shortens s to at most n bytes, on a UTF-8 boundary, saying how long it was.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s...(%d bytes)", s[:cut], len(s))
 }
 
 // deviceReason names the device's reason for err with Options.DeviceReason, or "" when

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -419,5 +420,24 @@ func TestStatusQuotesFailedReload(t *testing.T) {
 	svc.SetReloadError(nil)
 	if st, _ := svc.Status(ctx); strings.Contains(st.Healthz, "reload") {
 		t.Fatalf("after a good reload: %q", st.Healthz)
+	}
+}
+
+// TestLoggedUIDIsBounded: a client-chosen uid of a megabyte does not become a
+// megabyte of log per failed request.
+func TestLoggedUIDIsBounded(t *testing.T) {
+	var logs bytes.Buffer
+	ring, err := NewKeyring(newFakeKEK("A"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := NewService(ring, Options{HealthInterval: time.Hour, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	t.Cleanup(func() { svc.Keyring().Close() })
+	uid := strings.Repeat("é", 512<<10) // 1 MiB, multi-byte
+	if _, err := svc.Decrypt(context.Background(), uid, &service.DecryptRequest{Ciphertext: []byte{1}, KeyID: "A"}); err == nil {
+		t.Fatal("a one-byte ciphertext decrypted")
+	}
+	if logs.Len() == 0 || logs.Len() > 4096 || !utf8.Valid(logs.Bytes()) || !strings.Contains(logs.String(), "(1048576 bytes)") {
+		t.Fatalf("log of a failed request with a 1 MiB uid: %d bytes, valid UTF-8 %v:\n%.300s", logs.Len(), utf8.Valid(logs.Bytes()), logs.String())
 	}
 }
