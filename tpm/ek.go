@@ -11,7 +11,6 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
-	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -151,28 +150,10 @@ func readNV(c *conn, index tpm2.TPMHandle) ([]byte, error) {
 	return out, nil
 }
 
-// ekObject is a loaded EK.
-type ekObject struct {
-	tpm2.NamedHandle
-	pub tpm2.TPMTPublic
-}
-
 // createEK creates the EK from tmpl under the endorsement hierarchy. The caller
 // flushes it.
-func createEK(c *conn, tmpl tpm2.TPMTPublic) (ekObject, error) {
-	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-		InPublic:      tpm2.New2B(tmpl),
-	}.Execute(c)
-	if err != nil {
-		return ekObject{}, fmt.Errorf("TPM2_CreatePrimary(EK): %w", tpmCall(err))
-	}
-	pub, err := rsp.OutPublic.Contents()
-	if err != nil {
-		flushHandle(c, rsp.ObjectHandle)
-		return ekObject{}, fmt.Errorf("TPM2_CreatePrimary(EK): %w: %w", errDesync, err)
-	}
-	return ekObject{NamedHandle: tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, pub: *pub}, nil
+func createEK(c *conn, tmpl tpm2.TPMTPublic) (primaryObject, error) {
+	return createPrimary(c, tpm2.TPMRHEndorsement, tmpl, "EK")
 }
 
 // ekTemplateFor returns the TCG EK template of pub's type.
@@ -449,15 +430,11 @@ func (m *KEKMaterial) ImportBlobForEK(parent []byte, node *NodeEK) ([]byte, erro
 	if node == nil || node.ek == nil {
 		return nil, errors.New("tpm: EK-bound import blob: no verified EK")
 	}
-	v1, err := m.ImportBlob(parent)
+	srkName, dup, seed, err := m.duplicateFor(parent)
 	if err != nil {
 		return nil, err
 	}
-	ib, err := parseImportBlob(v1)
-	if err != nil {
-		return nil, err
-	}
-	if !bytes.Equal(ib.parentName, node.SRKName) {
+	if !bytes.Equal(srkName, node.SRKName) {
 		return nil, fmt.Errorf("%w: the SRK is not the one VerifyNodeEK checked with this EK", ErrEKNotTrusted)
 	}
 	ekKey, err := tpm2.ImportEncapsulationKey(node.ek.pub)
@@ -469,22 +446,20 @@ func (m *KEKMaterial) ImportBlobForEK(parent []byte, node *NodeEK) ([]byte, erro
 	if _, err := rand.Read(k); err != nil {
 		return nil, err
 	}
-	idObject, encSecret, err := tpm2.CreateCredential(rand.Reader, ekKey, ib.parentName, k)
+	idObject, encSecret, err := tpm2.CreateCredential(rand.Reader, ekKey, srkName, k)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: make credential: %w", err)
 	}
-	out := append([]byte(nil), importMagic...)
-	out = append(out, importV2)
-	for _, f := range [][]byte{ib.pubBytes, ib.parentName, node.ek.pubBody, idObject, encSecret} {
-		if out, err = append2B(out, f); err != nil {
-			return nil, err
-		}
+	out, err := encodeImportBlob(importV2, tpm2.Marshal(m.pub), srkName, node.ek.pubBody, idObject, encSecret)
+	if err != nil {
+		return nil, err
 	}
-	var inner []byte
-	for _, f := range [][]byte{ib.duplicate, ib.seed} {
-		if inner, err = append2B(inner, f); err != nil {
-			return nil, err
-		}
+	inner, err := append2B(nil, dup)
+	if err != nil {
+		return nil, err
+	}
+	if inner, err = append2B(inner, seed); err != nil {
+		return nil, err
 	}
 	aead, err := newGCM(k)
 	if err != nil {
@@ -496,14 +471,6 @@ func (m *KEKMaterial) ImportBlobForEK(parent []byte, node *NodeEK) ([]byte, erro
 	}
 	sealed := aead.Seal(nonce, nonce, inner, out)
 	return append2B(out, sealed)
-}
-
-func append2B(out, f []byte) ([]byte, error) {
-	if len(f) == 0 || len(f) > 0xffff {
-		return nil, errors.New("tpm: import blob field out of range")
-	}
-	out = binary.BigEndian.AppendUint16(out, uint16(len(f)))
-	return append(out, f...), nil
 }
 
 func newGCM(k []byte) (cipher.AEAD, error) {
@@ -551,7 +518,7 @@ func parseEKBinding(f [][]byte, aad []byte) (*ekBinding, error) {
 // re-creates the EK, checks it is the one the blob names (else ErrWrongTPM), runs
 // TPM2_ActivateCredential with the SRK (ADMIN role, empty auth) and the EK (USER role,
 // PolicySecret on the endorsement hierarchy), and opens the sealed fields with K.
-func activate(c *conn, srk srkObject, b *ekBinding) (duplicate, seed []byte, err error) {
+func activate(c *conn, srk primaryObject, b *ekBinding) (duplicate, seed []byte, err error) {
 	tmpl, err := ekTemplateFor(b.pub)
 	if err != nil {
 		return nil, nil, err

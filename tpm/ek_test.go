@@ -181,7 +181,7 @@ func TestEKBoundImportLookalikeSRK(t *testing.T) {
 		if !bytes.Equal(ext.Name.Buffer, fake.Name) {
 			t.Fatalf("loaded look-alike has Name %x, want %x", ext.Name.Buffer, fake.Name)
 		}
-		srk := srkObject{NamedHandle: tpm2.NamedHandle{Handle: ext.ObjectHandle, Name: ext.Name}, pub: *fakePub}
+		srk := primaryObject{NamedHandle: tpm2.NamedHandle{Handle: ext.ObjectHandle, Name: ext.Name}, pub: *fakePub}
 		_, _, err = activate(c, srk, ib.ek)
 		if !errors.Is(err, tpm2.TPMRCAuthUnavailable) {
 			t.Fatalf("TPM2_ActivateCredential for a public-only look-alike SRK = %v, want TPM_RC_AUTH_UNAVAILABLE", err)

@@ -310,32 +310,55 @@ const importV1 = 0x01
 //
 // Only the TPM holding the SRK's private key can TPM2_Import it.
 func (m *KEKMaterial) ImportBlob(parent []byte) ([]byte, error) {
-	if m.sensitive == nil {
-		return nil, errors.New("tpm: KEK material destroyed")
-	}
-	srk, srkPub, err := ParseSRKPublic(parent)
+	srkName, dup, seed, err := m.duplicateFor(parent)
 	if err != nil {
 		return nil, err
 	}
+	return encodeImportBlob(importV1, tpm2.Marshal(m.pub), srkName, dup, seed)
+}
+
+// duplicateFor encrypts the KEK to the SRK in parent (ParseSRKPublic's input) and
+// returns the SRK's Name and the duplication-format fields (see ImportBlob).
+func (m *KEKMaterial) duplicateFor(parent []byte) (srkName, dup, seed []byte, err error) {
+	if m.sensitive == nil {
+		return nil, nil, nil, errors.New("tpm: KEK material destroyed")
+	}
+	srk, srkPub, err := ParseSRKPublic(parent)
+	if err != nil {
+		return nil, nil, nil, err
+	}
 	ek, err := tpm2.ImportEncapsulationKey(srkPub)
 	if err != nil {
-		return nil, fmt.Errorf("tpm: SRK public: %w", err)
+		return nil, nil, nil, fmt.Errorf("tpm: SRK public: %w", err)
 	}
-	dup, seed, err := tpm2.CreateDuplicate(rand.Reader, ek, m.name, m.sensitive)
+	dup, seed, err = tpm2.CreateDuplicate(rand.Reader, ek, m.name, m.sensitive)
 	if err != nil {
-		return nil, fmt.Errorf("tpm: duplicate: %w", err)
+		return nil, nil, nil, fmt.Errorf("tpm: duplicate: %w", err)
 	}
-	pubBytes := tpm2.Marshal(m.pub)
-	out := append([]byte(nil), importMagic...)
-	out = append(out, importV1)
-	for _, f := range [][]byte{pubBytes, srk.Name, dup, seed} {
-		if len(f) == 0 || len(f) > 0xffff {
-			return nil, errors.New("tpm: import blob field out of range")
+	return srk.Name, dup, seed, nil
+}
+
+// encodeImportBlob writes "HWKI", version and each field as a u16-length-prefixed
+// TPM2B.
+func encodeImportBlob(version byte, fields ...[]byte) ([]byte, error) {
+	out := append(bytes.Clone(importMagic), version)
+	var err error
+	for _, f := range fields {
+		if out, err = append2B(out, f); err != nil {
+			return nil, err
 		}
-		out = binary.BigEndian.AppendUint16(out, uint16(len(f)))
-		out = append(out, f...)
 	}
 	return out, nil
+}
+
+// append2B appends f to out as a TPM2B: a big-endian u16 length, then f (1..65535
+// bytes).
+func append2B(out, f []byte) ([]byte, error) {
+	if len(f) == 0 || len(f) > 0xffff {
+		return nil, errors.New("tpm: import blob field out of range")
+	}
+	out = binary.BigEndian.AppendUint16(out, uint16(len(f)))
+	return append(out, f...), nil
 }
 
 // importBlob is a parsed import blob.
@@ -520,7 +543,7 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 // importUnder runs TPM2_Import of ib under the loaded SRK and returns the new
 // TPM2B_PRIVATE contents. The parameters are already encrypted (the seed to the
 // SRK, the sensitive area under the seed), so a password session suffices.
-func importUnder(c *conn, srk srkObject, ib *importBlob) ([]byte, error) {
+func importUnder(c *conn, srk primaryObject, ib *importBlob) ([]byte, error) {
 	rsp, err := tpm2.Import{
 		ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
 		ObjectPublic: tpm2.BytesAs2B[tpm2.TPMTPublic](ib.pubBytes),

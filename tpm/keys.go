@@ -259,28 +259,34 @@ func readKEKPublic(c *conn, h tpm2.TPMHandle) (*tpm2.TPMTPublic, []byte, error) 
 	return pub, name, nil
 }
 
-// srkObject is a loaded SRK.
-type srkObject struct {
+// primaryObject is a loaded primary key (the SRK, or the EK).
+type primaryObject struct {
 	tpm2.NamedHandle
 	pub tpm2.TPMTPublic
 }
 
 // createSRK creates the owner SRK from the TCG ECC P-256 template. The caller
 // flushes it.
-func createSRK(c *conn) (srkObject, error) {
+func createSRK(c *conn) (primaryObject, error) {
+	return createPrimary(c, tpm2.TPMRHOwner, srkTemplate, "owner SRK")
+}
+
+// createPrimary creates a primary key from tmpl under hierarchy (whose auth value
+// must be empty); what names it in errors. The caller flushes it.
+func createPrimary(c *conn, hierarchy tpm2.TPMHandle, tmpl tpm2.TPMTPublic, what string) (primaryObject, error) {
 	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
-		InPublic:      tpm2.New2B(srkTemplate),
+		PrimaryHandle: tpm2.AuthHandle{Handle: hierarchy, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(tmpl),
 	}.Execute(c)
 	if err != nil {
-		return srkObject{}, fmt.Errorf("TPM2_CreatePrimary(owner SRK): %w", tpmCall(err))
+		return primaryObject{}, fmt.Errorf("TPM2_CreatePrimary(%s): %w", what, tpmCall(err))
 	}
 	pub, err := rsp.OutPublic.Contents()
 	if err != nil {
 		flushHandle(c, rsp.ObjectHandle)
-		return srkObject{}, fmt.Errorf("TPM2_CreatePrimary(owner SRK): %w: %w", errDesync, err)
+		return primaryObject{}, fmt.Errorf("TPM2_CreatePrimary(%s): %w: %w", what, errDesync, err)
 	}
-	return srkObject{NamedHandle: tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, pub: *pub}, nil
+	return primaryObject{NamedHandle: tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, pub: *pub}, nil
 }
 
 // loadUnderSRK creates the SRK, loads a KEK blob under it, flushes the SRK and
@@ -294,7 +300,7 @@ func loadUnderSRK(c *conn, pubBytes, priv, name []byte) (tpm2.TPMHandle, error) 
 	return loadUnderSRKWith(c, srk, pubBytes, priv, name)
 }
 
-func loadUnderSRKWith(c *conn, srk srkObject, pubBytes, priv, name []byte) (tpm2.TPMHandle, error) {
+func loadUnderSRKWith(c *conn, srk primaryObject, pubBytes, priv, name []byte) (tpm2.TPMHandle, error) {
 	lr, err := tpm2.Load{
 		ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
 		InPrivate:    tpm2.TPM2BPrivate{Buffer: priv},
