@@ -334,10 +334,7 @@ func (t *token) login(pin string) error {
 		t.pinErr = &PINError{Token: t.label, Err: r.err, Repeated: true}
 		return t.pinErr
 	}
-	if rv, ok := persistedRefusal(t.pinKey(), pin); ok {
-		refusalStore.Lock()
-		record := refusalStore.path
-		refusalStore.Unlock()
+	if rv, record, ok := persistedRefusal(t.pinKey(), pin); ok {
 		t.pinErr = &PINError{Token: t.label, Err: rv, Repeated: true, Record: record}
 		refusedPINs.Lock()
 		refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: rv}

@@ -49,7 +49,7 @@ var refusalStore struct {
 }
 
 // RememberRefusals makes refused PINs survive restarts: they are recorded in the file
-// at path (created 0600 if missing, with its directory) and checked before every
+// at path (created 0600, with its directory, at the first refusal) and checked before every
 // C_Login, as refusedPINs is within a process. A PIN recorded as refused gets a
 // *PINError marked Repeated without a C_Login; a successful login erases the token's
 // record. Call it once, before the first Open; "" turns it off.
@@ -78,18 +78,16 @@ func RememberRefusals(path string) error {
 			f.Refused = map[string]refusalRecord{}
 		}
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return fmt.Errorf("hsm: refused-PIN record: %w", err)
-	}
-	if err := writeRefusals(path, f); err != nil {
-		return err
-	}
+	// Nothing is written until a token refuses a PIN (persistRefusal).
 	refusalStore.path, refusalStore.f = path, f
 	return nil
 }
 
-// writeRefusals replaces the file atomically.
+// writeRefusals replaces the file atomically, creating its directory if needed.
 func writeRefusals(path string, f *refusalFile) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return fmt.Errorf("hsm: refused-PIN record: %w", err)
+	}
 	data, err := json.Marshal(f)
 	if err != nil {
 		return fmt.Errorf("hsm: refused-PIN record: %w", err)
@@ -121,25 +119,27 @@ func recordID(tokenKey string) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// persistedRefusal returns the CK_RV recorded for tokenKey if pin is the PIN the
-// token refused in an earlier process.
-func persistedRefusal(tokenKey, pin string) (pkcs11.Error, bool) {
+// pinMAC is the record's HMAC of pin. The caller holds refusalStore.
+func (f *refusalFile) pinMAC(pin string) []byte {
+	m := hmac.New(sha256.New, f.Key)
+	m.Write([]byte(pin))
+	return m.Sum(nil)
+}
+
+// persistedRefusal returns the CK_RV recorded for tokenKey, and the record's path, if
+// pin is the PIN the token refused in an earlier process.
+func persistedRefusal(tokenKey, pin string) (rv pkcs11.Error, path string, ok bool) {
 	refusalStore.Lock()
 	defer refusalStore.Unlock()
 	f := refusalStore.f
 	if f == nil {
-		return 0, false
+		return 0, "", false
 	}
-	r, ok := f.Refused[recordID(tokenKey)]
-	if !ok {
-		return 0, false
+	r, found := f.Refused[recordID(tokenKey)]
+	if !found || !hmac.Equal(f.pinMAC(pin), r.MAC) {
+		return 0, "", false
 	}
-	m := hmac.New(sha256.New, f.Key)
-	m.Write([]byte(pin))
-	if !hmac.Equal(m.Sum(nil), r.MAC) {
-		return 0, false
-	}
-	return pkcs11.Error(r.RV), true
+	return pkcs11.Error(r.RV), refusalStore.path, true
 }
 
 // persistRefusal records (rv != 0) or erases (rv == 0) tokenKey's refused PIN. It
@@ -158,9 +158,7 @@ func persistRefusal(tokenKey, pin string, rv pkcs11.Error) error {
 		}
 		delete(f.Refused, id)
 	} else {
-		m := hmac.New(sha256.New, f.Key)
-		m.Write([]byte(pin))
-		f.Refused[id] = refusalRecord{MAC: m.Sum(nil), RV: uint(rv), At: time.Now().UTC()}
+		f.Refused[id] = refusalRecord{MAC: f.pinMAC(pin), RV: uint(rv), At: time.Now().UTC()}
 	}
 	return writeRefusals(refusalStore.path, f)
 }

@@ -173,8 +173,9 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 const refusedPINsFile = "hwkms-refused-pins.json"
 
 // rememberRefusedPINs makes a PIN a token refused stay refused across restarts
-// (hsm.RememberRefusals), for configs with a pkcs11 key. serve creates the socket
-// directory for it; the other commands use the record only where it already exists.
+// (hsm.RememberRefusals), for configs with a pkcs11 key. For serve the record's
+// directory (the socket's) is created at the first refusal; the other commands use
+// the record only where that directory already exists.
 func rememberRefusedPINs(cfg *config.Config, create bool) error {
 	if !slices.ContainsFunc(cfg.Keys, func(k config.Key) bool { return k.PKCS11 != nil }) {
 		return hsm.RememberRefusals("")
