@@ -41,6 +41,28 @@ func newEKNode(t *testing.T, ca *swtpmtest.EKCA, rsaEK bool) *ekNode {
 	return &ekNode{sim: sim, srk: srk, ek: ek, file: append(srk.EncodeSRKPEM(), ek.EncodePEM()...)}
 }
 
+// newEKTrust makes a test manufacturer CA and the trust its certificates give.
+func newEKTrust(t *testing.T) (*swtpmtest.EKCA, *EKTrust) {
+	t.Helper()
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	trust, err := ParseEKTrust(ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, trust
+}
+
+// newMaterial makes an imported-form KEK without auth, destroyed at cleanup.
+func newMaterial(t *testing.T) *KEKMaterial {
+	t.Helper()
+	m, err := NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Destroy)
+	return m
+}
+
 func (n *ekNode) cfg(t *testing.T) Config {
 	return Config{Device: n.sim.Device, BlobFile: filepath.Join(t.TempDir(), "kek.blob")}
 }
@@ -48,17 +70,9 @@ func (n *ekNode) cfg(t *testing.T) Config {
 // TestEKBoundImport: blobs bound to each node's certified EK import on that node
 // (ECC and RSA EKs) and nowhere else, and the nodes then share the KEK.
 func TestEKBoundImport(t *testing.T) {
-	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
-	trust, err := ParseEKTrust(ca.PEM)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, trust := newEKTrust(t)
 	a, b, c := newEKNode(t, ca, false), newEKNode(t, ca, true), newEKNode(t, ca, false)
-	m, err := NewKEKMaterial(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Destroy()
+	m := newMaterial(t)
 
 	blobFor := func(file []byte) []byte {
 		t.Helper()
@@ -124,11 +138,7 @@ func TestEKBoundImport(t *testing.T) {
 // and asks for the credential. The TPM must refuse, so the sealed duplicate stays
 // sealed.
 func TestEKBoundImportLookalikeSRK(t *testing.T) {
-	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
-	trust, err := ParseEKTrust(ca.PEM)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, trust := newEKTrust(t)
 	victim := newEKNode(t, ca, false)
 	priv, err := ecdh.P256().GenerateKey(rand.Reader)
 	if err != nil {
@@ -143,11 +153,7 @@ func TestEKBoundImportLookalikeSRK(t *testing.T) {
 	if err != nil {
 		t.Fatalf("VerifyNodeEK of the look-alike: %v (the offline checks cannot catch it; the TPM must)", err)
 	}
-	m, err := NewKEKMaterial(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Destroy()
+	m := newMaterial(t)
 	blob, err := m.ImportBlobForEK(file, node)
 	if err != nil {
 		t.Fatal(err)
@@ -260,11 +266,7 @@ func TestVerifyNodeEKRefuses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := NewKEKMaterial(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Destroy()
+	m := newMaterial(t)
 	if _, err := m.ImportBlobForEK(b.srk.EncodeSRKPEM(), node); !errors.Is(err, ErrEKNotTrusted) {
 		t.Errorf("ImportBlobForEK with another SRK than the verified one = %v, want ErrEKNotTrusted", err)
 	}
@@ -283,21 +285,13 @@ func TestVerifyNodeEKRefuses(t *testing.T) {
 // or credential makes the import fail without writing anything; the escrow path
 // refuses EK-bound blobs.
 func TestEKBoundBlobTampered(t *testing.T) {
-	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
-	trust, err := ParseEKTrust(ca.PEM)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, trust := newEKTrust(t)
 	n := newEKNode(t, ca, false)
 	node, err := VerifyNodeEK(n.file, trust)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := NewKEKMaterial(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Destroy()
+	m := newMaterial(t)
 	blob, err := m.ImportBlobForEK(n.file, node)
 	if err != nil {
 		t.Fatal(err)
