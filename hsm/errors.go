@@ -3,9 +3,8 @@ package hsm
 import (
 	"fmt"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
-
-	"github.com/hwkms/hwkms/plugin"
 )
 
 // opError carries a PKCS#11 function name and the pkcs11.Error it returned, until the
@@ -28,7 +27,7 @@ const (
 	rvSession
 	// rvObject: the cached key handle is stale; find the key again, retry once.
 	rvObject
-	// rvDevice: the module or token is gone; report plugin.ErrUnavailable.
+	// rvDevice: the module or token is gone; report kek.ErrUnavailable.
 	rvDevice
 )
 
@@ -49,11 +48,11 @@ func classify(err error) rvClass {
 }
 
 // tokenError turns an opError into the error hsm returns: it names the function and the
-// token, wraps plugin.ErrUnavailable for recovery-class CK_RVs, and keeps the
+// token, wraps kek.ErrUnavailable for recovery-class CK_RVs, and keeps the
 // pkcs11.Error for errors.As.
 func tokenError(t *token, oe opError) error {
 	if classify(oe.err) != rvOther {
-		return fmt.Errorf("hsm: %s on token %q: %w: %w", oe.op, t.label, plugin.ErrUnavailable, oe.err)
+		return fmt.Errorf("hsm: %s on token %q: %w: %w", oe.op, t.label, kek.ErrUnavailable, oe.err)
 	}
 	return fmt.Errorf("hsm: %s on token %q: %w", oe.op, t.label, oe.err)
 }

@@ -16,6 +16,7 @@ import (
 	"k8s.io/kms/pkg/service"
 
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // recoveryLimit is the reliability target: first success within this long after a
@@ -413,7 +414,7 @@ func TestFaultGeneralErrorAtDecrypt(t *testing.T) {
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("valid data, token answering CKR_GENERAL_ERROR to every C_Decrypt: %v, want Unavailable", err)
 	}
-	if h := r.svc.ProbeNow(ctx); h.OK || !errors.Is(h.Err, plugin.ErrUnavailable) {
+	if h := r.svc.ProbeNow(ctx); h.OK || !errors.Is(h.Err, kek.ErrUnavailable) {
 		t.Errorf("health probe with the faulty token: %+v, want a failure wrapping ErrUnavailable", h)
 	}
 	r.c.set(func(c *chaos) {

@@ -6,11 +6,11 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // FuzzUnwrap feeds hostile bodies to Unwrap on a real SoftHSM key: it never panics,
-// every failure wraps plugin.ErrInvalidCiphertext (the token is healthy), and only the
+// every failure wraps kek.ErrInvalidCiphertext (the token is healthy), and only the
 // one authentic body it was seeded with unwraps.
 func FuzzUnwrap(f *testing.F) {
 	fx, toks := newTokens(f, 1)
@@ -38,7 +38,7 @@ func FuzzUnwrap(f *testing.F) {
 			}
 			return
 		}
-		if !errors.Is(err, plugin.ErrInvalidCiphertext) {
+		if !errors.Is(err, kek.ErrInvalidCiphertext) {
 			t.Fatalf("Unwrap(%x) = %v, want ErrInvalidCiphertext", body, err)
 		}
 	})

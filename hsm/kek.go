@@ -9,9 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
-
-	"github.com/hwkms/hwkms/plugin"
 )
 
 // Body format version 1 (see doc.go). These values are stored in etcd inside every
@@ -24,7 +23,7 @@ const (
 	gcmTagSize = 16
 	headerSize = 1 + gcmIVSize
 	minBody    = headerSize + gcmTagSize + 1
-	maxBody    = headerSize + plugin.MaxPlaintext + gcmTagSize
+	maxBody    = headerSize + kek.MaxPlaintext + gcmTagSize
 )
 
 // KEK is an AES key on a PKCS#11 token, used with CKM_AES_GCM to wrap and unwrap
@@ -33,7 +32,7 @@ const (
 // A KEK is safe for concurrent use: each operation takes a session from a pool of
 // Config.Sessions sessions and waits for one at most until its context is done. Close
 // is idempotent; it makes waiting and new operations return an error wrapping
-// plugin.ErrClosed, waits for operations already on the device to finish, then closes
+// kek.ErrClosed, waits for operations already on the device to finish, then closes
 // the sessions and releases the shared module and token (logging out and finalising
 // the module when no other KEK in the process uses them).
 //
@@ -62,7 +61,7 @@ type KEK struct {
 	closing  sync.Once
 }
 
-var _ plugin.KEK = (*KEK)(nil)
+var _ kek.KEK = (*KEK)(nil)
 
 // Open loads cfg.Module (once per process, shared and reference-counted with every
 // other KEK on it), selects the token, logs in as CKU_USER unless this process already
@@ -130,15 +129,15 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 // ID returns the key_id: KeyID(CKA_LABEL, CKA_ID) of the key. It is valid after Close.
 func (k *KEK) ID() string { return k.id }
 
-// Backend returns plugin.BackendPKCS11.
-func (k *KEK) Backend() plugin.Backend { return plugin.BackendPKCS11 }
+// Backend returns kek.BackendPKCS11.
+func (k *KEK) Backend() kek.Backend { return kek.BackendPKCS11 }
 
-// Wrap encrypts plaintext (1..plugin.MaxPlaintext bytes) with C_EncryptInit/C_Encrypt,
+// Wrap encrypts plaintext (1..kek.MaxPlaintext bytes) with C_EncryptInit/C_Encrypt,
 // CKM_AES_GCM, a fresh random 12-byte IV, aad as GCM additional data and a 128-bit tag,
 // and returns a version 1 body: 0x01 | IV | ciphertext || tag (doc.go).
 func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
-	if n := len(plaintext); n == 0 || n > plugin.MaxPlaintext {
-		return nil, fmt.Errorf("hsm: plaintext is %d bytes, want 1..%d: %w", n, plugin.MaxPlaintext, plugin.ErrInvalidInput)
+	if n := len(plaintext); n == 0 || n > kek.MaxPlaintext {
+		return nil, fmt.Errorf("hsm: plaintext is %d bytes, want 1..%d: %w", n, kek.MaxPlaintext, kek.ErrInvalidInput)
 	}
 	leave, err := k.enter()
 	if err != nil {
@@ -185,12 +184,12 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 // Unwrap checks that body is a version 1 body of a valid length and mechanism, then
 // decrypts it with C_DecryptInit/C_Decrypt, CKM_AES_GCM and aad. A body that fails
 // authentication (wrong key, aad or any changed bit) returns an error wrapping
-// plugin.ErrInvalidCiphertext; tokens report that as CKR_ENCRYPTED_DATA_INVALID,
+// kek.ErrInvalidCiphertext; tokens report that as CKR_ENCRYPTED_DATA_INVALID,
 // CKR_ENCRYPTED_DATA_LEN_RANGE, or (SoftHSM2) CKR_GENERAL_ERROR.
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 	pt, err := k.unwrapOnce(ctx, body, aad)
-	if err != nil && isRV(err, pkcs11.CKR_GENERAL_ERROR) && errors.Is(err, plugin.ErrInvalidCiphertext) {
-		if err := k.generalError(ctx, err); errors.Is(err, plugin.ErrUnavailable) {
+	if err != nil && isRV(err, pkcs11.CKR_GENERAL_ERROR) && errors.Is(err, kek.ErrInvalidCiphertext) {
+		if err := k.generalError(ctx, err); errors.Is(err, kek.ErrUnavailable) {
 			return nil, err
 		}
 		// The device works: a one-off internal error gets one more try, a body that
@@ -203,10 +202,10 @@ func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 // unwrapOnce is Unwrap without the CKR_GENERAL_ERROR self-check.
 func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) {
 	if len(body) < minBody || len(body) > maxBody {
-		return nil, fmt.Errorf("hsm: body is %d bytes, want %d..%d: %w", len(body), minBody, maxBody, plugin.ErrInvalidCiphertext)
+		return nil, fmt.Errorf("hsm: body is %d bytes, want %d..%d: %w", len(body), minBody, maxBody, kek.ErrInvalidCiphertext)
 	}
 	if body[0] != mechAESGCM {
-		return nil, fmt.Errorf("hsm: unknown body mechanism 0x%02x: %w", body[0], plugin.ErrInvalidCiphertext)
+		return nil, fmt.Errorf("hsm: unknown body mechanism 0x%02x: %w", body[0], kek.ErrInvalidCiphertext)
 	}
 	leave, err := k.enter()
 	if err != nil {
@@ -225,7 +224,7 @@ func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) 
 		out, err := c.Decrypt(sh, ct)
 		if err != nil {
 			if isRV(err, pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
-				return fmt.Errorf("hsm: C_Decrypt on token %q: %w: %w", k.tok.label, plugin.ErrInvalidCiphertext, err)
+				return fmt.Errorf("hsm: C_Decrypt on token %q: %w: %w", k.tok.label, kek.ErrInvalidCiphertext, err)
 			}
 			return opError{op: "C_Decrypt", err: err}
 		}
@@ -247,7 +246,7 @@ func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) 
 // token reports an internal failure. A round trip of a fixed plaintext on the same
 // key tells them apart: if it works, the device is fine (err is returned; Unwrap then
 // tries the body once more); if it fails, the device is at fault and the error says
-// so, wrapping plugin.ErrUnavailable and quoting the round trip's own failure (which
+// so, wrapping kek.ErrUnavailable and quoting the round trip's own failure (which
 // went through the usual recovery).
 func (k *KEK) generalError(ctx context.Context, err error) error {
 	check := []byte("hwkms: CKR_GENERAL_ERROR self-check, 32B")
@@ -263,11 +262,11 @@ func (k *KEK) generalError(ctx context.Context, err error) error {
 		}
 	}
 	// werr as text only: it may wrap ErrInvalidCiphertext, which is not the verdict.
-	return fmt.Errorf("hsm: C_Decrypt on token %q answered CKR_GENERAL_ERROR and a round trip on the same key then failed too, so the token is at fault, not the ciphertext: %w (%v)", k.tok.label, plugin.ErrUnavailable, werr)
+	return fmt.Errorf("hsm: C_Decrypt on token %q answered CKR_GENERAL_ERROR and a round trip on the same key then failed too, so the token is at fault, not the ciphertext: %w (%v)", k.tok.label, kek.ErrUnavailable, werr)
 }
 
 // Close closes the KEK's sessions and releases its module and token references. It is
-// idempotent: later calls return nil. Operations after Close return plugin.ErrClosed.
+// idempotent: later calls return nil. Operations after Close return kek.ErrClosed.
 func (k *KEK) Close() error {
 	var err error
 	k.closing.Do(func() {
@@ -286,7 +285,7 @@ func (k *KEK) enter() (func(), error) {
 	k.mu.RLock()
 	if k.closed.Load() {
 		k.mu.RUnlock()
-		return nil, fmt.Errorf("hsm: key %q: %w", k.keyLabel, plugin.ErrClosed)
+		return nil, fmt.Errorf("hsm: key %q: %w", k.keyLabel, kek.ErrClosed)
 	}
 	return k.mu.RUnlock, nil
 }
@@ -336,7 +335,7 @@ type attemptResult struct {
 func (k *KEK) attempt(ctx context.Context, op opFunc) attemptResult {
 	s, err := k.pool.acquire(ctx)
 	if err != nil {
-		if errors.Is(err, plugin.ErrClosed) {
+		if errors.Is(err, kek.ErrClosed) {
 			err = fmt.Errorf("hsm: key %q: %w", k.keyLabel, err)
 		}
 		return attemptResult{err: err}
@@ -352,7 +351,7 @@ func (k *KEK) attempt(ctx context.Context, op opFunc) attemptResult {
 		return r
 	case <-ctx.Done():
 		return attemptResult{err: fmt.Errorf("hsm: token %q did not answer before the deadline (the call goes on in the background and its session is not reused until it returns): %w: %w",
-			k.tok.label, plugin.ErrUnavailable, ctx.Err())}
+			k.tok.label, kek.ErrUnavailable, ctx.Err())}
 	}
 }
 
@@ -361,7 +360,7 @@ func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
 	m := k.tok.mod
 	if m.draining.Load() {
 		k.pool.release(s, m.gen.Load())
-		return attemptResult{err: fmt.Errorf("hsm: token %q: the module is being re-initialised: %w", k.tok.label, plugin.ErrUnavailable)}
+		return attemptResult{err: fmt.Errorf("hsm: token %q: the module is being re-initialised: %w", k.tok.label, kek.ErrUnavailable)}
 	}
 	m.gate.RLock()
 	defer m.gate.RUnlock()
@@ -409,7 +408,7 @@ func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale pkcs11.ObjectHan
 			return 0, err // a device or session error: recover as for any call
 		}
 		return 0, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
-			k.keyLabel, k.tok.label, plugin.ErrUnavailable, k.wrapErr(err))
+			k.keyLabel, k.tok.label, kek.ErrUnavailable, k.wrapErr(err))
 	}
 	k.keyH, k.keyGen = h, gen
 	return h, nil

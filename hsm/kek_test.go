@@ -14,9 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
-
-	"github.com/hwkms/hwkms/plugin"
 )
 
 var aad = []byte("k8s:enc:kms:v2 frame v1 key_id=p11:test")
@@ -28,7 +27,7 @@ func TestWrapUnwrap(t *testing.T) {
 	k := openKEK(t, cfg)
 	ctx := context.Background()
 
-	for _, n := range []int{1, 32, plugin.MaxPlaintext} {
+	for _, n := range []int{1, 32, kek.MaxPlaintext} {
 		t.Run(fmt.Sprintf("size=%d", n), func(t *testing.T) {
 			pt := bytes.Repeat([]byte{0xA5}, n)
 			body := roundTrip(t, k, pt, aad)
@@ -45,10 +44,10 @@ func TestWrapUnwrap(t *testing.T) {
 	}
 	t.Run("empty aad", func(t *testing.T) { roundTrip(t, k, []byte("seed"), nil) })
 
-	for _, n := range []int{0, plugin.MaxPlaintext + 1} {
+	for _, n := range []int{0, kek.MaxPlaintext + 1} {
 		t.Run(fmt.Sprintf("invalid size=%d", n), func(t *testing.T) {
 			_, err := k.Wrap(ctx, make([]byte, n), aad)
-			if !errors.Is(err, plugin.ErrInvalidInput) {
+			if !errors.Is(err, kek.ErrInvalidInput) {
 				t.Fatalf("Wrap(%d bytes) = %v, want ErrInvalidInput", n, err)
 			}
 		})
@@ -116,7 +115,7 @@ func TestUnwrapRejectsTampering(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := k.Unwrap(ctx, tt.body, tt.aad)
-			if !errors.Is(err, plugin.ErrInvalidCiphertext) {
+			if !errors.Is(err, kek.ErrInvalidCiphertext) {
 				t.Fatalf("Unwrap = %x, %v; want ErrInvalidCiphertext", got, err)
 			}
 			if got != nil {
@@ -189,8 +188,8 @@ func TestCreatedKeyAttributes(t *testing.T) {
 	}
 
 	_, err = CreateKey(context.Background(), cfg)
-	if !errors.Is(err, ErrKeyExists) {
-		t.Errorf("second CreateKey with the same label: %v, want ErrKeyExists", err)
+	if !errors.Is(err, kek.ErrKeyExists) {
+		t.Errorf("second CreateKey with the same label: %v, want kek.ErrKeyExists", err)
 	}
 	cfg.KeyCKAID = "00"
 	if _, err := CreateKey(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "keyCKAID") {
@@ -313,12 +312,12 @@ func TestKeySelection(t *testing.T) {
 	}
 
 	cfg.KeyCKAID = "ffff"
-	if _, err := Open(context.Background(), cfg); !errors.Is(err, ErrKeyNotFound) {
-		t.Errorf("Open with an unknown CKA_ID = %v, want ErrKeyNotFound", err)
+	if _, err := Open(context.Background(), cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+		t.Errorf("Open with an unknown CKA_ID = %v, want kek.ErrKeyNotFound", err)
 	}
 	cfg.KeyCKAID, cfg.KeyLabel = "", "missing"
-	if _, err := Open(context.Background(), cfg); !errors.Is(err, ErrKeyNotFound) {
-		t.Errorf("Open with an unknown label = %v, want ErrKeyNotFound", err)
+	if _, err := Open(context.Background(), cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+		t.Errorf("Open with an unknown label = %v, want kek.ErrKeyNotFound", err)
 	}
 	bad := cfgFor(fx, toks[0], "shared")
 	bad.TokenLabel = "no-such-token"
@@ -348,7 +347,7 @@ func TestWrongPIN(t *testing.T) {
 		t.Fatalf("Open with a wrong PIN = %v, want CKR_PIN_INCORRECT", err)
 	}
 	var pe *PINError
-	if !errors.As(err, &pe) || pe.Token != toks[0].Label || !errors.Is(err, plugin.ErrUnavailable) {
+	if !errors.As(err, &pe) || pe.Token != toks[0].Label || !errors.Is(err, kek.ErrUnavailable) {
 		t.Errorf("Open with a wrong PIN = %#v, want *PINError for token %q wrapping ErrUnavailable", err, toks[0].Label)
 	}
 	msg := err.Error()
@@ -538,7 +537,7 @@ func TestTwoTokens(t *testing.T) {
 	}
 	bodyA := roundTrip(t, a, []byte("seed-a"), aad)
 	roundTrip(t, b, []byte("seed-b"), aad)
-	if _, err := b.Unwrap(context.Background(), bodyA, aad); !errors.Is(err, plugin.ErrInvalidCiphertext) {
+	if _, err := b.Unwrap(context.Background(), bodyA, aad); !errors.Is(err, kek.ErrInvalidCiphertext) {
 		t.Errorf("unwrap of A's body under B = %v, want ErrInvalidCiphertext", err)
 	}
 	if err := a.Close(); err != nil {
@@ -631,15 +630,15 @@ func TestKeyID(t *testing.T) {
 		if err := DestroyKey(context.Background(), cfg); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := Open(context.Background(), cfg); !errors.Is(err, ErrKeyNotFound) {
-			t.Fatalf("Open after DestroyKey = %v, want ErrKeyNotFound", err)
+		if _, err := Open(context.Background(), cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+			t.Fatalf("Open after DestroyKey = %v, want kek.ErrKeyNotFound", err)
 		}
 		ki2 := createKey(t, cfg)
 		k2 := openKEK(t, cfg)
 		if ki2.KeyID == id || k2.ID() == id {
 			t.Fatalf("re-created key reuses key_id %q", id)
 		}
-		if _, err := k2.Unwrap(context.Background(), body, aad); !errors.Is(err, plugin.ErrInvalidCiphertext) {
+		if _, err := k2.Unwrap(context.Background(), body, aad); !errors.Is(err, kek.ErrInvalidCiphertext) {
 			t.Errorf("old body under the re-created key = %v, want ErrInvalidCiphertext", err)
 		}
 	})
@@ -778,7 +777,7 @@ func TestClose(t *testing.T) {
 	<-isWaiting
 	closed := make(chan error, 1)
 	go func() { closed <- k.Close() }()
-	if err := <-waiting; !errors.Is(err, plugin.ErrClosed) {
+	if err := <-waiting; !errors.Is(err, kek.ErrClosed) {
 		t.Errorf("waiting acquire = %v, want ErrClosed", err)
 	}
 	select {
@@ -795,13 +794,13 @@ func TestClose(t *testing.T) {
 	if err := k.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
 	}
-	if _, err := k.Wrap(context.Background(), []byte("seed"), aad); !errors.Is(err, plugin.ErrClosed) {
+	if _, err := k.Wrap(context.Background(), []byte("seed"), aad); !errors.Is(err, kek.ErrClosed) {
 		t.Errorf("Wrap after Close = %v, want ErrClosed", err)
 	}
-	if _, err := k.Unwrap(context.Background(), body, aad); !errors.Is(err, plugin.ErrClosed) {
+	if _, err := k.Unwrap(context.Background(), body, aad); !errors.Is(err, kek.ErrClosed) {
 		t.Errorf("Unwrap after Close = %v, want ErrClosed", err)
 	}
-	if k.ID() == "" || k.Backend() != plugin.BackendPKCS11 {
+	if k.ID() == "" || k.Backend() != kek.BackendPKCS11 {
 		t.Errorf("ID/Backend after Close = %q/%v", k.ID(), k.Backend())
 	}
 }
@@ -828,7 +827,7 @@ func TestRecovery(t *testing.T) {
 		f.inject("EncryptInit", pkcs11.Error(pkcs11.CKR_SESSION_CLOSED), pkcs11.Error(pkcs11.CKR_SESSION_CLOSED))
 		_, err := k.Wrap(ctx, []byte("seed"), aad)
 		var rv pkcs11.Error
-		if !errors.Is(err, plugin.ErrUnavailable) || !errors.As(err, &rv) || rv != pkcs11.CKR_SESSION_CLOSED {
+		if !errors.Is(err, kek.ErrUnavailable) || !errors.As(err, &rv) || rv != pkcs11.CKR_SESSION_CLOSED {
 			t.Fatalf("Wrap = %v, want ErrUnavailable with CKR_SESSION_CLOSED", err)
 		}
 		roundTrip(t, k, []byte("seed"), aad)
@@ -867,7 +866,7 @@ func TestRecovery(t *testing.T) {
 		f.inject("EncryptInit", pkcs11.Error(pkcs11.CKR_DEVICE_ERROR), pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))
 		_, err := k.Wrap(ctx, []byte("seed"), aad)
 		var got pkcs11.Error
-		if !errors.Is(err, plugin.ErrUnavailable) || !errors.As(err, &got) || got != pkcs11.CKR_DEVICE_ERROR {
+		if !errors.Is(err, kek.ErrUnavailable) || !errors.As(err, &got) || got != pkcs11.CKR_DEVICE_ERROR {
 			t.Fatalf("Wrap = %v, want ErrUnavailable with CKR_DEVICE_ERROR", err)
 		}
 		roundTrip(t, k, []byte("seed"), aad)
@@ -875,12 +874,12 @@ func TestRecovery(t *testing.T) {
 	t.Run("reinit fails then backs off", func(t *testing.T) {
 		f.inject("EncryptInit", pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED))
 		f.inject("Initialize", pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED))
-		if _, err := k.Wrap(ctx, []byte("seed"), aad); !errors.Is(err, plugin.ErrUnavailable) {
+		if _, err := k.Wrap(ctx, []byte("seed"), aad); !errors.Is(err, kek.ErrUnavailable) {
 			t.Fatalf("Wrap = %v, want ErrUnavailable", err)
 		}
 		inits := f.count("Initialize")
 		_, err := k.Wrap(ctx, []byte("seed"), aad)
-		if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, errBackoff) {
+		if !errors.Is(err, kek.ErrUnavailable) || !errors.Is(err, errBackoff) {
 			t.Fatalf("Wrap right after a failed re-init = %v, want ErrUnavailable while backing off", err)
 		}
 		if got := f.count("Initialize") - inits; got != 0 {

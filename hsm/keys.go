@@ -10,19 +10,15 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
 )
 
 // Errors about key selection and attributes, wrapped by Open, CreateKey and DestroyKey.
 var (
-	// ErrKeyNotFound means no AES secret key on the token has the configured label (and
-	// CKA_ID, if set).
-	ErrKeyNotFound = errors.New("key not found")
 	// ErrKeyAmbiguous means several AES secret keys have the configured label and no
 	// keyCKAID was given to choose one.
 	ErrKeyAmbiguous = errors.New("key selection is ambiguous")
-	// ErrKeyExists means CreateKey found an object with the label already.
-	ErrKeyExists = errors.New("a key with this label already exists")
 	// ErrUnsafeKey means the key's attributes would let its value leave the token
 	// (CKA_EXTRACTABLE true, CKA_SENSITIVE false, CKA_NEVER_EXTRACTABLE false) or it
 	// lacks a CKA_ID, and Config.AllowExtractable is not set.
@@ -189,7 +185,7 @@ func selectKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID [
 	}
 	switch {
 	case len(hs) == 0:
-		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: no %s on token %q: %w", desc, tokenLabel, ErrKeyNotFound)
+		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: no %s on token %q: %w", desc, tokenLabel, kek.ErrKeyNotFound)
 	case len(hs) > 1:
 		return 0, KeyInfo{}, nil, fmt.Errorf("hsm: %d keys match %s on token %q: ambiguous; set keyCKAID to choose one: %w",
 			len(hs), desc, tokenLabel, ErrKeyAmbiguous)
@@ -262,7 +258,7 @@ func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) e
 // (CKM_AES_KEY_GEN) and the template: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true;
 // CKA_EXTRACTABLE false; CKA_ENCRYPT and CKA_DECRYPT true; CKA_WRAP, CKA_UNWRAP,
 // CKA_SIGN, CKA_VERIFY, CKA_DERIVE false; CKA_LABEL cfg.KeyLabel; a random 16-byte
-// CKA_ID. It refuses (ErrKeyExists) if any object labelled cfg.KeyLabel exists, and
+// CKA_ID. It refuses (kek.ErrKeyExists) if any object labelled cfg.KeyLabel exists, and
 // refuses a cfg with KeyCKAID set (the CKA_ID must be fresh and random). It reads the
 // attributes back and destroys the key again if the token did not honour them.
 //
@@ -279,7 +275,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 			return err
 		}
 		if len(existing) > 0 {
-			return fmt.Errorf("hsm: token %q already has %d object(s) labelled %q: %w", t.label, len(existing), cfg.KeyLabel, ErrKeyExists)
+			return fmt.Errorf("hsm: token %q already has %d object(s) labelled %q: %w", t.label, len(existing), cfg.KeyLabel, kek.ErrKeyExists)
 		}
 		id := make([]byte, 16)
 		if _, err := rand.Read(id); err != nil {

@@ -12,9 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
-
-	"github.com/hwkms/hwkms/plugin"
 )
 
 // p11 is the slice of *pkcs11.Ctx that hsm uses. Every PKCS#11 call goes through it so
@@ -79,7 +78,7 @@ type module struct {
 	gen atomic.Uint64
 	rec recovery
 	// draining is set while a re-initialisation waits for calls still running on the
-	// module: new operations then fail at once with plugin.ErrUnavailable instead of
+	// module: new operations then fail at once with kek.ErrUnavailable instead of
 	// queueing behind it (see reinit).
 	draining atomic.Bool
 	// reinitsOK and reinitsFailed count re-initialisations since the module was loaded,
@@ -150,7 +149,7 @@ func macPIN(pin string) []byte {
 // PINError reports that the token refused the user PIN at C_Login: CKR_PIN_INCORRECT,
 // CKR_PIN_LOCKED, CKR_PIN_EXPIRED, CKR_PIN_INVALID or CKR_PIN_LEN_RANGE. hsm never
 // retries such a login (another attempt could lock the token). It unwraps to the
-// pkcs11.Error and to plugin.ErrUnavailable. It never contains the PIN.
+// pkcs11.Error and to kek.ErrUnavailable. It never contains the PIN.
 type PINError struct {
 	// Token names the token (its label) that refused the PIN.
 	Token string
@@ -180,8 +179,8 @@ func (e *PINError) Error() string {
 	return fmt.Sprintf("hsm: token %q refused the user PIN at C_Login: %v (not retried: another attempt could lock the token)", e.Token, e.Err)
 }
 
-// Unwrap returns the pkcs11.Error and plugin.ErrUnavailable.
-func (e *PINError) Unwrap() []error { return []error{e.Err, plugin.ErrUnavailable} }
+// Unwrap returns the pkcs11.Error and kek.ErrUnavailable.
+func (e *PINError) Unwrap() []error { return []error{e.Err, kek.ErrUnavailable} }
 
 // acquireToken loads and initialises the module if needed, selects the token, opens its
 // login session and logs in as CKU_USER if this process has not yet, and takes a
@@ -256,7 +255,7 @@ func acquireModuleLocked(path string) (*module, error) {
 	if err := c.Initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			c.Destroy()
-			return nil, mark(fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, plugin.ErrUnavailable, err), ErrModule)
+			return nil, mark(fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, kek.ErrUnavailable, err), ErrModule)
 		}
 		// Someone else in this process initialised it (another path to the same
 		// library): use it, but never finalise it.
@@ -343,7 +342,7 @@ func (t *token) login(pin string) error {
 	}
 	hold, err := t.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
-		return fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+		return fmt.Errorf("hsm: C_OpenSession on token %q: %w: %w", t.label, kek.ErrUnavailable, err)
 	}
 	if err := t.ctx.Login(hold, pkcs11.CKU_USER, pin); err != nil && !isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		_ = t.ctx.CloseSession(hold)
@@ -361,7 +360,7 @@ func (t *token) login(pin string) error {
 			}
 			return t.pinErr
 		}
-		return fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, plugin.ErrUnavailable, err)
+		return fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, kek.ErrUnavailable, err)
 	}
 	t.hold, t.loggedIn, t.pinErr, t.loginErr = hold, true, nil, nil
 	t.pinMAC = mac
@@ -378,7 +377,7 @@ func (t *token) login(pin string) error {
 func (m *module) selectSlot(cfg Config) (uint, pkcs11.TokenInfo, error) {
 	slots, err := m.ctx.GetSlotList(true)
 	if err != nil {
-		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: C_GetSlotList of module %q: %w: %w", cfg.Module, plugin.ErrUnavailable, err)
+		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: C_GetSlotList of module %q: %w: %w", cfg.Module, kek.ErrUnavailable, err)
 	}
 	var (
 		found []uint
@@ -391,7 +390,7 @@ func (m *module) selectSlot(cfg Config) (uint, pkcs11.TokenInfo, error) {
 		info, err := m.ctx.GetTokenInfo(s)
 		if err != nil {
 			if cfg.Slot != nil {
-				return 0, info, fmt.Errorf("hsm: C_GetTokenInfo of slot %d: %w: %w", s, plugin.ErrUnavailable, err)
+				return 0, info, fmt.Errorf("hsm: C_GetTokenInfo of slot %d: %w: %w", s, kek.ErrUnavailable, err)
 			}
 			continue // a slot we cannot read is not the one we are looking for
 		}

@@ -5,9 +5,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
-
-	"github.com/hwkms/hwkms/plugin"
 )
 
 // session is one slot of the pool. A slot may be empty (open false) after its session
@@ -91,7 +90,7 @@ func (p *pool) acquire(ctx context.Context) (*session, error) {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("hsm: waiting for a session on token %q: %w", p.tok.label, ctx.Err())
 		case <-p.done:
-			return nil, plugin.ErrClosed
+			return nil, kek.ErrClosed
 		}
 	}
 	return s, nil

@@ -7,15 +7,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
-
-	"github.com/hwkms/hwkms/plugin"
 )
 
 // Backoff between re-initialisation attempts of one module: the first attempt after a
 // device-class error is immediate; after a failed attempt the next one is allowed only
 // after minBackoff, doubling up to maxBackoff. Requests that arrive during the wait fail
-// at once with plugin.ErrUnavailable instead of touching the device. maxBackoff bounds
+// at once with kek.ErrUnavailable instead of touching the device. maxBackoff bounds
 // the time from a device coming back to the first success (the recovery target is 2 s).
 const (
 	minBackoff = 50 * time.Millisecond
@@ -69,7 +68,7 @@ func (m *module) recoverDevice(ctx context.Context, t *token, seen uint64, cause
 		if wait := time.Until(r.next); wait > 0 {
 			last := r.lastErr
 			r.mu.Unlock()
-			return fmt.Errorf("hsm: module %q: %w (%v): %w: %w", m.path, errBackoff, wait.Round(time.Millisecond), plugin.ErrUnavailable, last)
+			return fmt.Errorf("hsm: module %q: %w (%v): %w: %w", m.path, errBackoff, wait.Round(time.Millisecond), kek.ErrUnavailable, last)
 		}
 		call = &reinitCall{done: make(chan struct{})}
 		r.inflight = call
@@ -89,7 +88,7 @@ func (m *module) recoverDevice(ctx context.Context, t *token, seen uint64, cause
 		}
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("hsm: module %q: waiting for re-initialisation: %w: %w", m.path, plugin.ErrUnavailable, ctx.Err())
+		return fmt.Errorf("hsm: module %q: waiting for re-initialisation: %w: %w", m.path, kek.ErrUnavailable, ctx.Err())
 	}
 }
 
@@ -112,7 +111,7 @@ func (m *module) reinit(seen uint64, call *reinitCall) {
 		m.gate.Unlock()
 	} else {
 		m.reinitsFailed.Add(1)
-		err = fmt.Errorf("C_Finalize not attempted: a device call on the module has not returned after %v: %w", reinitWait, plugin.ErrUnavailable)
+		err = fmt.Errorf("C_Finalize not attempted: a device call on the module has not returned after %v: %w", reinitWait, kek.ErrUnavailable)
 		call.stalled = true
 	}
 
@@ -135,7 +134,7 @@ func (m *module) reinit(seen uint64, call *reinitCall) {
 }
 
 // lockForReinit takes the gate exclusively for a re-initialisation. It stops new
-// operations first (draining: they fail at once with plugin.ErrUnavailable) and
+// operations first (draining: they fail at once with kek.ErrUnavailable) and
 // waits for the calls already running, at most reinitWait; it reports false when they
 // did not all return in time, leaving the gate to them.
 func (m *module) lockForReinit() bool {
@@ -165,7 +164,7 @@ func (m *module) reinitLocked() error {
 		t.loggedIn = false
 	}
 	if err := m.ctx.Initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-		return fmt.Errorf("C_Initialize: %w: %w", plugin.ErrUnavailable, err)
+		return fmt.Errorf("C_Initialize: %w: %w", kek.ErrUnavailable, err)
 	}
 	toks := make([]*token, 0, len(m.tokens))
 	for _, t := range m.tokens {
@@ -188,12 +187,12 @@ func (m *module) reinitLocked() error {
 func (m *module) relogin(t *token) error {
 	pin, err := t.sel.readPIN()
 	if err != nil {
-		return fmt.Errorf("%w: %w", plugin.ErrUnavailable, err)
+		return fmt.Errorf("%w: %w", kek.ErrUnavailable, err)
 	}
 	// The slot ID may change when a device is removed and inserted again.
 	slot, _, err := m.selectSlot(t.sel)
 	if err != nil {
-		return fmt.Errorf("%w: %w", plugin.ErrUnavailable, err)
+		return fmt.Errorf("%w: %w", kek.ErrUnavailable, err)
 	}
 	if slot != t.slot {
 		delete(m.tokens, t.slot)
@@ -219,7 +218,7 @@ func (t *token) state() error {
 	case !t.loggedIn && t.loginErr != nil:
 		return t.loginErr
 	case !t.loggedIn:
-		return fmt.Errorf("hsm: token %q is not logged in: %w", t.label, plugin.ErrUnavailable)
+		return fmt.Errorf("hsm: token %q is not logged in: %w", t.label, kek.ErrUnavailable)
 	}
 	return nil
 }

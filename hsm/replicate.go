@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
 )
 
@@ -130,7 +131,7 @@ func refuseExisting(t *token, sh pkcs11.SessionHandle, label string) error {
 		return err
 	}
 	if len(existing) > 0 {
-		return fmt.Errorf("hsm: token %q already has %d object(s) labelled %q: %w", t.label, len(existing), label, ErrKeyExists)
+		return fmt.Errorf("hsm: token %q already has %d object(s) labelled %q: %w", t.label, len(existing), label, kek.ErrKeyExists)
 	}
 	return nil
 }
@@ -140,7 +141,7 @@ func refuseExisting(t *token, sh pkcs11.SessionHandle, label string) error {
 // above, with the same CKA_LABEL and CKA_ID; dst.KeyLabel must equal
 // src.KeyLabel. The copy is CKA_SENSITIVE and not extractable. It refuses a source
 // key that is not sensitive or not extractable, and a destination token that
-// already has an object with the label (ErrKeyExists). Both tokens must be
+// already has an object with the label (kek.ErrKeyExists). Both tokens must be
 // reachable from this process (for network HSMs, from the admin host).
 func ReplicateKey(ctx context.Context, src, dst Config) (KeyInfo, error) {
 	if src.KeyLabel != dst.KeyLabel {

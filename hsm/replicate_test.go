@@ -5,6 +5,7 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
 )
 
@@ -42,8 +43,8 @@ func TestReplicateKey(t *testing.T) {
 	if got.Extractable || !got.Sensitive || got.NeverExtractable {
 		t.Errorf("replica attributes: %+v", got)
 	}
-	if _, err := ReplicateKey(ctx, src, dst); !errors.Is(err, ErrKeyExists) {
-		t.Errorf("second ReplicateKey = %v, want ErrKeyExists", err)
+	if _, err := ReplicateKey(ctx, src, dst); !errors.Is(err, kek.ErrKeyExists) {
+		t.Errorf("second ReplicateKey = %v, want kek.ErrKeyExists", err)
 	}
 
 	// Neither copy opens by default.

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
@@ -47,8 +48,8 @@ func (n noopService) Decrypt(context.Context, string, *service.DecryptRequest) (
 // without a device, is BenchmarkSocket minus BenchmarkGRPC.
 type nopKEK struct{}
 
-func (nopKEK) ID() string       { return "nop" }
-func (nopKEK) Backend() Backend { return BackendTest }
+func (nopKEK) ID() string           { return "nop" }
+func (nopKEK) Backend() kek.Backend { return kek.BackendTest }
 func (nopKEK) Wrap(_ context.Context, pt, _ []byte) ([]byte, error) {
 	return make([]byte, 29+len(pt)), nil // the size of an hsm body
 }
@@ -257,7 +258,7 @@ func BenchmarkAESGCM(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	seed, aad := make([]byte, 32), frameAAD(BackendTest, "0123456789abcdef0123456789abcdef0123456789a")
+	seed, aad := make([]byte, 32), frameAAD(kek.BackendTest, "0123456789abcdef0123456789abcdef0123456789a")
 	nonce := make([]byte, aead.NonceSize())
 	sealed := aead.Seal(nil, nonce, seed, aad)
 	b.Run("Seal", func(b *testing.B) {

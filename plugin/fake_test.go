@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // fakeKEK is an in-memory AES-256-GCM KEK for unit tests. Body: nonce(12) | sealed.
@@ -38,14 +40,14 @@ func newFakeKEK(id string) *fakeKEK {
 	return &fakeKEK{id: id, aead: aead}
 }
 
-func (k *fakeKEK) ID() string       { return k.id }
-func (k *fakeKEK) Backend() Backend { return BackendTest }
+func (k *fakeKEK) ID() string           { return k.id }
+func (k *fakeKEK) Backend() kek.Backend { return kek.BackendTest }
 
 func (k *fakeKEK) state() (error, chan struct{}) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.closed {
-		return fmt.Errorf("fake %s: %w", k.id, ErrClosed), nil
+		return fmt.Errorf("fake %s: %w", k.id, kek.ErrClosed), nil
 	}
 	return k.failWith, k.block
 }
@@ -61,8 +63,8 @@ func (k *fakeKEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, erro
 	if err, _ := k.state(); err != nil {
 		return nil, err
 	}
-	if len(plaintext) == 0 || len(plaintext) > MaxPlaintext {
-		return nil, fmt.Errorf("fake: %w", ErrInvalidInput)
+	if len(plaintext) == 0 || len(plaintext) > kek.MaxPlaintext {
+		return nil, fmt.Errorf("fake: %w", kek.ErrInvalidInput)
 	}
 	nonce := make([]byte, k.aead.NonceSize())
 	if _, err := rand.Read(nonce); err != nil {
@@ -89,11 +91,11 @@ func (k *fakeKEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) 
 	}
 	ns := k.aead.NonceSize()
 	if len(body) < ns+k.aead.Overhead() {
-		return nil, fmt.Errorf("fake: short body: %w", ErrInvalidCiphertext)
+		return nil, fmt.Errorf("fake: short body: %w", kek.ErrInvalidCiphertext)
 	}
 	pt, err := k.aead.Open(nil, body[:ns], body[ns:], aad)
 	if err != nil {
-		return nil, fmt.Errorf("fake: %w: %w", ErrInvalidCiphertext, err)
+		return nil, fmt.Errorf("fake: %w: %w", kek.ErrInvalidCiphertext, err)
 	}
 	return pt, nil
 }

@@ -2,6 +2,8 @@ package plugin
 
 import (
 	"fmt"
+
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // Ciphertext frame, as stored in etcd inside kube-apiserver's EncryptedObject.
@@ -9,7 +11,7 @@ import (
 // Version 1 (the only version so far; formats are forever, never reuse a value):
 //
 //	byte 0     frame version, 0x01
-//	byte 1     backend (BackendPKCS11 0x01, BackendTPM 0x02)
+//	byte 1     backend (kek.BackendPKCS11 0x01, kek.BackendTPM 0x02)
 //	bytes 2..  backend body, produced by KEK.Wrap with the AAD below
 //
 // The AAD given to the KEK binds the frame version, the backend and the key_id:
@@ -29,26 +31,26 @@ const (
 const aadPrefix = "hwkms\x00"
 
 // encodeFrame builds a version-1 frame around body.
-func encodeFrame(b Backend, body []byte) []byte {
+func encodeFrame(b kek.Backend, body []byte) []byte {
 	out := make([]byte, 0, frameHeaderLen+len(body))
 	out = append(out, FrameV1, byte(b))
 	return append(out, body...)
 }
 
 // parseFrame splits a frame into its backend and body. It accepts only version 1 and
-// a non-empty body; any other input wraps ErrInvalidCiphertext.
-func parseFrame(frame []byte) (Backend, []byte, error) {
+// a non-empty body; any other input wraps kek.ErrInvalidCiphertext.
+func parseFrame(frame []byte) (kek.Backend, []byte, error) {
 	if len(frame) <= frameHeaderLen {
-		return 0, nil, fmt.Errorf("frame of %d bytes is too short: %w", len(frame), ErrInvalidCiphertext)
+		return 0, nil, fmt.Errorf("frame of %d bytes is too short: %w", len(frame), kek.ErrInvalidCiphertext)
 	}
 	if frame[0] != FrameV1 {
-		return 0, nil, fmt.Errorf("unsupported frame version 0x%02x: %w", frame[0], ErrInvalidCiphertext)
+		return 0, nil, fmt.Errorf("unsupported frame version 0x%02x: %w", frame[0], kek.ErrInvalidCiphertext)
 	}
-	return Backend(frame[1]), frame[frameHeaderLen:], nil
+	return kek.Backend(frame[1]), frame[frameHeaderLen:], nil
 }
 
 // frameAAD returns the additional authenticated data for a version-1 frame.
-func frameAAD(b Backend, keyID string) []byte {
+func frameAAD(b kek.Backend, keyID string) []byte {
 	out := make([]byte, 0, len(aadPrefix)+2+len(keyID))
 	out = append(out, aadPrefix...)
 	out = append(out, FrameV1, byte(b))

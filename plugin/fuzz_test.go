@@ -9,23 +9,24 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/kms/pkg/service"
 )
 
-// FuzzParseFrame: any bytes parse or fail with ErrInvalidCiphertext, never panic, and
+// FuzzParseFrame: any bytes parse or fail with kek.ErrInvalidCiphertext, never panic, and
 // an accepted frame re-encodes to the same bytes.
 func FuzzParseFrame(f *testing.F) {
-	f.Add([]byte{FrameV1, byte(BackendPKCS11), 1, 2, 3})
-	f.Add([]byte{FrameV1, byte(BackendTPM)})
+	f.Add([]byte{FrameV1, byte(kek.BackendPKCS11), 1, 2, 3})
+	f.Add([]byte{FrameV1, byte(kek.BackendTPM)})
 	f.Add([]byte{0x02, 0x01, 0x00})
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		b, body, err := parseFrame(frame)
 		if err != nil {
-			if !errors.Is(err, ErrInvalidCiphertext) {
-				t.Fatalf("parseFrame error %v does not wrap ErrInvalidCiphertext", err)
+			if !errors.Is(err, kek.ErrInvalidCiphertext) {
+				t.Fatalf("parseFrame error %v does not wrap kek.ErrInvalidCiphertext", err)
 			}
 			return
 		}
@@ -54,10 +55,10 @@ func FuzzDecrypt(f *testing.F) {
 	f.Add(valid, "fuzz-key")
 	f.Add(valid, "other-key")
 	f.Add(valid[:len(valid)-1], "fuzz-key")
-	f.Add(append([]byte{FrameV1, byte(BackendPKCS11)}, valid[2:]...), "fuzz-key")
+	f.Add(append([]byte{FrameV1, byte(kek.BackendPKCS11)}, valid[2:]...), "fuzz-key")
 	f.Add([]byte{FrameV1}, "fuzz-key")
 	f.Add([]byte{}, "")
-	f.Add(bytes.Repeat([]byte{0xff}, MaxCiphertext+1), "fuzz-key")
+	f.Add(bytes.Repeat([]byte{0xff}, kek.MaxCiphertext+1), "fuzz-key")
 	f.Fuzz(func(t *testing.T, ct []byte, keyID string) {
 		pt, err := svc.Decrypt(context.Background(), "fuzz", &service.DecryptRequest{Ciphertext: ct, KeyID: keyID})
 		if err == nil {

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // Health is the result of one probe of the primary KEK.
@@ -26,7 +28,7 @@ type Health struct {
 
 // Probe runs one real round trip on k: it wraps 32 fresh random bytes and unwraps them,
 // exactly as Encrypt and Decrypt would, and checks the result. It touches the device.
-func Probe(ctx context.Context, k KEK) Health {
+func Probe(ctx context.Context, k kek.KEK) Health {
 	h := Health{KeyID: k.ID()}
 	err := probe(ctx, k)
 	h.At = time.Now()
@@ -39,7 +41,7 @@ func Probe(ctx context.Context, k KEK) Health {
 	return h
 }
 
-func probe(ctx context.Context, k KEK) error {
+func probe(ctx context.Context, k kek.KEK) error {
 	seed := make([]byte, 32)
 	if _, err := rand.Read(seed); err != nil {
 		return fmt.Errorf("read random seed: %w", err)
@@ -49,8 +51,8 @@ func probe(ctx context.Context, k KEK) error {
 	if err != nil {
 		return fmt.Errorf("wrap: %w", err)
 	}
-	if len(body)+frameHeaderLen > MaxCiphertext {
-		return fmt.Errorf("wrap produced a %d-byte frame, over the %d-byte limit", len(body)+frameHeaderLen, MaxCiphertext)
+	if len(body)+frameHeaderLen > kek.MaxCiphertext {
+		return fmt.Errorf("wrap produced a %d-byte frame, over the %d-byte limit", len(body)+frameHeaderLen, kek.MaxCiphertext)
 	}
 	got, err := k.Unwrap(ctx, body, aad)
 	if err != nil {
@@ -67,11 +69,11 @@ func reasonOf(err error) string {
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
 		return "device did not answer in time"
-	case errors.Is(err, ErrClosed):
+	case errors.Is(err, kek.ErrClosed):
 		return "key is closed"
-	case errors.Is(err, ErrUnavailable):
+	case errors.Is(err, kek.ErrUnavailable):
 		return "device unavailable"
-	case errors.Is(err, ErrInvalidCiphertext):
+	case errors.Is(err, kek.ErrInvalidCiphertext):
 		return "round trip failed authentication"
 	default:
 		return "device error"

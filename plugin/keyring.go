@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync"
 	"unicode/utf8"
+
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // Keyring holds the primary KEK, which encrypts, and any number of decrypt-only KEKs,
@@ -15,23 +17,23 @@ import (
 // keyring (see acquire) to finish before it closes the KEKs, so a reload never fails
 // an in-flight request.
 type Keyring struct {
-	primary KEK
-	all     []KEK
-	byID    map[string]KEK
+	primary kek.KEK
+	all     []kek.KEK
+	byID    map[string]kek.KEK
 
 	mu     sync.RWMutex // held for reading by each in-flight request
 	closed bool
 }
 
 // NewKeyring builds a keyring whose first KEK is the primary. Every key_id must be
-// valid (non-empty UTF-8, at most MaxKeyIDLen bytes) and unique; a duplicate is an error,
+// valid (non-empty UTF-8, at most kek.MaxKeyIDLen bytes) and unique; a duplicate is an error,
 // since kube-apiserver could not tell the keys apart.
-func NewKeyring(primary KEK, decryptOnly ...KEK) (*Keyring, error) {
+func NewKeyring(primary kek.KEK, decryptOnly ...kek.KEK) (*Keyring, error) {
 	if primary == nil {
 		return nil, errors.New("keyring: a primary key is required")
 	}
-	all := append([]KEK{primary}, decryptOnly...)
-	byID := make(map[string]KEK, len(all))
+	all := append([]kek.KEK{primary}, decryptOnly...)
+	byID := make(map[string]kek.KEK, len(all))
 	for i, k := range all {
 		if k == nil {
 			return nil, fmt.Errorf("keyring: key %d is nil", i)
@@ -53,8 +55,8 @@ func ValidateKeyID(id string) error {
 	switch {
 	case id == "":
 		return errors.New("key_id is empty")
-	case len(id) > MaxKeyIDLen:
-		return fmt.Errorf("key_id is %d bytes, more than %d", len(id), MaxKeyIDLen)
+	case len(id) > kek.MaxKeyIDLen:
+		return fmt.Errorf("key_id is %d bytes, more than %d", len(id), kek.MaxKeyIDLen)
 	case !utf8.ValidString(id):
 		return errors.New("key_id is not valid UTF-8")
 	}
@@ -62,16 +64,16 @@ func ValidateKeyID(id string) error {
 }
 
 // Primary returns the KEK that encrypts.
-func (r *Keyring) Primary() KEK { return r.primary }
+func (r *Keyring) Primary() kek.KEK { return r.primary }
 
 // Lookup returns the KEK with the given key_id.
-func (r *Keyring) Lookup(keyID string) (KEK, bool) {
+func (r *Keyring) Lookup(keyID string) (kek.KEK, bool) {
 	k, ok := r.byID[keyID]
 	return k, ok
 }
 
 // Keys returns every KEK, primary first.
-func (r *Keyring) Keys() []KEK { return append([]KEK(nil), r.all...) }
+func (r *Keyring) Keys() []kek.KEK { return append([]kek.KEK(nil), r.all...) }
 
 // acquire marks a request in flight. It returns false if the keyring is already closed;
 // otherwise the caller must call release when done with the keyring's KEKs.

@@ -12,6 +12,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/kms/pkg/service"
@@ -41,7 +42,7 @@ type Options struct {
 	// DeviceReason, if set, names the device's reason for a failed request in its log
 	// line (the "reason" attribute), e.g. a CKR_ or TPM_RC_ name. It must return a
 	// short, non-secret name.
-	DeviceReason func(b Backend, err error) string
+	DeviceReason func(b kek.Backend, err error) string
 }
 
 // Observer receives request and probe outcomes, for metrics. Implementations must be
@@ -55,7 +56,7 @@ type Observer interface {
 	// ObserveDevice is called after every KEK.Wrap ("wrap") and KEK.Unwrap ("unwrap")
 	// the Service makes, for requests and probes alike, with the KEK's backend, the
 	// time the call took and its error (nil on success).
-	ObserveDevice(b Backend, op string, d time.Duration, err error)
+	ObserveDevice(b kek.Backend, op string, d time.Duration, err error)
 }
 
 // Service implements k8s.io/kms/pkg/service.Service over a Keyring. It is safe for
@@ -70,7 +71,7 @@ type Service struct {
 	reloadErr atomic.Pointer[string] // why the latest config reload failed; nil if it succeeded
 	log       *slog.Logger
 	obs       Observer
-	reason    func(Backend, error) string
+	reason    func(kek.Backend, error) string
 	interval  time.Duration
 	timeout   time.Duration
 }
@@ -222,7 +223,7 @@ func (s *Service) withRing(fn func(*Keyring) error) error {
 		}
 		runtime.Gosched()
 	}
-	return fmt.Errorf("keyring is closed: %w", ErrClosed)
+	return fmt.Errorf("keyring is closed: %w", kek.ErrClosed)
 }
 
 // Status implements service.Service. It reads the cached probe; it never touches a device.
@@ -272,14 +273,14 @@ func (s *Service) healthReason(primary string) string {
 // Encrypt implements service.Service: it wraps a DEK seed with the primary KEK.
 func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*service.EncryptResponse, error) {
 	start := time.Now()
-	if n := len(plaintext); n == 0 || n > MaxPlaintext {
-		err := status.Errorf(codes.InvalidArgument, "encrypt: plaintext is %d bytes; hwkms accepts 1 to %d", n, MaxPlaintext)
+	if n := len(plaintext); n == 0 || n > kek.MaxPlaintext {
+		err := status.Errorf(codes.InvalidArgument, "encrypt: plaintext is %d bytes; hwkms accepts 1 to %d", n, kek.MaxPlaintext)
 		s.done(ctx, "Encrypt", uid, "", start, err, "reason", status.Convert(err).Message())
 		return nil, err
 	}
 	var resp *service.EncryptResponse
 	var keyID string
-	var backend Backend
+	var backend kek.Backend
 	err := s.withRing(func(r *Keyring) error {
 		k := s.observed(r.Primary())
 		keyID, backend = k.ID(), k.Backend()
@@ -288,8 +289,8 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 			return err
 		}
 		frame := encodeFrame(k.Backend(), body)
-		if len(frame) > MaxCiphertext {
-			return fmt.Errorf("frame of %d bytes exceeds the %d-byte limit", len(frame), MaxCiphertext)
+		if len(frame) > kek.MaxCiphertext {
+			return fmt.Errorf("frame of %d bytes exceeds the %d-byte limit", len(frame), kek.MaxCiphertext)
 		}
 		resp = &service.EncryptResponse{Ciphertext: frame, KeyID: keyID}
 		return nil
@@ -316,28 +317,28 @@ func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptR
 		return nil, err
 	}
 	var plaintext []byte
-	var backend Backend
+	var backend kek.Backend
 	err := s.withRing(func(r *Keyring) error {
-		kek, ok := r.Lookup(req.KeyID)
+		kk, ok := r.Lookup(req.KeyID)
 		if !ok {
 			return errUnknownKey
 		}
-		k := s.observed(kek)
+		k := s.observed(kk)
 		backend = k.Backend()
 		b, body, err := parseFrame(req.Ciphertext)
 		if err != nil {
 			return err
 		}
 		if b != k.Backend() {
-			return fmt.Errorf("frame backend %s does not match key backend %s: %w", b, k.Backend(), ErrInvalidCiphertext)
+			return fmt.Errorf("frame backend %s does not match key backend %s: %w", b, k.Backend(), kek.ErrInvalidCiphertext)
 		}
 		plaintext, err = k.Unwrap(ctx, body, frameAAD(b, req.KeyID))
 		if err != nil {
 			return err
 		}
-		if n := len(plaintext); n == 0 || n > MaxPlaintext {
+		if n := len(plaintext); n == 0 || n > kek.MaxPlaintext {
 			clear(plaintext)
-			return fmt.Errorf("unwrapped %d bytes, outside 1..%d: %w", n, MaxPlaintext, ErrInvalidCiphertext)
+			return fmt.Errorf("unwrapped %d bytes, outside 1..%d: %w", n, kek.MaxPlaintext, kek.ErrInvalidCiphertext)
 		}
 		return nil
 	})
@@ -359,8 +360,8 @@ func checkDecryptRequest(req *service.DecryptRequest) error {
 	if err := ValidateKeyID(req.KeyID); err != nil {
 		return status.Errorf(codes.InvalidArgument, "decrypt: %v", err)
 	}
-	if n := len(req.Ciphertext); n == 0 || n > MaxCiphertext {
-		return status.Errorf(codes.InvalidArgument, "decrypt: ciphertext is %d bytes; expected 1 to %d", n, MaxCiphertext)
+	if n := len(req.Ciphertext); n == 0 || n > kek.MaxCiphertext {
+		return status.Errorf(codes.InvalidArgument, "decrypt: ciphertext is %d bytes; expected 1 to %d", n, kek.MaxCiphertext)
 	}
 	if len(req.Annotations) != 0 {
 		// hwkms never returns annotations, so a request carrying some was not produced
@@ -382,11 +383,11 @@ func toStatus(ctx context.Context, op, keyID string, err error) error {
 		return status.Errorf(codes.Canceled, "%s: request canceled (key_id %s)", op, kid)
 	case errors.Is(err, errUnknownKey):
 		return status.Errorf(codes.NotFound, "%s: key_id %s is not in the keyring (was it removed before storage migration finished?)", op, kid)
-	case errors.Is(err, ErrInvalidCiphertext):
+	case errors.Is(err, kek.ErrInvalidCiphertext):
 		return status.Errorf(codes.InvalidArgument, "%s: ciphertext is malformed or not authentic for key_id %s", op, kid)
-	case errors.Is(err, ErrInvalidInput):
+	case errors.Is(err, kek.ErrInvalidInput):
 		return status.Errorf(codes.InvalidArgument, "%s: invalid input for key_id %s", op, kid)
-	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrClosed):
+	case errors.Is(err, kek.ErrUnavailable), errors.Is(err, kek.ErrClosed):
 		return status.Errorf(codes.Unavailable, "%s: device unavailable for key_id %s", op, kid)
 	default:
 		return status.Errorf(codes.Internal, "%s: internal error with key_id %s", op, kid)
@@ -425,7 +426,7 @@ func (s *Service) done(ctx context.Context, method, uid, keyID string, start tim
 	if !s.log.Enabled(ctx, level) {
 		return
 	}
-	attrs := append([]any{"method", method, "uid", clip(uid, maxLoggedUID), "key_id", clip(keyID, MaxKeyIDLen), "code", code.String(), "duration", d}, extra...)
+	attrs := append([]any{"method", method, "uid", clip(uid, maxLoggedUID), "key_id", clip(keyID, kek.MaxKeyIDLen), "code", code.String(), "duration", d}, extra...)
 	s.log.Log(ctx, level, msg, attrs...)
 }
 
@@ -447,7 +448,7 @@ func clip(s string, n int) string {
 
 // deviceReason names the device's reason for err with Options.DeviceReason, or "" when
 // the failure did not come from a device (backend 0) or no namer is set.
-func (s *Service) deviceReason(b Backend, err error) string {
+func (s *Service) deviceReason(b kek.Backend, err error) string {
 	if s.reason == nil || b == 0 || err == nil {
 		return ""
 	}
@@ -456,7 +457,7 @@ func (s *Service) deviceReason(b Backend, err error) string {
 
 // observed returns k wrapped so that its Wrap and Unwrap calls are reported to the
 // Observer, or k itself when there is no Observer.
-func (s *Service) observed(k KEK) KEK {
+func (s *Service) observed(k kek.KEK) kek.KEK {
 	if s.obs == nil {
 		return k
 	}
@@ -465,7 +466,7 @@ func (s *Service) observed(k KEK) KEK {
 
 // observedKEK times Wrap and Unwrap for the Observer.
 type observedKEK struct {
-	KEK
+	kek.KEK
 	obs Observer
 }
 

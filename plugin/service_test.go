@@ -12,6 +12,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/kms/pkg/service"
@@ -19,7 +20,7 @@ import (
 
 func newTestService(t *testing.T, keys ...*fakeKEK) *Service {
 	t.Helper()
-	var rest []KEK
+	var rest []kek.KEK
 	for _, k := range keys[1:] {
 		rest = append(rest, k)
 	}
@@ -58,8 +59,8 @@ func TestEncryptDecryptSizes(t *testing.T) {
 		{"empty", 0, codes.InvalidArgument},
 		{"one byte", 1, codes.OK},
 		{"apiserver seed", 32, codes.OK},
-		{"max", MaxPlaintext, codes.OK},
-		{"max+1", MaxPlaintext + 1, codes.InvalidArgument},
+		{"max", kek.MaxPlaintext, codes.OK},
+		{"max+1", kek.MaxPlaintext + 1, codes.InvalidArgument},
 		{"huge", 1 << 20, codes.InvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -68,7 +69,7 @@ func TestEncryptDecryptSizes(t *testing.T) {
 			if tc.code != codes.OK {
 				return
 			}
-			if resp.KeyID != "A" || len(resp.Ciphertext) > MaxCiphertext || resp.Ciphertext[0] != FrameV1 || Backend(resp.Ciphertext[1]) != BackendTest {
+			if resp.KeyID != "A" || len(resp.Ciphertext) > kek.MaxCiphertext || resp.Ciphertext[0] != FrameV1 || kek.Backend(resp.Ciphertext[1]) != kek.BackendTest {
 				t.Fatalf("bad response: key %q, %d bytes, header % x", resp.KeyID, len(resp.Ciphertext), resp.Ciphertext[:2])
 			}
 			if len(resp.Annotations) != 0 {
@@ -103,17 +104,17 @@ func TestDecryptBadInput(t *testing.T) {
 	}{
 		{"nil request", nil, codes.InvalidArgument, ""},
 		{"empty key_id", &service.DecryptRequest{Ciphertext: good}, codes.InvalidArgument, "empty"},
-		{"oversize key_id", &service.DecryptRequest{Ciphertext: good, KeyID: strings.Repeat("k", MaxKeyIDLen+1)}, codes.InvalidArgument, ""},
+		{"oversize key_id", &service.DecryptRequest{Ciphertext: good, KeyID: strings.Repeat("k", kek.MaxKeyIDLen+1)}, codes.InvalidArgument, ""},
 		{"invalid utf8 key_id", &service.DecryptRequest{Ciphertext: good, KeyID: "\xff"}, codes.InvalidArgument, "UTF-8"},
 		{"unknown key_id", &service.DecryptRequest{Ciphertext: good, KeyID: "gone-key"}, codes.NotFound, `"gone-key"`},
 		{"empty ciphertext", &service.DecryptRequest{KeyID: "A"}, codes.InvalidArgument, ""},
-		{"oversize ciphertext", &service.DecryptRequest{Ciphertext: make([]byte, MaxCiphertext+1), KeyID: "A"}, codes.InvalidArgument, ""},
+		{"oversize ciphertext", &service.DecryptRequest{Ciphertext: make([]byte, kek.MaxCiphertext+1), KeyID: "A"}, codes.InvalidArgument, ""},
 		{"header only", &service.DecryptRequest{Ciphertext: good[:2], KeyID: "A"}, codes.InvalidArgument, ""},
 		{"truncated", &service.DecryptRequest{Ciphertext: good[:len(good)-1], KeyID: "A"}, codes.InvalidArgument, ""},
 		{"flipped last byte", &service.DecryptRequest{Ciphertext: mutate(func(c []byte) []byte { c[len(c)-1] ^= 1; return c }), KeyID: "A"}, codes.InvalidArgument, ""},
 		{"flipped body byte", &service.DecryptRequest{Ciphertext: mutate(func(c []byte) []byte { c[5] ^= 0x80; return c }), KeyID: "A"}, codes.InvalidArgument, ""},
 		{"unknown frame version", &service.DecryptRequest{Ciphertext: mutate(func(c []byte) []byte { c[0] = 0x02; return c }), KeyID: "A"}, codes.InvalidArgument, ""},
-		{"wrong backend byte", &service.DecryptRequest{Ciphertext: mutate(func(c []byte) []byte { c[1] = byte(BackendPKCS11); return c }), KeyID: "A"}, codes.InvalidArgument, ""},
+		{"wrong backend byte", &service.DecryptRequest{Ciphertext: mutate(func(c []byte) []byte { c[1] = byte(kek.BackendPKCS11); return c }), KeyID: "A"}, codes.InvalidArgument, ""},
 		{"appended byte", &service.DecryptRequest{Ciphertext: append(bytes.Clone(good), 0), KeyID: "A"}, codes.InvalidArgument, ""},
 		{"other key's id", &service.DecryptRequest{Ciphertext: good, KeyID: "B"}, codes.InvalidArgument, `"B"`},
 		{"annotations", &service.DecryptRequest{Ciphertext: good, KeyID: "A", Annotations: map[string][]byte{"x.example.com": []byte("1")}}, codes.InvalidArgument, "annotations"},
@@ -142,11 +143,11 @@ func TestDeviceErrorCodes(t *testing.T) {
 		err  error
 		code codes.Code
 	}{
-		{"unavailable", fmt.Errorf("dev: %w", ErrUnavailable), codes.Unavailable},
-		{"closed", fmt.Errorf("dev: %w", ErrClosed), codes.Unavailable},
+		{"unavailable", fmt.Errorf("dev: %w", kek.ErrUnavailable), codes.Unavailable},
+		{"closed", fmt.Errorf("dev: %w", kek.ErrClosed), codes.Unavailable},
 		{"deadline", fmt.Errorf("dev: %w", context.DeadlineExceeded), codes.DeadlineExceeded},
 		{"untyped", errors.New("CKR_FUNCTION_FAILED secret-looking-detail"), codes.Internal},
-		{"invalid input", fmt.Errorf("dev: %w", ErrInvalidInput), codes.InvalidArgument},
+		{"invalid input", fmt.Errorf("dev: %w", kek.ErrInvalidInput), codes.InvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			k := newFakeKEK("A")
@@ -218,13 +219,13 @@ func TestNewKeyringValidation(t *testing.T) {
 	a := newFakeKEK("A")
 	for _, tc := range []struct {
 		name string
-		keys []KEK
+		keys []kek.KEK
 		want string
 	}{
-		{"duplicate", []KEK{a, newFakeKEK("A")}, "duplicate key_id"},
-		{"empty id", []KEK{newFakeKEK("")}, "empty"},
-		{"long id", []KEK{newFakeKEK(strings.Repeat("x", MaxKeyIDLen+1))}, "more than"},
-		{"nil primary", []KEK{nil}, "primary"},
+		{"duplicate", []kek.KEK{a, newFakeKEK("A")}, "duplicate key_id"},
+		{"empty id", []kek.KEK{newFakeKEK("")}, "empty"},
+		{"long id", []kek.KEK{newFakeKEK(strings.Repeat("x", kek.MaxKeyIDLen+1))}, "more than"},
+		{"nil primary", []kek.KEK{nil}, "primary"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := NewKeyring(tc.keys[0], tc.keys[1:]...)
@@ -256,7 +257,7 @@ func TestStatusUsesCachedProbe(t *testing.T) {
 	if got := k.calls.Load(); got != calls {
 		t.Fatalf("Status touched the device: %d calls", got-calls)
 	}
-	k.setFail(fmt.Errorf("dev: %w", ErrUnavailable))
+	k.setFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
 	if st, _ = svc.Status(ctx); st.Healthz != "ok" {
 		t.Fatal("Status changed without a probe")
 	}
@@ -343,7 +344,7 @@ func TestSwapDoesNotFailInFlight(t *testing.T) {
 		t.Fatalf("in-flight Decrypt failed across a swap: %v", decErr)
 	}
 	if !a.isClosed() {
-		t.Fatal("old KEK not closed")
+		t.Fatal("old kek.KEK not closed")
 	}
 	if _, err := svc.Encrypt(ctx, "", seed(32)); err != nil {
 		t.Fatalf("encrypt on new keyring: %v", err)
@@ -351,17 +352,17 @@ func TestSwapDoesNotFailInFlight(t *testing.T) {
 }
 
 func TestFrameAADBindsEverything(t *testing.T) {
-	base := frameAAD(BackendPKCS11, "k1")
-	for _, other := range [][]byte{frameAAD(BackendTPM, "k1"), frameAAD(BackendPKCS11, "k2"), frameAAD(BackendPKCS11, "k1x")} {
+	base := frameAAD(kek.BackendPKCS11, "k1")
+	for _, other := range [][]byte{frameAAD(kek.BackendTPM, "k1"), frameAAD(kek.BackendPKCS11, "k2"), frameAAD(kek.BackendPKCS11, "k1x")} {
 		if bytes.Equal(base, other) {
 			t.Fatal("AADs collide")
 		}
 	}
-	if _, _, err := parseFrame(encodeFrame(BackendTPM, []byte{1})); err != nil {
+	if _, _, err := parseFrame(encodeFrame(kek.BackendTPM, []byte{1})); err != nil {
 		t.Fatal(err)
 	}
 	for _, bad := range [][]byte{nil, {FrameV1}, {FrameV1, 1}, {0, 1, 2}, {0xff, 1, 2}} {
-		if _, _, err := parseFrame(bad); !errors.Is(err, ErrInvalidCiphertext) {
+		if _, _, err := parseFrame(bad); !errors.Is(err, kek.ErrInvalidCiphertext) {
 			t.Fatalf("parseFrame(% x) = %v", bad, err)
 		}
 	}
@@ -407,7 +408,7 @@ func TestStatusQuotesFailedReload(t *testing.T) {
 	if st, _ := svc.Status(ctx); st.Healthz != "ok" {
 		t.Fatalf("healthy keys with a failed reload: %q, want ok", st.Healthz)
 	}
-	a.setFail(fmt.Errorf("dev: %w", ErrUnavailable))
+	a.setFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
 	svc.ProbeNow(ctx)
 	st, _ := svc.Status(ctx)
 	if !strings.Contains(st.Healthz, "device unavailable") || !strings.Contains(st.Healthz, "reload also failed: keys[0] (pkcs11): hsm: key not found") {

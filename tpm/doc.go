@@ -1,4 +1,4 @@
-// Package tpm is the TPM 2.0 backend of hwkms: a plugin.KEK whose key-encryption key
+// Package tpm is the TPM 2.0 backend of hwkms: a kek.KEK whose key-encryption key
 // is a storage key inside a TPM and never leaves it.
 //
 // # What this package owns, and what it does not
@@ -60,7 +60,7 @@
 // hwkms or of the TPM, and is different for every created key (the public area
 // holds the TPM-generated public point). It is pinned at Open: if, after a
 // reconnect, the persistent handle holds an object with another Name, every call
-// fails with ErrNotKEK and plugin.ErrUnavailable.
+// fails with ErrNotKEK and kek.ErrUnavailable.
 //
 // # Body format v1 (stored in etcd: never change it, add a version instead)
 //
@@ -75,7 +75,7 @@
 //
 // Bytes 1.. are the TPM2B_PUBLIC followed by the TPM2B_PRIVATE exactly as the TPM
 // marshals them. Measured on swtpm: a 32-byte seed gives a 241-byte body (273
-// with a PCR policy), a 96-byte plaintext 305 (337), well under the 1 KiB limit. Unwrap refuses with plugin.ErrInvalidCiphertext, before touching the TPM,
+// with a PCR policy), a 96-byte plaintext 305 (337), well under the 1 KiB limit. Unwrap refuses with kek.ErrInvalidCiphertext, before touching the TPM,
 // any body whose version is not 0x01, whose sizes run past the end, that has
 // trailing bytes, an empty private area, a public area that does not re-marshal to
 // the same bytes, or a public area other than:
@@ -88,12 +88,12 @@
 // The TPM then checks, in TPM2_Load, the private area's integrity HMAC over the
 // sensitive area and the public area's Name, keyed from the KEK: a tampered public
 // or private area, or a body made under another KEK or another TPM, fails with
-// TPM_RC_INTEGRITY (or another parameter error) and gives plugin.ErrInvalidCiphertext.
+// TPM_RC_INTEGRITY (or another parameter error) and gives kek.ErrInvalidCiphertext.
 //
 // The sealed data is SHA-256(aad) || plaintext (33 to 128 bytes: a sealed-data
-// object holds at most 128 bytes, hence plugin.MaxPlaintext = 96). After TPM2_Unseal
+// object holds at most 128 bytes, hence kek.MaxPlaintext = 96). After TPM2_Unseal
 // the digest is compared with SHA-256(aad) in constant time; a mismatch gives
-// plugin.ErrInvalidCiphertext. The sealed object's auth value is the KEK's (so the
+// kek.ErrInvalidCiphertext. The sealed object's auth value is the KEK's (so the
 // one session below authorises Load and Unseal); in PCR mode it is empty and only
 // the policy authorises Unseal.
 //
@@ -152,7 +152,7 @@
 // response that fails the session HMAC check drops the connection and everything
 // loaded; the call is retried once on a new connection (dial, Startup if needed,
 // flush leftovers, reload the KEK, restart sessions), within its ctx. While the TPM
-// is unreachable every call fails with plugin.ErrUnavailable; the first call after
+// is unreachable every call fails with kek.ErrUnavailable; the first call after
 // it returns reconnects, without restarting hwkms. Open itself needs the TPM (the
 // key_id is read from it).
 //
@@ -167,7 +167,7 @@
 // clear, adminWithPolicy set. Unwrap then succeeds only while those PCRs hold the
 // same values. After a firmware update, a boot loader or kernel change measured in
 // a selected PCR, or a Secure Boot database change (PCR 7), Unwrap fails with an
-// error wrapping ErrPolicy and plugin.ErrUnavailable (not ErrInvalidCiphertext: the
+// error wrapping ErrPolicy and kek.ErrUnavailable (not ErrInvalidCiphertext: the
 // body is authentic). Data sealed before the change is lost to this TPM unless the
 // PCRs return to their old values. Recover by planning for it:
 //
@@ -285,12 +285,12 @@
 // # Errors
 //
 // Every error wraps one of the plugin sentinels and, where the TPM answered, the
-// typed tpm2.TPMRC (errors.As/Is work on both): plugin.ErrInvalidCiphertext for a
-// malformed, tampered or foreign body or a wrong aad; plugin.ErrInvalidInput for a
-// plaintext outside 1..96 bytes; plugin.ErrUnavailable for an unreachable TPM, a
+// typed tpm2.TPMRC (errors.As/Is work on both): kek.ErrInvalidCiphertext for a
+// malformed, tampered or foreign body or a wrong aad; kek.ErrInvalidInput for a
+// plaintext outside 1..96 bytes; kek.ErrUnavailable for an unreachable TPM, a
 // failed reconnect (also from Open, CreateKey, Probe and DestroyKey), a deadline
-// (also wrapping context.DeadlineExceeded), ErrPolicy, ErrNotKEK and ErrKeyNotFound
-// after a reconnect; plugin.ErrClosed after Close. No error carries a seed,
+// (also wrapping context.DeadlineExceeded), ErrPolicy, ErrNotKEK and kek.ErrKeyNotFound
+// after a reconnect; kek.ErrClosed after Close. No error carries a seed,
 // plaintext or auth value.
 //
 // # Other deviations and limits

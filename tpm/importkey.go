@@ -13,6 +13,7 @@ import (
 	"os"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // This file holds the multi-node ("imported KEK") form of the KEK: one KEK made
@@ -450,7 +451,7 @@ func InspectImportBlob(b []byte) (ImportBlobInfo, error) {
 // SRK's private key and checks the integrity HMAC), and then, like CreateKey,
 // writes cfg.BlobFile (version 0x01 || TPM2B_PUBLIC || TPM2B_PRIVATE, the format
 // Open reads) or makes the key persistent at cfg.PersistentHandle. It never
-// overwrites (ErrKeyExists). cfg.AuthFile is not read: the auth value is inside the
+// overwrites (kek.ErrKeyExists). cfg.AuthFile is not read: the auth value is inside the
 // blob, and Open checks the configured one.
 func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 	if err := cfg.Validate("tpm"); err != nil {
@@ -465,7 +466,7 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 	if cfg.PersistentHandle != "" {
 		handle, _ = parseHandle(cfg.PersistentHandle)
 	} else if _, err := os.Lstat(cfg.BlobFile); err == nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: blobFile %s: %w", cfg.BlobFile, ErrKeyExists)
+		return KeyInfo{}, fmt.Errorf("tpm: import: blobFile %s: %w", cfg.BlobFile, kek.ErrKeyExists)
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return KeyInfo{}, fmt.Errorf("tpm: import: blobFile: %w", err)
 	}
@@ -477,7 +478,7 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 	if handle != 0 {
 		_, err := tpm2.ReadPublic{ObjectHandle: handle}.Execute(c)
 		if err == nil {
-			return KeyInfo{}, fmt.Errorf("tpm: import: handle %s: %w", cfg.PersistentHandle, ErrKeyExists)
+			return KeyInfo{}, fmt.Errorf("tpm: import: handle %s: %w", cfg.PersistentHandle, kek.ErrKeyExists)
 		}
 		if !errors.Is(err, tpm2.TPMRCHandle) {
 			return KeyInfo{}, fmt.Errorf("tpm: import: TPM2_ReadPublic: %w", err)
@@ -513,7 +514,7 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 			PersistentHandle: handle,
 		}.Execute(c)
 		if errors.Is(err, tpm2.TPMRCNVDefined) {
-			return KeyInfo{}, fmt.Errorf("tpm: import: handle %s: %w: %w", cfg.PersistentHandle, ErrKeyExists, err)
+			return KeyInfo{}, fmt.Errorf("tpm: import: handle %s: %w: %w", cfg.PersistentHandle, kek.ErrKeyExists, err)
 		}
 		if err != nil {
 			return KeyInfo{}, fmt.Errorf("tpm: import: TPM2_EvictControl: %w", err)

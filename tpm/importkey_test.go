@@ -12,7 +12,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm/swtpm"
 	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
@@ -63,8 +63,8 @@ func provision(t *testing.T, m *KEKMaterial, nodes []*node) {
 			t.Fatalf("node %d imported key_id %s, want %s", i, info.KeyID, m.KeyID())
 		}
 		assertNoHandles(t, n.sim) // ImportKey flushed the SRK and the loaded KEK
-		if _, err := ImportKey(testCtx(t), n.cfg, blob); !errors.Is(err, ErrKeyExists) {
-			t.Fatalf("second ImportKey(node %d) = %v, want ErrKeyExists", i, err)
+		if _, err := ImportKey(testCtx(t), n.cfg, blob); !errors.Is(err, kek.ErrKeyExists) {
+			t.Fatalf("second ImportKey(node %d) = %v, want kek.ErrKeyExists", i, err)
 		}
 	}
 }
@@ -172,7 +172,7 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ok.Unwrap(testCtx(t), body, nil); !errors.Is(err, plugin.ErrInvalidCiphertext) {
+	if _, err := ok.Unwrap(testCtx(t), body, nil); !errors.Is(err, kek.ErrInvalidCiphertext) {
 		t.Errorf("outsider Unwrap = %v, want ErrInvalidCiphertext", err)
 	}
 }

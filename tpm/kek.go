@@ -14,8 +14,7 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
-
-	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // Errors of this package. Each is wrapped together with the plugin sentinel that
@@ -25,15 +24,9 @@ var (
 	// ErrPolicy means a sealed object's PCR policy is not satisfied: a selected PCR
 	// no longer has the value it had at Wrap time (firmware, boot loader or Secure
 	// Boot configuration changed). It is always wrapped together with
-	// plugin.ErrUnavailable: the body is authentic, this TPM state just cannot open
+	// kek.ErrUnavailable: the body is authentic, this TPM state just cannot open
 	// it. Recovery is described in doc.go.
 	ErrPolicy = errors.New("tpm: PCR policy not satisfied")
-	// ErrKeyNotFound means the configured persistent handle is empty or the blob
-	// file does not exist.
-	ErrKeyNotFound = errors.New("tpm: key not found")
-	// ErrKeyExists is returned by CreateKey when the persistent handle or the blob
-	// file is already in use; nothing is overwritten.
-	ErrKeyExists = errors.New("tpm: key already exists")
 	// ErrNotKEK means the object at the configured handle or in the blob file is not
 	// an hwkms KEK (wrong type or attributes), or, after a reconnect, is not the same
 	// KEK that Open found (its Name changed).
@@ -51,7 +44,7 @@ const (
 	cleanupTimeout = 2 * time.Second
 )
 
-var _ plugin.KEK = (*KEK)(nil)
+var _ kek.KEK = (*KEK)(nil)
 
 // KEK is a key-encryption key held in a TPM 2.0: a restricted-decrypt storage key
 // under which Wrap seals each plaintext as a sealed-data object (see doc.go).
@@ -61,9 +54,9 @@ var _ plugin.KEK = (*KEK)(nil)
 // ctx allows. When the connection or the TPM's state is lost (TPM or swtpm
 // restart), the next call reconnects, runs TPM2_Startup if needed, reloads the KEK
 // and recreates the sessions; calls fail with an error wrapping
-// plugin.ErrUnavailable until that succeeds. Close flushes every transient handle
+// kek.ErrUnavailable until that succeeds. Close flushes every transient handle
 // and session the KEK created and is idempotent; every method after Close returns
-// an error wrapping plugin.ErrClosed.
+// an error wrapping kek.ErrClosed.
 type KEK struct {
 	// Immutable after Open.
 	dev        device
@@ -144,7 +137,7 @@ func (k *KEK) openConnect(ctx context.Context) error {
 	select {
 	case k.sem <- struct{}{}:
 	case <-ctx.Done():
-		return fmt.Errorf("waiting for the TPM: %w: %w", plugin.ErrUnavailable, ctx.Err())
+		return fmt.Errorf("waiting for the TPM: %w: %w", kek.ErrUnavailable, ctx.Err())
 	}
 	defer func() { <-k.sem }()
 	_, err := k.connect(ctx)
@@ -190,16 +183,16 @@ func keyID(name []byte) string { return "tpm:" + hex.EncodeToString(name) }
 // 0x000b || SHA-256 of its public area): stable across restarts, unique per key.
 func (k *KEK) ID() string { return k.id }
 
-// Backend returns plugin.BackendTPM.
-func (k *KEK) Backend() plugin.Backend { return plugin.BackendTPM }
+// Backend returns kek.BackendTPM.
+func (k *KEK) Backend() kek.Backend { return kek.BackendTPM }
 
 // Wrap seals SHA-256(aad) || plaintext in a new sealed-data object under the KEK
 // (TPM2_Create, Part 3 section 12.1), with the command's sensitive parameter
 // encrypted by the salted session, and returns the body described in doc.go.
-// plaintext must be 1..plugin.MaxPlaintext bytes.
+// plaintext must be 1..kek.MaxPlaintext bytes.
 func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
-	if len(plaintext) == 0 || len(plaintext) > plugin.MaxPlaintext {
-		return nil, fmt.Errorf("tpm: wrap: %w: plaintext is %d bytes, want 1..%d", plugin.ErrInvalidInput, len(plaintext), plugin.MaxPlaintext)
+	if len(plaintext) == 0 || len(plaintext) > kek.MaxPlaintext {
+		return nil, fmt.Errorf("tpm: wrap: %w: plaintext is %d bytes, want 1..%d", kek.ErrInvalidInput, len(plaintext), kek.MaxPlaintext)
 	}
 	digest := sha256.Sum256(aad)
 	sealed := make([]byte, 0, len(digest)+len(plaintext))
@@ -220,7 +213,7 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 	if len(k.pcrs) > 0 {
 		var err error
 		if policy, err = k.pcrPolicy(); err != nil {
-			return nil, fmt.Errorf("tpm: wrap: read PCRs: %w: %w", plugin.ErrUnavailable, err)
+			return nil, fmt.Errorf("tpm: wrap: read PCRs: %w: %w", kek.ErrUnavailable, err)
 		}
 		userAuth = nil // policy-only object
 	}
@@ -233,7 +226,7 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 		InPublic: tpm2.New2B(sealedTemplateFor(policy, k.imported)),
 	}.Execute(k.c)
 	if err != nil {
-		return nil, fmt.Errorf("tpm: wrap: TPM2_Create: %w: %w", plugin.ErrUnavailable, tpmCall(err))
+		return nil, fmt.Errorf("tpm: wrap: TPM2_Create: %w: %w", kek.ErrUnavailable, tpmCall(err))
 	}
 	body, err := encodeObject(bodyV1, rsp.OutPublic.Bytes(), rsp.OutPrivate.Buffer)
 	if err != nil {
@@ -256,18 +249,18 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 // the salted session (or, for a PCR-policy object, a salted policy session running
 // TPM2_PolicyPCR), flushes it, and checks SHA-256(aad) in constant time.
 // A malformed, tampered or foreign body or a wrong aad gives an error wrapping
-// plugin.ErrInvalidCiphertext; an unsatisfied PCR policy gives ErrPolicy.
+// kek.ErrInvalidCiphertext; an unsatisfied PCR policy gives ErrPolicy.
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 	pub, pubBytes, priv, err := decodeObject(bodyV1, body)
 	if err == nil {
 		err = checkSealedPublicFor(pub, k.imported)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("tpm: unwrap: %w: %w", plugin.ErrInvalidCiphertext, err)
+		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kek.ErrInvalidCiphertext, err)
 	}
 	name, err := objectName(pub)
 	if err != nil {
-		return nil, fmt.Errorf("tpm: unwrap: %w: %w", plugin.ErrInvalidCiphertext, err)
+		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kek.ErrInvalidCiphertext, err)
 	}
 	var data []byte
 	err = k.do(ctx, "unwrap", func() error {
@@ -280,9 +273,9 @@ func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 	}
 	defer clear(data)
 	digest := sha256.Sum256(aad)
-	if len(data) <= len(digest) || len(data) > len(digest)+plugin.MaxPlaintext ||
+	if len(data) <= len(digest) || len(data) > len(digest)+kek.MaxPlaintext ||
 		subtle.ConstantTimeCompare(data[:len(digest)], digest[:]) != 1 {
-		return nil, fmt.Errorf("tpm: unwrap: %w: aad does not match", plugin.ErrInvalidCiphertext)
+		return nil, fmt.Errorf("tpm: unwrap: %w: aad does not match", kek.ErrInvalidCiphertext)
 	}
 	return bytes.Clone(data[len(digest):]), nil
 }
@@ -296,14 +289,14 @@ func (k *KEK) unwrapLocked(pub *tpm2.TPMTPublic, pubBytes, priv, name []byte) ([
 	if err != nil {
 		err = tpmCall(err)
 		if loadRejectsBody(err) {
-			return nil, fmt.Errorf("tpm: unwrap: TPM2_Load: %w: %w", plugin.ErrInvalidCiphertext, err)
+			return nil, fmt.Errorf("tpm: unwrap: TPM2_Load: %w: %w", kek.ErrInvalidCiphertext, err)
 		}
-		return nil, fmt.Errorf("tpm: unwrap: TPM2_Load: %w: %w", plugin.ErrUnavailable, err)
+		return nil, fmt.Errorf("tpm: unwrap: TPM2_Load: %w: %w", kek.ErrUnavailable, err)
 	}
 	defer k.flush(lr.ObjectHandle)
 	if !bytes.Equal(lr.Name.Buffer, name) {
 		k.needReset = true
-		return nil, fmt.Errorf("tpm: unwrap: TPM2_Load returned an unexpected Name: %w", plugin.ErrUnavailable)
+		return nil, fmt.Errorf("tpm: unwrap: TPM2_Load returned an unexpected Name: %w", kek.ErrUnavailable)
 	}
 	item := tpm2.TPM2BName{Buffer: name}
 	var rsp *tpm2.UnsealResponse
@@ -316,12 +309,12 @@ func (k *KEK) unwrapLocked(pub *tpm2.TPMTPublic, pubBytes, priv, name []byte) ([
 		err = tpmCall(err)
 		switch {
 		case errors.Is(err, ErrPolicy), errors.Is(err, tpm2.TPMRCPolicyFail), errors.Is(err, tpm2.TPMRCPCRChanged):
-			return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w: %w", ErrPolicy, plugin.ErrUnavailable, err)
+			return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w: %w", ErrPolicy, kek.ErrUnavailable, err)
 		case errors.Is(err, tpm2.TPMRCAuthFail), errors.Is(err, tpm2.TPMRCBadAuth):
 			// Loaded under our KEK but made with another auth value: not ours.
-			return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w", plugin.ErrInvalidCiphertext, err)
+			return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w", kek.ErrInvalidCiphertext, err)
 		}
-		return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w", plugin.ErrUnavailable, err)
+		return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w", kek.ErrUnavailable, err)
 	}
 	return rsp.OutData.Buffer, nil
 }
@@ -446,22 +439,22 @@ func (k *KEK) Close() error {
 // and fn is retried once on a fresh one, within ctx.
 func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 	if k.closed.Load() {
-		return fmt.Errorf("tpm: %s: %w", op, plugin.ErrClosed)
+		return fmt.Errorf("tpm: %s: %w", op, kek.ErrClosed)
 	}
 	select {
 	case k.sem <- struct{}{}:
 	case <-ctx.Done():
-		return fmt.Errorf("tpm: %s: waiting for the TPM: %w: %w", op, plugin.ErrUnavailable, ctx.Err())
+		return fmt.Errorf("tpm: %s: waiting for the TPM: %w: %w", op, kek.ErrUnavailable, ctx.Err())
 	}
 	defer func() { <-k.sem }()
 	if k.closed.Load() {
-		return fmt.Errorf("tpm: %s: %w", op, plugin.ErrClosed)
+		return fmt.Errorf("tpm: %s: %w", op, kek.ErrClosed)
 	}
 	for attempt := 0; ; attempt++ {
 		if k.c == nil {
 			dialed, err := k.connect(ctx)
 			if err != nil {
-				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, plugin.ErrUnavailable, err)
+				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, kek.ErrUnavailable, err)
 			}
 			if dialed {
 				k.reconnects.Add(1)
@@ -754,7 +747,7 @@ func flushAll(c *conn) error {
 func readBlobFile(path string) (pub *tpm2.TPMTPublic, pubBytes, priv []byte, err error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, nil, fmt.Errorf("tpm: blobFile %s: %w", path, ErrKeyNotFound)
+		return nil, nil, nil, fmt.Errorf("tpm: blobFile %s: %w", path, kek.ErrKeyNotFound)
 	}
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("tpm: blobFile: %w", err)

@@ -14,7 +14,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm/swtpm"
 	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
@@ -38,7 +38,7 @@ func TestWrapUnwrap(t *testing.T) {
 			if k.ID() != info.KeyID {
 				t.Errorf("ID() = %s, CreateKey said %s", k.ID(), info.KeyID)
 			}
-			if k.Backend() != plugin.BackendTPM {
+			if k.Backend() != kek.BackendTPM {
 				t.Errorf("Backend() = %v", k.Backend())
 			}
 			ctx := testCtx(t)
@@ -85,7 +85,7 @@ func TestWrapEmptyAAD(t *testing.T) {
 	if _, err := k.Unwrap(ctx, body, []byte{}); err != nil {
 		t.Errorf("nil and empty aad must be the same: %v", err)
 	}
-	if _, err := k.Unwrap(ctx, body, []byte{0}); !errors.Is(err, plugin.ErrInvalidCiphertext) {
+	if _, err := k.Unwrap(ctx, body, []byte{0}); !errors.Is(err, kek.ErrInvalidCiphertext) {
 		t.Errorf("aad {0}: %v, want ErrInvalidCiphertext", err)
 	}
 }
@@ -95,9 +95,9 @@ func TestWrapInvalidInput(t *testing.T) {
 	cfg := keyForms[0].cfg(t, sim)
 	createKey(t, cfg)
 	k := openKEK(t, sim, cfg)
-	for _, size := range []int{0, plugin.MaxPlaintext + 1, 200} {
+	for _, size := range []int{0, kek.MaxPlaintext + 1, 200} {
 		_, err := k.Wrap(testCtx(t), make([]byte, size), nil)
-		if !errors.Is(err, plugin.ErrInvalidInput) {
+		if !errors.Is(err, kek.ErrInvalidInput) {
 			t.Errorf("Wrap(%d bytes) = %v, want ErrInvalidInput", size, err)
 		}
 	}
@@ -218,10 +218,10 @@ func TestTamper(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			got, err := k.Unwrap(ctx, c.body, c.aad)
-			if !errors.Is(err, plugin.ErrInvalidCiphertext) {
+			if !errors.Is(err, kek.ErrInvalidCiphertext) {
 				t.Fatalf("Unwrap = %x, %v; want ErrInvalidCiphertext", got, err)
 			}
-			if errors.Is(err, plugin.ErrUnavailable) {
+			if errors.Is(err, kek.ErrUnavailable) {
 				t.Errorf("error also wraps ErrUnavailable: %v", err)
 			}
 			var rc tpm2.TPMRC
@@ -256,7 +256,7 @@ func TestForeignBody(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = kA.Unwrap(ctx, bodyB, []byte("aad"))
-	if !errors.Is(err, plugin.ErrInvalidCiphertext) {
+	if !errors.Is(err, kek.ErrInvalidCiphertext) {
 		t.Fatalf("Unwrap of another TPM's body = %v, want ErrInvalidCiphertext", err)
 	}
 	var rc tpm2.TPMRC
@@ -320,17 +320,17 @@ func TestPCRPolicy(t *testing.T) {
 	if got, err := k.Unwrap(ctx, plainBody, nil); err != nil || string(got) != "no policy" {
 		t.Errorf("Unwrap of a no-policy body with a PCR config = %q, %v", got, err)
 	}
-	if _, err := k.Unwrap(ctx, body, []byte("aae")); !errors.Is(err, plugin.ErrInvalidCiphertext) {
+	if _, err := k.Unwrap(ctx, body, []byte("aae")); !errors.Is(err, kek.ErrInvalidCiphertext) {
 		t.Errorf("wrong aad = %v, want ErrInvalidCiphertext", err)
 	}
 	assertOnlyOwn(t, k)
 
 	extendPCR(t, k, 16)
 	_, err = k.Unwrap(ctx, body, []byte("aad"))
-	if !errors.Is(err, ErrPolicy) || !errors.Is(err, plugin.ErrUnavailable) {
+	if !errors.Is(err, ErrPolicy) || !errors.Is(err, kek.ErrUnavailable) {
 		t.Fatalf("Unwrap after PCR extend = %v, want ErrPolicy and ErrUnavailable", err)
 	}
-	if errors.Is(err, plugin.ErrInvalidCiphertext) {
+	if errors.Is(err, kek.ErrInvalidCiphertext) {
 		t.Errorf("a policy failure must not look like tampering: %v", err)
 	}
 	var rc tpm2.TPMRC
@@ -375,7 +375,7 @@ func TestOutage(t *testing.T) {
 
 func testOutage(t *testing.T, sim *swtpm.Sim, cfg Config) {
 	ctx := testCtx(t)
-	if _, err := CreateKey(ctx, cfg); err != nil && !errors.Is(err, ErrKeyExists) {
+	if _, err := CreateKey(ctx, cfg); err != nil && !errors.Is(err, kek.ErrKeyExists) {
 		t.Fatal(err)
 	}
 	k := openKEK(t, sim, cfg)
@@ -398,7 +398,7 @@ func testOutage(t *testing.T, sim *swtpm.Sim, cfg Config) {
 		}
 		took := time.Since(start)
 		cancel()
-		if !errors.Is(err, plugin.ErrUnavailable) {
+		if !errors.Is(err, kek.ErrUnavailable) {
 			t.Fatalf("call %d during outage = %v, want ErrUnavailable", i, err)
 		}
 		if took > deadline+200*time.Millisecond {
@@ -468,7 +468,7 @@ func TestHungTPM(t *testing.T) {
 			start := time.Now()
 			_, err := k.Unwrap(rctx, body, nil)
 			took := time.Since(start)
-			if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+			if !errors.Is(err, kek.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
 				t.Errorf("call %d on a hung TPM = %v, want ErrUnavailable and DeadlineExceeded", i, err)
 			}
 			if took > deadline+200*time.Millisecond {
@@ -548,10 +548,10 @@ func TestClose(t *testing.T) {
 		}
 	}
 	assertNoHandles(t, sim)
-	if _, err := k.Wrap(ctx, []byte("seed"), nil); !errors.Is(err, plugin.ErrClosed) {
+	if _, err := k.Wrap(ctx, []byte("seed"), nil); !errors.Is(err, kek.ErrClosed) {
 		t.Errorf("Wrap after Close = %v, want ErrClosed", err)
 	}
-	if _, err := k.Unwrap(ctx, body, nil); !errors.Is(err, plugin.ErrClosed) {
+	if _, err := k.Unwrap(ctx, body, nil); !errors.Is(err, kek.ErrClosed) {
 		t.Errorf("Unwrap after Close = %v, want ErrClosed", err)
 	}
 	if k.ID() == "" {
@@ -615,7 +615,7 @@ func TestCloseDuringCalls(t *testing.T) {
 		wg.Go(func() {
 			for i := range 50 {
 				_, err := k.Wrap(ctx, []byte("seed"), nil)
-				if errors.Is(err, plugin.ErrClosed) {
+				if errors.Is(err, kek.ErrClosed) {
 					return
 				}
 				if err != nil {
@@ -727,8 +727,8 @@ func TestCreateKeyRefusesOverwrite(t *testing.T) {
 				before, _ = os.ReadFile(cfg.BlobFile)
 			}
 			_, err := CreateKey(testCtx(t), cfg)
-			if !errors.Is(err, ErrKeyExists) {
-				t.Fatalf("second CreateKey = %v, want ErrKeyExists", err)
+			if !errors.Is(err, kek.ErrKeyExists) {
+				t.Fatalf("second CreateKey = %v, want kek.ErrKeyExists", err)
 			}
 			if cfg.BlobFile != "" {
 				after, _ := os.ReadFile(cfg.BlobFile)
@@ -754,14 +754,14 @@ func TestProbeDestroy(t *testing.T) {
 			sim := swtpmtest.New(t)
 			ctx := testCtx(t)
 			cfg := form.cfg(t, sim)
-			if _, err := Probe(ctx, cfg); !errors.Is(err, ErrKeyNotFound) {
-				t.Fatalf("Probe before create = %v, want ErrKeyNotFound", err)
+			if _, err := Probe(ctx, cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+				t.Fatalf("Probe before create = %v, want kek.ErrKeyNotFound", err)
 			}
-			if _, err := Open(ctx, cfg); !errors.Is(err, ErrKeyNotFound) {
-				t.Fatalf("Open before create = %v, want ErrKeyNotFound", err)
+			if _, err := Open(ctx, cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+				t.Fatalf("Open before create = %v, want kek.ErrKeyNotFound", err)
 			}
-			if err := DestroyKey(ctx, cfg); !errors.Is(err, ErrKeyNotFound) {
-				t.Fatalf("DestroyKey before create = %v, want ErrKeyNotFound", err)
+			if err := DestroyKey(ctx, cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+				t.Fatalf("DestroyKey before create = %v, want kek.ErrKeyNotFound", err)
 			}
 			info := createKey(t, cfg)
 			p, err := Probe(ctx, cfg)
@@ -774,8 +774,8 @@ func TestProbeDestroy(t *testing.T) {
 			if err := DestroyKey(ctx, cfg); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := Probe(ctx, cfg); !errors.Is(err, ErrKeyNotFound) {
-				t.Fatalf("Probe after destroy = %v, want ErrKeyNotFound", err)
+			if _, err := Probe(ctx, cfg); !errors.Is(err, kek.ErrKeyNotFound) {
+				t.Fatalf("Probe after destroy = %v, want kek.ErrKeyNotFound", err)
 			}
 			// A re-created key has a new key_id.
 			again := createKey(t, cfg)
@@ -837,10 +837,10 @@ func TestCreateKeyUnavailable(t *testing.T) {
 	if _, err := CreateKey(ctx, cfg); !errors.Is(err, errTransport) {
 		t.Errorf("CreateKey = %v", err)
 	}
-	if _, err := Open(ctx, cfg); !errors.Is(err, plugin.ErrUnavailable) {
+	if _, err := Open(ctx, cfg); !errors.Is(err, kek.ErrUnavailable) {
 		t.Errorf("Open of a missing TPM = %v, want ErrUnavailable", err)
 	}
-	if _, err := CreateKey(ctx, cfg); !errors.Is(err, plugin.ErrUnavailable) {
+	if _, err := CreateKey(ctx, cfg); !errors.Is(err, kek.ErrUnavailable) {
 		t.Errorf("CreateKey on a missing TPM = %v, want ErrUnavailable", err)
 	}
 }
@@ -873,8 +873,8 @@ func TestKeyReplaced(t *testing.T) {
 	k.sem <- struct{}{}
 	k.teardown()
 	<-k.sem
-	if _, err := k.Unwrap(ctx, body, nil); !errors.Is(err, ErrKeyNotFound) || !errors.Is(err, plugin.ErrUnavailable) {
-		t.Fatalf("Unwrap with the key evicted = %v, want ErrKeyNotFound and ErrUnavailable", err)
+	if _, err := k.Unwrap(ctx, body, nil); !errors.Is(err, kek.ErrKeyNotFound) || !errors.Is(err, kek.ErrUnavailable) {
+		t.Fatalf("Unwrap with the key evicted = %v, want kek.ErrKeyNotFound and ErrUnavailable", err)
 	}
 	other := createKey(t, cfg)
 	if other.KeyID == k.ID() {
@@ -884,7 +884,7 @@ func TestKeyReplaced(t *testing.T) {
 		func() error { _, err := k.Unwrap(ctx, body, nil); return err }(),
 		func() error { _, err := k.Wrap(ctx, []byte("seed"), nil); return err }(),
 	} {
-		if !errors.Is(err, ErrNotKEK) || !errors.Is(err, plugin.ErrUnavailable) {
+		if !errors.Is(err, ErrNotKEK) || !errors.Is(err, kek.ErrUnavailable) {
 			t.Errorf("call with the key replaced = %v, want ErrNotKEK and ErrUnavailable", err)
 		}
 	}

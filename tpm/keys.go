@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // KeyInfo describes a KEK on a TPM.
@@ -30,7 +31,7 @@ type KeyInfo struct {
 // with the auth value from cfg.AuthFile (sent encrypted in a salted session). It then
 // makes it persistent at cfg.PersistentHandle (TPM2_EvictControl, section 28.5) or
 // writes cfg.BlobFile (format in doc.go, mode 0600, created atomically). It never
-// overwrites: an occupied handle or an existing file gives ErrKeyExists.
+// overwrites: an occupied handle or an existing file gives kek.ErrKeyExists.
 // The owner hierarchy's auth value must be empty.
 func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err := cfg.Validate("tpm"); err != nil {
@@ -46,7 +47,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if cfg.PersistentHandle != "" {
 		handle, _ = parseHandle(cfg.PersistentHandle)
 	} else if _, err := os.Lstat(cfg.BlobFile); err == nil {
-		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, ErrKeyExists)
+		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, kek.ErrKeyExists)
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile: %w", err)
 	}
@@ -59,7 +60,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if handle != 0 {
 		_, err := tpm2.ReadPublic{ObjectHandle: handle}.Execute(c)
 		if err == nil {
-			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w", cfg.PersistentHandle, ErrKeyExists)
+			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w", cfg.PersistentHandle, kek.ErrKeyExists)
 		}
 		if !errors.Is(err, tpm2.TPMRCHandle) {
 			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_ReadPublic: %w", err)
@@ -110,7 +111,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 			PersistentHandle: handle,
 		}.Execute(c)
 		if errors.Is(err, tpm2.TPMRCNVDefined) {
-			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w: %w", cfg.PersistentHandle, ErrKeyExists, err)
+			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w: %w", cfg.PersistentHandle, kek.ErrKeyExists, err)
 		}
 		if err != nil {
 			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_EvictControl: %w", err)
@@ -132,7 +133,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 // Probe reports whether the KEK in cfg exists and is usable: the persistent object
 // exists and has the KEK's shape, or the blob file parses and loads under this TPM's
 // SRK. It changes nothing on the TPM (a blob is flushed after loading). A missing
-// key gives ErrKeyNotFound.
+// key gives kek.ErrKeyNotFound.
 func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err := cfg.Validate("tpm"); err != nil {
 		return KeyInfo{}, err
@@ -181,7 +182,7 @@ func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 
 // DestroyKey evicts the persistent KEK (TPM2_EvictControl) or removes the blob file,
 // after checking that the object is an hwkms KEK. Data wrapped by it can never be
-// unwrapped again. A missing key gives ErrKeyNotFound.
+// unwrapped again. A missing key gives kek.ErrKeyNotFound.
 func DestroyKey(ctx context.Context, cfg Config) error {
 	if err := cfg.Validate("tpm"); err != nil {
 		return err
@@ -237,7 +238,7 @@ func openAdmin(ctx context.Context, dev device) (*conn, error) {
 func readKEKPublic(c *conn, h tpm2.TPMHandle) (*tpm2.TPMTPublic, []byte, error) {
 	rp, err := tpm2.ReadPublic{ObjectHandle: h}.Execute(c)
 	if errors.Is(err, tpm2.TPMRCHandle) {
-		return nil, nil, fmt.Errorf("persistent handle 0x%08x: %w", uint32(h), ErrKeyNotFound)
+		return nil, nil, fmt.Errorf("persistent handle 0x%08x: %w", uint32(h), kek.ErrKeyNotFound)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("TPM2_ReadPublic(0x%08x): %w", uint32(h), tpmCall(err))
@@ -321,7 +322,7 @@ func loadUnderSRKWith(c *conn, srk primaryObject, pubBytes, priv, name []byte) (
 }
 
 // writeNewFile writes data to path atomically (temp file, fsync, link), mode 0600,
-// failing with ErrKeyExists if path exists.
+// failing with kek.ErrKeyExists if path exists.
 func writeNewFile(path string, data []byte) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, ".hwkms-kek-*")
@@ -343,7 +344,7 @@ func writeNewFile(path string, data []byte) error {
 	}
 	if err := os.Link(tmp, path); err != nil {
 		if errors.Is(err, os.ErrExist) {
-			return ErrKeyExists
+			return kek.ErrKeyExists
 		}
 		return err
 	}

@@ -7,7 +7,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
 
@@ -52,7 +52,7 @@ func TestSharedLine(t *testing.T) {
 		if err != nil || string(got) != fmt.Sprintf("seed %d", i) {
 			t.Errorf("Unwrap with key %d = %q, %v", i, got, err)
 		}
-		if _, err := k.Unwrap(ctx, bodies[1-i], []byte("aad")); !errors.Is(err, plugin.ErrInvalidCiphertext) {
+		if _, err := k.Unwrap(ctx, bodies[1-i], []byte("aad")); !errors.Is(err, kek.ErrInvalidCiphertext) {
 			t.Errorf("key %d opened key %d's body: %v, want ErrInvalidCiphertext", i, 1-i, err)
 		}
 	}

@@ -7,8 +7,7 @@ import (
 	"strings"
 
 	"github.com/google/go-tpm/tpm2"
-
-	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // Reason returns a short, bounded name for err, for metric labels and logs: the
@@ -37,7 +36,7 @@ func Reason(err error) string {
 	switch {
 	case errors.Is(err, ErrPolicy):
 		return "policy"
-	case errors.Is(err, errTransport), errors.Is(err, errDesync), errors.Is(err, plugin.ErrUnavailable):
+	case errors.Is(err, errTransport), errors.Is(err, errDesync), errors.Is(err, kek.ErrUnavailable):
 		return "unavailable"
 	}
 	return "other"
@@ -59,7 +58,7 @@ func (k *KEK) Reconnects() uint64 { return k.reconnects.Load() }
 
 // CheckDevice connects to the TPM that cfg names and runs TPM2_Startup if the TPM
 // needs it, then disconnects. It does not flush or create anything. An unreachable
-// TPM gives an error wrapping plugin.ErrUnavailable. On a TPM without a resource
+// TPM gives an error wrapping kek.ErrUnavailable. On a TPM without a resource
 // manager that another process is using (swtpm), it waits for that connection up to
 // ctx's deadline.
 func CheckDevice(ctx context.Context, cfg Config) error {

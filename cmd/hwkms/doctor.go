@@ -19,6 +19,7 @@ import (
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm"
 )
 
@@ -308,7 +309,7 @@ func unsafeDesc(k hsm.KeyInfo) string {
 	return strings.Join(s, ", ")
 }
 
-func (d *doctor) roundTrip(ctx context.Context, name string, k plugin.KEK) {
+func (d *doctor) roundTrip(ctx context.Context, name string, k kek.KEK) {
 	start := time.Now()
 	h := plugin.Probe(ctx, k)
 	if !h.OK {
@@ -352,7 +353,7 @@ func (d *doctor) checkTPM(ctx context.Context, name string, i int, cfgPath strin
 	info, err := tpm.Probe(cctx, c)
 	cancel()
 	switch {
-	case errors.Is(err, tpm.ErrKeyNotFound):
+	case errors.Is(err, kek.ErrKeyNotFound):
 		d.fail(name+" key present", err.Error(), fmt.Sprintf("hwkms key create --config %s --key %d", cfgPath, i))
 		return
 	case errors.Is(err, tpm.ErrNotKEK):

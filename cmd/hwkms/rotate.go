@@ -16,6 +16,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm"
 )
 
@@ -118,7 +119,7 @@ func configuredAs(ctx context.Context, k config.Key, target string) (bool, error
 	case k.TPM != nil:
 		info, err := tpm.Probe(ctx, *k.TPM)
 		switch {
-		case errors.Is(err, tpm.ErrKeyNotFound), errors.Is(err, fs.ErrNotExist):
+		case errors.Is(err, kek.ErrKeyNotFound), errors.Is(err, fs.ErrNotExist):
 			return false, nil
 		case err != nil:
 			return false, err

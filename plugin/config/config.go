@@ -22,6 +22,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm"
 )
 
@@ -98,9 +99,9 @@ type Key struct {
 func (k Key) Backend() string {
 	switch {
 	case k.PKCS11 != nil:
-		return plugin.BackendPKCS11.String()
+		return kek.BackendPKCS11.String()
 	case k.TPM != nil:
-		return plugin.BackendTPM.String()
+		return kek.BackendTPM.String()
 	default:
 		return ""
 	}
@@ -392,7 +393,7 @@ func (c *Config) Logger(w interface{ Write([]byte) (int, error) }) *slog.Logger 
 }
 
 // OpenKey opens one configured key on its backend.
-func OpenKey(ctx context.Context, k Key) (plugin.KEK, error) {
+func OpenKey(ctx context.Context, k Key) (kek.KEK, error) {
 	switch {
 	case k.PKCS11 != nil:
 		kek, err := hsm.Open(ctx, *k.PKCS11)
@@ -414,7 +415,7 @@ func OpenKey(ctx context.Context, k Key) (plugin.KEK, error) {
 // OpenKeyring opens every key of cfg and builds the keyring (first key primary). On
 // error, keys already opened are closed again. Errors name the key by index.
 func OpenKeyring(ctx context.Context, cfg *Config) (*plugin.Keyring, error) {
-	keks := make([]plugin.KEK, 0, len(cfg.Keys))
+	keks := make([]kek.KEK, 0, len(cfg.Keys))
 	fail := func(err error) (*plugin.Keyring, error) {
 		for _, k := range keks {
 			k.Close()
@@ -450,7 +451,7 @@ var openKeyring = OpenKeyring
 
 // OpenKeyringWithin is OpenKeyring bounded by d. A device call cannot be interrupted,
 // so when d passes (or ctx ends) first, the open goes on in the background and the
-// keyring it may still produce is closed; the error wraps plugin.ErrUnavailable and
+// keyring it may still produce is closed; the error wraps kek.ErrUnavailable and
 // context.DeadlineExceeded (or ctx's error).
 func OpenKeyringWithin(ctx context.Context, cfg *Config, d time.Duration) (*plugin.Keyring, error) {
 	type result struct {
@@ -478,7 +479,7 @@ func OpenKeyringWithin(ctx context.Context, cfg *Config, d time.Duration) (*plug
 			r.ring.Close()
 		}
 	}()
-	return nil, fmt.Errorf("opening the keys did not finish within %v (a device does not answer; the open goes on in the background): %w: %w", d, plugin.ErrUnavailable, why)
+	return nil, fmt.Errorf("opening the keys did not finish within %v (a device does not answer; the open goes on in the background): %w: %w", d, kek.ErrUnavailable, why)
 }
 
 // check validates Metrics.Address.

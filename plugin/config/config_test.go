@@ -14,6 +14,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/softhsm/softhsmtest"
 	"k8s.io/kms/pkg/service"
 )
@@ -235,13 +236,13 @@ func TestReloadOpenHangs(t *testing.T) {
 	}
 	start := time.Now()
 	err = rl.Reload(ctx, false)
-	if !errors.Is(err, plugin.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+	if !errors.Is(err, kek.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("reload with a hung open = %v, want ErrUnavailable and DeadlineExceeded", err)
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("reload returned after %v, want about the 200 ms open timeout", d)
 	}
-	if svc.Keyring().Primary() != plugin.KEK(a) || svc.ReloadError() == "" {
+	if svc.Keyring().Primary() != kek.KEK(a) || svc.ReloadError() == "" {
 		t.Fatalf("after the failed reload: primary %s, reload error %q", svc.Keyring().Primary().ID(), svc.ReloadError())
 	}
 	close(release)
@@ -263,13 +264,13 @@ type stubKEK struct {
 
 func newFakeKEK(id string) *stubKEK { return &stubKEK{id: id} }
 
-func (k *stubKEK) ID() string              { return k.id }
-func (k *stubKEK) Backend() plugin.Backend { return plugin.BackendTest }
+func (k *stubKEK) ID() string           { return k.id }
+func (k *stubKEK) Backend() kek.Backend { return kek.BackendTest }
 func (k *stubKEK) Wrap(context.Context, []byte, []byte) ([]byte, error) {
-	return nil, plugin.ErrUnavailable
+	return nil, kek.ErrUnavailable
 }
 func (k *stubKEK) Unwrap(context.Context, []byte, []byte) ([]byte, error) {
-	return nil, plugin.ErrUnavailable
+	return nil, kek.ErrUnavailable
 }
 func (k *stubKEK) Close() error   { k.closed.Store(true); return nil }
 func (k *stubKEK) isClosed() bool { return k.closed.Load() }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm"
 )
 
@@ -135,10 +136,10 @@ func (m *Metrics) ObserveProbe(h plugin.Health) {
 }
 
 // ObserveDevice implements plugin.Observer. Failures caused by the client's input
-// (plugin.ErrInvalidCiphertext, plugin.ErrInvalidInput) or by the client going away
+// (kek.ErrInvalidCiphertext, kek.ErrInvalidInput) or by the client going away
 // (context.Canceled) are timed but not counted as device errors: they show as
 // hwkms_requests_total codes instead.
-func (m *Metrics) ObserveDevice(b plugin.Backend, op string, d time.Duration, err error) {
+func (m *Metrics) ObserveDevice(b kek.Backend, op string, d time.Duration, err error) {
 	m.devLatency.WithLabelValues(b.String(), op).Observe(d.Seconds())
 	if err == nil || clientFault(err) {
 		return
@@ -157,7 +158,7 @@ func (m *Metrics) ObserveReload(err error) {
 }
 
 func clientFault(err error) bool {
-	return errors.Is(err, plugin.ErrInvalidCiphertext) || errors.Is(err, plugin.ErrInvalidInput) ||
+	return errors.Is(err, kek.ErrInvalidCiphertext) || errors.Is(err, kek.ErrInvalidInput) ||
 		errors.Is(err, context.Canceled)
 }
 
@@ -171,12 +172,12 @@ var reasonName = regexp.MustCompile(`^(CKR_|TPM_RC_)[A-Z0-9_]{1,40}$`)
 // "invalid_ciphertext", "unavailable" or "other". It is fit for a metric label and a
 // log attribute; it never contains an error message. A key that is gone from the
 // device (destroyed, token re-initialised) is "key_not_found".
-func DeviceReason(b plugin.Backend, err error) string {
+func DeviceReason(b kek.Backend, err error) string {
 	var name string
 	switch b {
-	case plugin.BackendPKCS11:
+	case kek.BackendPKCS11:
 		name = hsm.Reason(err)
-	case plugin.BackendTPM:
+	case kek.BackendTPM:
 		name = tpm.Reason(err)
 	}
 	if reasonName.MatchString(name) {
@@ -185,19 +186,19 @@ func DeviceReason(b plugin.Backend, err error) string {
 	switch {
 	case err == nil:
 		return "other"
-	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, tpm.ErrKeyNotFound):
+	case errors.Is(err, kek.ErrKeyNotFound):
 		return "key_not_found"
 	case errors.Is(err, context.DeadlineExceeded):
 		return "deadline_exceeded"
 	case errors.Is(err, context.Canceled):
 		return "canceled"
-	case errors.Is(err, plugin.ErrClosed):
+	case errors.Is(err, kek.ErrClosed):
 		return "closed"
 	case errors.Is(err, tpm.ErrPolicy):
 		return "policy"
-	case errors.Is(err, plugin.ErrInvalidCiphertext):
+	case errors.Is(err, kek.ErrInvalidCiphertext):
 		return "invalid_ciphertext"
-	case errors.Is(err, plugin.ErrUnavailable):
+	case errors.Is(err, kek.ErrUnavailable):
 		return "unavailable"
 	}
 	return "other"

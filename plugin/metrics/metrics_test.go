@@ -30,6 +30,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/plugin/metrics"
 	"github.com/hwkms/hwkms/tpm"
 )
@@ -61,9 +62,9 @@ func newMemKEK(t *testing.T, id string) *memKEK {
 func (k *memKEK) setFail(err error) { k.mu.Lock(); k.fail = err; k.mu.Unlock() }
 func (k *memKEK) failure() error    { k.mu.Lock(); defer k.mu.Unlock(); return k.fail }
 
-func (k *memKEK) ID() string              { return k.id }
-func (k *memKEK) Backend() plugin.Backend { return plugin.BackendTest }
-func (k *memKEK) Close() error            { return nil }
+func (k *memKEK) ID() string           { return k.id }
+func (k *memKEK) Backend() kek.Backend { return kek.BackendTest }
+func (k *memKEK) Close() error         { return nil }
 func (k *memKEK) Wrap(_ context.Context, pt, aad []byte) ([]byte, error) {
 	if err := k.failure(); err != nil {
 		return nil, err
@@ -77,11 +78,11 @@ func (k *memKEK) Unwrap(_ context.Context, body, aad []byte) ([]byte, error) {
 		return nil, err
 	}
 	if len(body) < 12 {
-		return nil, plugin.ErrInvalidCiphertext
+		return nil, kek.ErrInvalidCiphertext
 	}
 	pt, err := k.aead.Open(nil, body[:12], body[12:], aad)
 	if err != nil {
-		return nil, fmt.Errorf("mem: %w", plugin.ErrInvalidCiphertext)
+		return nil, fmt.Errorf("mem: %w", kek.ErrInvalidCiphertext)
 	}
 	return pt, nil
 }
@@ -94,7 +95,7 @@ type server struct {
 	baseURL string
 }
 
-func start(t *testing.T, keys ...plugin.KEK) *server {
+func start(t *testing.T, keys ...kek.KEK) *server {
 	t.Helper()
 	ring, err := plugin.NewKeyring(keys[0], keys[1:]...)
 	if err != nil {
@@ -261,7 +262,7 @@ func TestEveryMetricAndEndpoint(t *testing.T) {
 		t.Fatalf("unknown key: %v", err)
 	}
 	// A device failure: counted under hwkms_device_errors_total.
-	primary.setFail(fmt.Errorf("mem: gone: %w", plugin.ErrUnavailable))
+	primary.setFail(fmt.Errorf("mem: gone: %w", kek.ErrUnavailable))
 	_, err = s.client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 32)})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("failing device: %v", err)
@@ -357,23 +358,23 @@ func TestDeviceReasonIsBounded(t *testing.T) {
 	fmt1 := tpm2.TPMRC(uint32(tpm2.TPMRCIntegrity) | 0x040 | 0x100) // parameter 1
 	for _, tc := range []struct {
 		name string
-		b    plugin.Backend
+		b    kek.Backend
 		err  error
 		want string
 	}{
-		{"ckr name", plugin.BackendPKCS11, fmt.Errorf("hsm: C_Encrypt: %w: %w", plugin.ErrUnavailable, pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED)), "CKR_DEVICE_REMOVED"},
-		{"pin error", plugin.BackendPKCS11, &hsm.PINError{Token: "t", Err: pkcs11.Error(pkcs11.CKR_PIN_INCORRECT)}, "CKR_PIN_INCORRECT"},
-		{"vendor ckr", plugin.BackendPKCS11, fmt.Errorf("x: %w", pkcs11.Error(0x80001234)), "other"},
-		{"pkcs11 deadline", plugin.BackendPKCS11, fmt.Errorf("hsm: waiting: %w", context.DeadlineExceeded), "deadline_exceeded"},
-		{"pkcs11 closed", plugin.BackendPKCS11, fmt.Errorf("hsm: %w", plugin.ErrClosed), "closed"},
-		{"tpm fmt0", plugin.BackendTPM, fmt.Errorf("tpm: %w: %w", plugin.ErrUnavailable, tpm2.TPMRCInitialize), "TPM_RC_INITIALIZE"},
-		{"tpm fmt1", plugin.BackendTPM, fmt.Errorf("tpm: load: %w: %w", plugin.ErrInvalidCiphertext, fmt1), "TPM_RC_INTEGRITY"},
-		{"tpm warning", plugin.BackendTPM, tpm2.TPMRCRetry, "TPM_RC_RETRY"},
-		{"tpm unknown rc", plugin.BackendTPM, tpm2.TPMRC(0x7fffffff), "other"},
-		{"tpm transport", plugin.BackendTPM, fmt.Errorf("tpm: dial: %w: connection refused", plugin.ErrUnavailable), "unavailable"},
-		{"tpm policy", plugin.BackendTPM, fmt.Errorf("x: %w: %w", tpm.ErrPolicy, plugin.ErrUnavailable), "policy"},
-		{"free text", plugin.BackendTest, errors.New("CKR_SOMETHING: secret 1234"), "other"},
-		{"nil", plugin.BackendPKCS11, nil, "other"},
+		{"ckr name", kek.BackendPKCS11, fmt.Errorf("hsm: C_Encrypt: %w: %w", kek.ErrUnavailable, pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED)), "CKR_DEVICE_REMOVED"},
+		{"pin error", kek.BackendPKCS11, &hsm.PINError{Token: "t", Err: pkcs11.Error(pkcs11.CKR_PIN_INCORRECT)}, "CKR_PIN_INCORRECT"},
+		{"vendor ckr", kek.BackendPKCS11, fmt.Errorf("x: %w", pkcs11.Error(0x80001234)), "other"},
+		{"pkcs11 deadline", kek.BackendPKCS11, fmt.Errorf("hsm: waiting: %w", context.DeadlineExceeded), "deadline_exceeded"},
+		{"pkcs11 closed", kek.BackendPKCS11, fmt.Errorf("hsm: %w", kek.ErrClosed), "closed"},
+		{"tpm fmt0", kek.BackendTPM, fmt.Errorf("tpm: %w: %w", kek.ErrUnavailable, tpm2.TPMRCInitialize), "TPM_RC_INITIALIZE"},
+		{"tpm fmt1", kek.BackendTPM, fmt.Errorf("tpm: load: %w: %w", kek.ErrInvalidCiphertext, fmt1), "TPM_RC_INTEGRITY"},
+		{"tpm warning", kek.BackendTPM, tpm2.TPMRCRetry, "TPM_RC_RETRY"},
+		{"tpm unknown rc", kek.BackendTPM, tpm2.TPMRC(0x7fffffff), "other"},
+		{"tpm transport", kek.BackendTPM, fmt.Errorf("tpm: dial: %w: connection refused", kek.ErrUnavailable), "unavailable"},
+		{"tpm policy", kek.BackendTPM, fmt.Errorf("x: %w: %w", tpm.ErrPolicy, kek.ErrUnavailable), "policy"},
+		{"free text", kek.BackendTest, errors.New("CKR_SOMETHING: secret 1234"), "other"},
+		{"nil", kek.BackendPKCS11, nil, "other"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := metrics.DeviceReason(tc.b, tc.err); got != tc.want {
@@ -402,7 +403,7 @@ type devKEK struct {
 func (k *devKEK) Stats() hsm.PoolStats         { return k.pool }
 func (k *devKEK) Reinits() (ok, failed uint64) { return k.reinitOK, k.reinitKO }
 func (k *devKEK) Reconnects() uint64           { return k.reconnects }
-func (k *devKEK) Backend() plugin.Backend      { return plugin.BackendPKCS11 }
+func (k *devKEK) Backend() kek.Backend         { return kek.BackendPKCS11 }
 
 // TestDeviceCollectorValues: the scrape-time collector exports each key's session pool
 // (in use above zero), re-initialisation counts by result and reconnects as the key

@@ -1,4 +1,4 @@
-package plugin
+package kek
 
 import (
 	"context"
@@ -9,10 +9,10 @@ import (
 // token or a TPM). Implementations are safe for concurrent use. Close is idempotent;
 // every method called after Close returns an error wrapping ErrClosed.
 //
-// The plugin owns the ciphertext frame (see frame.go); a KEK only produces and consumes
-// the backend body of that frame. aad is bound to the body: Unwrap must fail with an
-// error wrapping ErrInvalidCiphertext when the body or aad differs in any bit from what
-// Wrap was given and produced.
+// The plugin owns the ciphertext frame; a KEK only produces and consumes the backend
+// body of that frame. aad is bound to the body: Unwrap must fail with an error wrapping
+// ErrInvalidCiphertext when the body or aad differs in any bit from what Wrap was given
+// and produced.
 type KEK interface {
 	// ID returns the key_id reported to kube-apiserver: non-empty UTF-8, at most
 	// MaxKeyIDLen bytes, derived from the key itself (never from a slot or serial), stable
@@ -74,7 +74,20 @@ var (
 	ErrClosed = errors.New("kek is closed")
 )
 
-// Limits of the KMS v2 wire contract and of hwkms (DESIGN.md section 1).
+// Errors of key lifecycle operations (open, create, destroy), shared by every backend
+// so callers above the backends test one sentinel, not one per device.
+var (
+	// ErrKeyNotFound means the configured key does not exist on the device: no PKCS#11
+	// object with the label (and CKA_ID), an empty TPM persistent handle, a missing
+	// TPM blob file.
+	ErrKeyNotFound = errors.New("key not found")
+	// ErrKeyExists means a create found the label, handle or blob file already in use;
+	// nothing was overwritten.
+	ErrKeyExists = errors.New("key already exists")
+)
+
+// Limits of the KMS v2 wire contract (kube-apiserver's envelope transformer,
+// k8s.io/apiserver v0.37.2) and of hwkms.
 const (
 	// MaxCiphertext is kube-apiserver's hard limit on an Encrypt response ciphertext.
 	MaxCiphertext = 1024
