@@ -57,7 +57,7 @@ soak:
 	HWKMS_SOAK=$(SOAK) $(GO) test -race -count=1 -run '^TestSoak$$' -timeout 2h -v ./hsm/
 
 ## bench: floors (raw PKCS#11, raw TPM, bare gRPC, AES-GCM) and hwkms on SoftHSM2 and
-## swtpm under load, side by side in one table with the DESIGN.md section 6 targets;
+## swtpm under load, side by side in one table with the targets of docs/contract.md;
 ## raw outputs in .bench/ (docs/BENCHMARKS.md)
 BENCH_DURATION ?= 3s
 bench: deps build

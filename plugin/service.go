@@ -372,7 +372,7 @@ func checkDecryptRequest(req *service.DecryptRequest) error {
 }
 
 // toStatus maps an error from the keyring or a KEK to a gRPC status. This is the one
-// place where device errors become codes (DESIGN.md section 1). The message names the
+// place where device errors become codes (docs/contract.md). The message names the
 // operation and key_id only; the device error goes to the log, never to the client.
 func toStatus(ctx context.Context, op, keyID string, err error) error {
 	kid := printableKeyID(keyID)

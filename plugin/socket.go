@@ -20,7 +20,7 @@ import (
 var ErrSocketInUse = errors.New("another process is serving on the socket")
 
 // maxRecvMsgSize bounds a request at the gRPC layer. A valid Decrypt carries at most
-// 1 KiB of ciphertext, a 1 KiB key_id and 32 KiB of annotations (DESIGN.md section 1).
+// 1 KiB of ciphertext, a 1 KiB key_id and 32 KiB of annotations (docs/contract.md).
 // Oversize input up to this bound reaches the service and gets InvalidArgument like any
 // other bad input; above it grpc-go refuses the message itself with ResourceExhausted
 // before hwkms sees it, so a local client cannot make the plugin buffer megabytes.

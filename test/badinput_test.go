@@ -162,7 +162,7 @@ func TestBadInputOverSocket(t *testing.T) {
 	}
 
 	// hwkms caps a gRPC request at 1 MiB (plugin/socket.go maxRecvMsgSize): below it
-	// hwkms's own limit check answers InvalidArgument (DESIGN.md section 1), above it
+	// hwkms's own limit check answers InvalidArgument (docs/contract.md), above it
 	// grpc-go refuses the message with ResourceExhausted before hwkms sees it. Either
 	// is a refusal the client cannot retry its way out of; what matters is that nothing
 	// is encrypted and the server keeps serving.
