@@ -71,6 +71,7 @@ type Service struct {
 	reloadErr atomic.Pointer[string] // why the latest config reload failed; nil if it succeeded
 	log       *slog.Logger
 	obs       Observer
+	panics    panicCounter
 	reason    func(kek.Backend, error) string
 	interval  time.Duration
 	timeout   time.Duration
@@ -156,7 +157,7 @@ func (s *Service) ProbeNow(ctx context.Context) Health {
 	defer cancel()
 	var h Health
 	err := s.withRing(func(r *Keyring) error {
-		h = Probe(ctx, s.observed(r.Primary()))
+		h = s.guardedProbe(ctx, r.Primary())
 		// Say what the device said, when it said something bounded and non-secret
 		// (a CK_RV or TPM_RC name, key_not_found): "device unavailable" alone does not
 		// tell a refused PIN from a destroyed key.
@@ -170,6 +171,16 @@ func (s *Service) ProbeNow(ctx context.Context) Health {
 	}
 	s.recordProbe(h)
 	return h
+}
+
+// guardedProbe is Probe with a recovered panic reported as a failed probe.
+func (s *Service) guardedProbe(ctx context.Context, k kek.KEK) (h Health) {
+	defer func() {
+		if err := s.recovered(recover(), "probe"); err != nil {
+			h = Health{KeyID: k.ID(), At: time.Now(), Err: err, Reason: "probe of key_id " + k.ID() + " failed: internal error"}
+		}
+	}()
+	return Probe(ctx, s.observed(k))
 }
 
 // recordProbe stores h unless it is the result for a primary that is no longer the
@@ -227,8 +238,14 @@ func (s *Service) withRing(fn func(*Keyring) error) error {
 }
 
 // Status implements service.Service. It reads the cached probe; it never touches a device.
-func (s *Service) Status(ctx context.Context) (*service.StatusResponse, error) {
+func (s *Service) Status(ctx context.Context) (_ *service.StatusResponse, rerr error) {
 	start := time.Now()
+	defer func() {
+		if err := s.recovered(recover(), "Status"); err != nil {
+			rerr = toStatus(ctx, "status", "", err)
+			s.done(ctx, "Status", "", "", start, rerr, "err", err)
+		}
+	}()
 	primary := s.ring.Load().Primary().ID()
 	resp := &service.StatusResponse{Version: StatusVersion, Healthz: s.healthz(primary), KeyID: primary}
 	s.done(ctx, "Status", "", primary, start, nil)
@@ -271,8 +288,14 @@ func (s *Service) healthReason(primary string) string {
 }
 
 // Encrypt implements service.Service: it wraps a DEK seed with the primary KEK.
-func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*service.EncryptResponse, error) {
+func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (_ *service.EncryptResponse, rerr error) {
 	start := time.Now()
+	defer func() {
+		if err := s.recovered(recover(), "Encrypt"); err != nil {
+			rerr = toStatus(ctx, "encrypt", "", err)
+			s.done(ctx, "Encrypt", uid, "", start, rerr, "err", err)
+		}
+	}()
 	if n := len(plaintext); n == 0 || n > kek.MaxPlaintext {
 		err := status.Errorf(codes.InvalidArgument, "encrypt: plaintext is %d bytes; hwkms accepts 1 to %d", n, kek.MaxPlaintext)
 		s.done(ctx, "Encrypt", uid, "", start, err, "reason", status.Convert(err).Message())
@@ -306,8 +329,14 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*s
 
 // Decrypt implements service.Service: it unwraps a frame made by Encrypt, with the KEK
 // named by req.KeyID.
-func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) ([]byte, error) {
+func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) (_ []byte, rerr error) {
 	start := time.Now()
+	defer func() {
+		if err := s.recovered(recover(), "Decrypt"); err != nil {
+			rerr = toStatus(ctx, "decrypt", "", err)
+			s.done(ctx, "Decrypt", uid, "", start, rerr, "err", err)
+		}
+	}()
 	if err := checkDecryptRequest(req); err != nil {
 		keyID := ""
 		if req != nil {
@@ -377,6 +406,8 @@ func checkDecryptRequest(req *service.DecryptRequest) error {
 func toStatus(ctx context.Context, op, keyID string, err error) error {
 	kid := printableKeyID(keyID)
 	switch {
+	case errors.Is(err, errPanic):
+		return status.Errorf(codes.Internal, "%s: internal error with key_id %s", op, kid)
 	case errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return status.Errorf(codes.DeadlineExceeded, "%s: deadline exceeded waiting for the device (key_id %s)", op, kid)
 	case errors.Is(err, context.Canceled) || errors.Is(ctx.Err(), context.Canceled):
