@@ -117,26 +117,41 @@ func (s *Service) SwapKeyring(ring *Keyring, h Health) *Keyring {
 }
 
 // SetReloadError records the outcome of the latest config reload: nil when it
-// succeeded. While the serving keyring is unhealthy, Status appends the failure to
-// its healthz reason, so an operator sees both why the old keys fail and why the new
-// ones were not taken. The error must hold no secret (hwkms errors never do).
+// succeeded. While the serving keyring is unhealthy, Status appends a short reason name
+// for the failure to its healthz (key_not_found, a CKR_ or TPM_RC_ name,
+// device_timeout, device_unavailable, or config_or_device_error), so an operator sees
+// both why the old keys fail and that the new ones were not taken. The full error,
+// which names labels, paths and device text, goes only to the log (the caller logs
+// it): healthz reaches every client of the socket.
 func (s *Service) SetReloadError(err error) {
 	if err == nil {
 		s.reloadErr.Store(nil)
 		return
 	}
-	msg := strings.Join(strings.Fields(err.Error()), " ")
-	if len(msg) > maxReloadReason {
-		cut := maxReloadReason
-		for cut > 0 && !utf8.RuneStart(msg[cut]) {
-			cut--
-		}
-		msg = msg[:cut] + "..."
-	}
-	s.reloadErr.Store(&msg)
+	r := s.reloadReason(err)
+	s.reloadErr.Store(&r)
 }
 
-// ReloadError returns what SetReloadError recorded last, as Status would quote it: ""
+// reloadReason names a failed reload's cause with a bounded, non-secret name.
+func (s *Service) reloadReason(err error) string {
+	if errors.Is(err, kek.ErrKeyNotFound) {
+		return "key_not_found"
+	}
+	for _, b := range []kek.Backend{kek.BackendPKCS11, kek.BackendTPM} {
+		if n := s.deviceReason(b, err); strings.HasPrefix(n, "CKR_") || strings.HasPrefix(n, "TPM_RC_") {
+			return clip(n, 64)
+		}
+	}
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return "device_timeout"
+	case errors.Is(err, kek.ErrUnavailable), errors.Is(err, kek.ErrClosed):
+		return "device_unavailable"
+	}
+	return "config_or_device_error"
+}
+
+// ReloadError returns the reason name SetReloadError recorded last, as Status would quote it: ""
 // when the latest reload succeeded or none failed.
 func (s *Service) ReloadError() string {
 	if e := s.reloadErr.Load(); e != nil {
@@ -144,9 +159,6 @@ func (s *Service) ReloadError() string {
 	}
 	return ""
 }
-
-// maxReloadReason bounds the reload error quoted in healthz.
-const maxReloadReason = 300
 
 // Health returns the cached result of the latest probe.
 func (s *Service) Health() Health { return s.health.get() }
@@ -267,7 +279,7 @@ func (s *Service) healthz(primary string) string {
 		return r
 	}
 	if e := s.reloadErr.Load(); e != nil {
-		r += "; the latest config reload also failed: " + *e
+		r += "; the latest config reload also failed (" + *e + "; details in the hwkms log)"
 	}
 	return r
 }

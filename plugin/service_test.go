@@ -398,25 +398,40 @@ func TestProbeOfReplacedKeyringIgnored(t *testing.T) {
 }
 
 // TestStatusQuotesFailedReload: a failed reload shows in healthz only while the
-// serving keys are unhealthy, bounded in length, and is cleared by a good reload.
+// serving keys are unhealthy, as a reason name only (no labels, paths or device
+// text: every socket client reads healthz), and is cleared by a good reload.
 func TestStatusQuotesFailedReload(t *testing.T) {
 	a := newFakeKEK("A")
 	svc := newTestService(t, a)
 	ctx := context.Background()
 	svc.ProbeNow(ctx)
-	svc.SetReloadError(errors.New("keys[0] (pkcs11): hsm: key not found"))
+	svc.SetReloadError(fmt.Errorf("keys[0] (pkcs11): hsm: no key labelled \"kek-secret-label\" on token \"/var/lib/x\": %w", kek.ErrKeyNotFound))
 	if st, _ := svc.Status(ctx); st.Healthz != "ok" {
 		t.Fatalf("healthy keys with a failed reload: %q, want ok", st.Healthz)
 	}
 	a.setFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
 	svc.ProbeNow(ctx)
 	st, _ := svc.Status(ctx)
-	if !strings.Contains(st.Healthz, "device unavailable") || !strings.Contains(st.Healthz, "reload also failed: keys[0] (pkcs11): hsm: key not found") {
+	if !strings.Contains(st.Healthz, "device unavailable") || !strings.Contains(st.Healthz, "reload also failed (key_not_found;") {
 		t.Fatalf("unhealthy keys and a failed reload: %q", st.Healthz)
 	}
-	svc.SetReloadError(errors.New(strings.Repeat("é", 400)))
-	if st, _ := svc.Status(ctx); len(st.Healthz) > 400 || !utf8.ValidString(st.Healthz) {
-		t.Fatalf("long reload error: %d bytes, valid UTF-8 %v", len(st.Healthz), utf8.ValidString(st.Healthz))
+	for _, leak := range []string{"kek-secret-label", "/var/lib/x", "keys[0]"} {
+		if strings.Contains(st.Healthz, leak) {
+			t.Fatalf("healthz %q quotes the reload error's detail %q", st.Healthz, leak)
+		}
+	}
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{errors.New(strings.Repeat("é", 400)), "config_or_device_error"},
+		{fmt.Errorf("open: %w", context.DeadlineExceeded), "device_timeout"},
+		{fmt.Errorf("open: %w", kek.ErrUnavailable), "device_unavailable"},
+	} {
+		svc.SetReloadError(tc.err)
+		if st, _ := svc.Status(ctx); len(st.Healthz) > 400 || !utf8.ValidString(st.Healthz) || !strings.Contains(st.Healthz, "("+tc.want+";") {
+			t.Fatalf("reload error %.40q: healthz %q, want reason %s", tc.err, st.Healthz, tc.want)
+		}
 	}
 	svc.SetReloadError(nil)
 	if st, _ := svc.Status(ctx); strings.Contains(st.Healthz, "reload") {
