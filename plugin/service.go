@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -319,8 +320,12 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (_ 
 	err := s.withRing(func(r *Keyring) error {
 		k := s.observed(r.Primary())
 		keyID, backend = k.ID(), k.Backend()
-		body, err := k.Wrap(ctx, plaintext, frameAAD(k.Backend(), keyID))
+		aad := frameAAD(k.Backend(), keyID)
+		body, err := k.Wrap(ctx, plaintext, aad)
 		if err != nil {
+			return err
+		}
+		if err := verifyWrap(ctx, k, body, aad, plaintext); err != nil {
 			return err
 		}
 		frame := encodeFrame(k.Backend(), body)
@@ -337,6 +342,31 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (_ 
 	}
 	s.done(ctx, "Encrypt", uid, keyID, start, nil)
 	return resp, nil
+}
+
+// errWrapUnverified means a body the KEK just produced did not unwrap to the plaintext
+// it was given. Encrypt answers Unavailable rather than hand kube-apiserver a
+// ciphertext that would be lost at its next restart.
+var errWrapUnverified = errors.New("a fresh wrap did not unwrap to its plaintext")
+
+// verifyWrap unwraps body, which k.Wrap just returned for plaintext and aad, and checks
+// that it gives plaintext back. Encrypt runs once per kube-apiserver start or key_id
+// change, so the extra device call is cheap; without it a seed sealed to PCR values
+// that already changed, or wrapped by a token that mishandles the IV or the AAD, would
+// be found only when it is needed, after the next restart.
+func verifyWrap(ctx context.Context, k kek.KEK, body, aad, plaintext []byte) error {
+	got, err := k.Unwrap(ctx, body, aad)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+			return err
+		}
+		return fmt.Errorf("verify wrap: %w: %w: %w", errWrapUnverified, kek.ErrUnavailable, err)
+	}
+	defer clear(got)
+	if subtle.ConstantTimeCompare(got, plaintext) != 1 {
+		return fmt.Errorf("verify wrap: unwrapped %d bytes that differ from the %d wrapped: %w: %w", len(got), len(plaintext), errWrapUnverified, kek.ErrUnavailable)
+	}
+	return nil
 }
 
 // Decrypt implements service.Service: it unwraps a frame made by Encrypt, with the KEK
@@ -420,6 +450,8 @@ func toStatus(ctx context.Context, op, keyID string, err error) error {
 	switch {
 	case errors.Is(err, errPanic):
 		return status.Errorf(codes.Internal, "%s: internal error with key_id %s", op, kid)
+	case errors.Is(err, errWrapUnverified):
+		return status.Errorf(codes.Unavailable, "%s: the device produced a ciphertext that did not unwrap (key_id %s); nothing was returned", op, kid)
 	case errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return status.Errorf(codes.DeadlineExceeded, "%s: deadline exceeded waiting for the device (key_id %s)", op, kid)
 	case errors.Is(err, context.Canceled) || errors.Is(ctx.Err(), context.Canceled):

@@ -324,7 +324,7 @@ func TestSwapDoesNotFailInFlight(t *testing.T) {
 		defer wg.Done()
 		_, decErr = svc.Decrypt(ctx, "", &service.DecryptRequest{Ciphertext: resp.Ciphertext, KeyID: "A"})
 	}()
-	for a.calls.Load() < 2 { // Encrypt's Wrap, then the blocked Unwrap
+	for a.calls.Load() < 3 { // Encrypt's Wrap and its verifying Unwrap, then the blocked Unwrap
 		time.Sleep(time.Millisecond)
 	}
 	a2 := newFakeKEK("A2")
