@@ -281,9 +281,10 @@ func TestEveryMetricAndEndpoint(t *testing.T) {
 	mustValue(t, f, "hwkms_request_duration_seconds", map[string]string{"method": "Decrypt"}, 4)
 	mustValue(t, f, "hwkms_request_duration_seconds", map[string]string{"method": "Encrypt"}, 3)
 	mustValue(t, f, "hwkms_request_duration_seconds", map[string]string{"method": "Status"}, 1)
-	// Device ops: probe (1 wrap + 1 unwrap), 3 Encrypt wraps, 3 Decrypt unwraps (2 ok + 1 bad tag).
+	// Device ops: probe (1 wrap + 1 unwrap), 3 Encrypt wraps (2 of them verified by an
+	// unwrap; the third failed), 3 Decrypt unwraps (2 ok + 1 bad tag).
 	mustValue(t, f, "hwkms_device_operation_duration_seconds", map[string]string{"backend": "test", "op": "wrap"}, 4)
-	mustValue(t, f, "hwkms_device_operation_duration_seconds", map[string]string{"backend": "test", "op": "unwrap"}, 4)
+	mustValue(t, f, "hwkms_device_operation_duration_seconds", map[string]string{"backend": "test", "op": "unwrap"}, 6)
 	// Only the device failure counts; the bad ciphertext is the client's.
 	mustValue(t, f, "hwkms_device_errors_total", map[string]string{"backend": "test", "op": "wrap", "reason": "unavailable"}, 1)
 	if _, ok := value(f, "hwkms_device_errors_total", map[string]string{"op": "unwrap"}); ok {
