@@ -270,7 +270,7 @@ func cmdRecover(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("tpm recover: %w", err)
 	}
-	key, err := os.ReadFile(*escrowKey)
+	key, err := files.ReadSecret(*escrowKey, files.SecretOptions{})
 	if err != nil {
 		return fmt.Errorf("tpm recover: %w", err)
 	}

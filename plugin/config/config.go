@@ -142,7 +142,21 @@ func (d Duration) check(field string, min time.Duration) error {
 
 // Load reads, strictly parses and validates a config file.
 func Load(path string) (*Config, error) {
-	// The config names secrets but holds none, so other users may read it.
+	data, err := readConfig(path)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// readConfig reads a config file of at most maxConfigSize bytes (files.ReadSecret:
+// regular file, size cap). The config names secrets but holds none, so other users may
+// read it.
+func readConfig(path string) ([]byte, error) {
 	data, err := files.ReadSecret(path, files.SecretOptions{MaxBytes: maxConfigSize, AllowOtherAccess: true})
 	switch {
 	case errors.Is(err, files.ErrTooLarge):
@@ -150,11 +164,7 @@ func Load(path string) (*Config, error) {
 	case err != nil:
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	cfg, err := Parse(data)
-	if err != nil {
-		return nil, fmt.Errorf("config %s: %w", path, err)
-	}
-	return cfg, nil
+	return data, nil
 }
 
 // Parse strictly parses and validates YAML config bytes. Unknown and duplicate fields
