@@ -129,7 +129,7 @@ func exampleConfig(t *testing.T) *config.Config {
 	return cfg
 }
 
-// cliFlags returns the subcommands of cmd/hwkms and, for each command function
+// cliFlags returns the command names of cmd/hwkms's command table and, for each command function
 // (cmdServe, cmdDoctor, ...), the flags it defines, read from the source.
 func cliFlags(t *testing.T) (commands map[string]bool, flags map[string]map[string]bool) {
 	t.Helper()
@@ -150,13 +150,12 @@ func cliFlags(t *testing.T) (commands map[string]bool, flags map[string]map[stri
 				}
 				ast.Inspect(fn, func(n ast.Node) bool {
 					switch n := n.(type) {
-					case *ast.CaseClause:
-						if fn.Name.Name == "run" {
-							for _, e := range n.List {
-								if lit, ok := e.(*ast.BasicLit); ok && lit.Kind == token.STRING {
-									s, _ := strconv.Unquote(lit.Value)
-									commands[s] = true
-								}
+					case *ast.KeyValueExpr:
+						// The command table: {name: "serve", ...} entries in func table.
+						if key, ok := n.Key.(*ast.Ident); fn.Name.Name == "table" && ok && key.Name == "name" {
+							if lit, ok := n.Value.(*ast.BasicLit); ok && lit.Kind == token.STRING {
+								s, _ := strconv.Unquote(lit.Value)
+								commands[s] = true
 							}
 						}
 					case *ast.CallExpr:

@@ -31,22 +31,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/hwkms/hwkms/cmd/internal/benchrow"
 )
 
-// result is one line of `hwkms bench --json` (cmd/hwkms/bench.go benchResult).
-type result struct {
-	Op          string  `json:"op"`
-	Concurrency int     `json:"concurrency"`
-	Count       int     `json:"count"`
-	Errors      int     `json:"errors"`
-	Seconds     float64 `json:"seconds"`
-	OpsPerSec   float64 `json:"ops_per_sec"`
-	P50us       float64 `json:"p50_us"`
-	P99us       float64 `json:"p99_us"`
-	MaxUs       float64 `json:"max_us"`
-	FirstError  string  `json:"first_error"`
-	RSSKiB      int     `json:"server_peak_rss_kib"`
-}
+// result is one line of `hwkms bench --json`.
+type result = benchrow.Row
 
 // floor is one Go benchmark line: mean, p50 and p99 in microseconds.
 type floor struct{ mean, p50, p99 float64 }
@@ -471,7 +461,7 @@ func table(fl map[string]floor, hsm, tpm map[string]result) string {
 		">= 5,000/s", verdict(s.OpsPerSec >= 5000 && s.Errors == 0 && s.Count == 5000))
 	rss := 0
 	for _, k := range []string{"encrypt/64", "decrypt/64", "storm"} {
-		rss = max(rss, hsm[k].RSSKiB)
+		rss = max(rss, hsm[k].ServerPeakRSSKiB)
 	}
 	row("peak RSS of the server (VmHWM), SoftHSM after conc 64 and the storm", fmt.Sprintf("%.1f MiB", float64(rss)/1024), "-", "-", "<= 50 MiB", verdict(rss > 0 && rss <= 50*1024))
 

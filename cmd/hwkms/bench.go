@@ -22,24 +22,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/hwkms/hwkms/cmd/internal/benchrow"
 )
 
-// benchResult is one concurrency level of `hwkms bench`.
-type benchResult struct {
-	Op          string  `json:"op"`
-	Concurrency int     `json:"concurrency"`
-	Count       int     `json:"count"`
-	Errors      int     `json:"errors"`
-	Seconds     float64 `json:"seconds"`
-	OpsPerSec   float64 `json:"ops_per_sec"`
-	P50us       float64 `json:"p50_us"`
-	P90us       float64 `json:"p90_us"`
-	P99us       float64 `json:"p99_us"`
-	MaxUs       float64 `json:"max_us"`
-	FirstError  string  `json:"first_error,omitempty"`
-	// ServerPeakRSSKiB is VmHWM of --pid after the level (0 without --pid).
-	ServerPeakRSSKiB int `json:"server_peak_rss_kib,omitempty"`
-}
+// benchResult is one concurrency level of `hwkms bench` (shared with cmd/benchtable).
+type benchResult = benchrow.Row
 
 type benchOpts struct {
 	socket   string

@@ -13,6 +13,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/plugin/files"
 	"github.com/hwkms/hwkms/softhsm"
 	"github.com/hwkms/hwkms/tpm"
 	"github.com/hwkms/hwkms/tpm/swtpm"
@@ -96,7 +97,7 @@ func devPKCS11(ctx context.Context, dir string) (config.Key, error) {
 	}
 	pin, soPIN := randomHex(16), randomHex(16)
 	pinFile := filepath.Join(dir, "user.pin")
-	if err := os.WriteFile(pinFile, []byte(pin+"\n"), 0o600); err != nil {
+	if err := files.WriteFile(pinFile, []byte(pin+"\n"), files.WriteOptions{Mode: 0o600}); err != nil {
 		return config.Key{}, err
 	}
 	if _, err := fx.InitToken(devTokenLabel, soPIN, pin); err != nil {
@@ -117,7 +118,7 @@ func devTPM(ctx context.Context, dir string) (*swtpm.Sim, config.Key, error) {
 		return nil, config.Key{}, err
 	}
 	authFile := filepath.Join(dir, "kek.auth")
-	if err := os.WriteFile(authFile, []byte(randomHex(16)), 0o600); err != nil {
+	if err := files.WriteFile(authFile, []byte(randomHex(16)), files.WriteOptions{Mode: 0o600}); err != nil {
 		return sim, config.Key{}, err
 	}
 	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: authFile}
@@ -140,7 +141,7 @@ func devConfig(dir, sock, logLevel string, key config.Key) (*config.Config, stri
 		return nil, "", err
 	}
 	cfgPath := filepath.Join(dir, "hwkms.yaml")
-	if err := os.WriteFile(cfgPath, data, 0o600); err != nil {
+	if err := files.WriteFile(cfgPath, data, files.WriteOptions{Mode: 0o600}); err != nil {
 		return nil, "", err
 	}
 	loaded, err := config.Load(cfgPath)

@@ -3,26 +3,59 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"text/tabwriter"
 
-	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/config"
-	"github.com/hwkms/hwkms/tpm"
 )
 
+// cmdKeyCreate creates keys[N] on its device; with --replicable as a PKCS#11 KEK key
+// replicate can copy, with --import-for (tpm) it provisions import blobs instead (tpm
+// provision).
 func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("key create", stderr)
 	path := fs.String("config", "", "path of the hwkms config file (required)")
 	idx := fs.Int("key", 0, "index in keys[] of the key to create")
 	backend := fs.String("backend", "", "pkcs11 or tpm: refuse unless keys[N] uses this backend")
+	replicable := fs.Bool("replicable", false, "create a PKCS#11 KEK that key replicate can copy (CKA_EXTRACTABLE true, CKA_SENSITIVE true)")
+	trusted := fs.Bool("wrap-with-trusted", false, "with --replicable: also set CKA_WRAP_WITH_TRUSTED (only an SO-trusted key may wrap it)")
+	prov := addProvisionFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	switch {
+	case set["import-for"]:
+		// tpm provision: no config, no device.
+		if *backend != "" && *backend != "tpm" {
+			return errors.New("key create: --import-for needs --backend tpm")
+		}
+		for _, n := range []string{"config", "key", "replicable", "wrap-with-trusted"} {
+			if set[n] {
+				return fmt.Errorf("key create: --import-for (tpm provision) does not take --%s", n)
+			}
+		}
+		return provision(prov, stdout, "key create")
+	case *trusted && !*replicable:
+		return errors.New("key create: --wrap-with-trusted needs --replicable")
+	}
+	for _, n := range []string{"out-dir", "escrow-pub", "auth-file", "ek-roots"} {
+		if set[n] {
+			return fmt.Errorf("key create: --%s needs --import-for", n)
+		}
 	}
 	cfg, err := loadFor("key create", *path)
 	if err != nil {
 		return err
+	}
+	if *replicable {
+		if *backend != "" && *backend != "pkcs11" {
+			return errors.New("key create: --replicable needs a pkcs11 key")
+		}
+		return createReplicable(ctx, cfg, *idx, *trusted, stdout)
 	}
 	if *idx < 0 || *idx >= len(cfg.Keys) {
 		return fmt.Errorf("key create: --key %d: config has keys[0..%d]", *idx, len(cfg.Keys)-1)
@@ -31,23 +64,16 @@ func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if *backend != "" && *backend != k.Backend() {
 		return fmt.Errorf("key create: --backend %s, but keys[%d] in %s is a %s key", *backend, *idx, *path, k.Backend())
 	}
-	switch {
-	case k.PKCS11 != nil:
-		info, err := hsm.CreateKey(ctx, *k.PKCS11)
-		if err != nil {
-			return fmt.Errorf("key create: keys[%d]: %w", *idx, err)
-		}
-		fmt.Fprintf(stdout, "created keys[%d] on pkcs11 token: label %q CKA_ID %s\nkey_id: %s\n", *idx, info.Label, info.CKAID, info.KeyID)
-		return nil
-	case k.TPM != nil:
-		info, err := tpm.CreateKey(ctx, *k.TPM)
-		if err != nil {
-			return fmt.Errorf("key create: keys[%d]: %w", *idx, err)
-		}
-		fmt.Fprintf(stdout, "created keys[%d] in TPM %s: %s\nkey_id: %s\n", *idx, k.TPM.Device, tpmWhere(info), info.KeyID)
-		return nil
+	b, err := k.Resolve()
+	if err != nil {
+		return fmt.Errorf("key create: keys[%d]: %w", *idx, err)
 	}
-	return fmt.Errorf("key create: keys[%d]: no backend block", *idx)
+	created, err := b.Create(ctx)
+	if err != nil {
+		return fmt.Errorf("key create: keys[%d]: %w", *idx, err)
+	}
+	fmt.Fprintf(stdout, "created keys[%d] %s\nkey_id: %s\n", *idx, created.Where, created.KeyID)
+	return nil
 }
 
 func cmdKeyList(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -68,11 +94,11 @@ func cmdKeyList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		if i == 0 {
 			role = "primary"
 		}
-		keyID, present, detail := describeKey(ctx, k)
-		if !present {
+		d := describeKey(ctx, k)
+		if !d.Present {
 			missing++
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", i, keyID, k.Backend(), role, yesNo(present), detail)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", i, d.KeyID, k.Backend(), role, yesNo(d.Present), d.Detail)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -84,47 +110,12 @@ func cmdKeyList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 }
 
 // describeKey finds a configured key on its device without opening a KEK.
-func describeKey(ctx context.Context, k config.Key) (keyID string, present bool, detail string) {
-	switch {
-	case k.PKCS11 != nil:
-		c := *k.PKCS11
-		keys, err := hsm.ListKeys(ctx, c)
-		if err != nil {
-			return "-", false, err.Error()
-		}
-		var match []hsm.KeyInfo
-		for _, info := range keys {
-			if info.Label == c.KeyLabel && (c.KeyCKAID == "" || info.CKAID == c.KeyCKAID) {
-				match = append(match, info)
-			}
-		}
-		switch len(match) {
-		case 0:
-			return "-", false, fmt.Sprintf("no key labelled %q", c.KeyLabel)
-		case 1:
-			d := fmt.Sprintf("label %q CKA_ID %s", match[0].Label, match[0].CKAID)
-			if !match[0].Safe() {
-				d += " UNSAFE: extractable or not sensitive"
-			}
-			return match[0].KeyID, true, d
-		default:
-			return "-", false, fmt.Sprintf("%d keys labelled %q; set keyCKAID", len(match), c.KeyLabel)
-		}
-	case k.TPM != nil:
-		info, err := tpm.Probe(ctx, *k.TPM)
-		if err != nil {
-			return "-", false, err.Error()
-		}
-		return info.KeyID, true, tpmWhere(info)
+func describeKey(ctx context.Context, k config.Key) config.Description {
+	b, err := k.Resolve()
+	if err != nil {
+		return config.Description{KeyID: "-", Detail: "no backend block", Err: err}
 	}
-	return "-", false, "no backend block"
-}
-
-func tpmWhere(info tpm.KeyInfo) string {
-	if info.Handle != "" {
-		return "persistent handle " + info.Handle
-	}
-	return "blob file " + info.BlobFile
+	return b.Describe(ctx)
 }
 
 func yesNo(b bool) string {
@@ -142,7 +133,7 @@ func loadFor(cmd, path string) (*config.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := rememberRefusedPINs(cfg, false); err != nil {
+	if err := cfg.RememberRefusedPINs(false); err != nil {
 		return nil, fmt.Errorf("%s: %w", cmd, err)
 	}
 	return cfg, nil

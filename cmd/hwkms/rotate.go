@@ -6,18 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
 
-	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/config"
-	"github.com/hwkms/hwkms/plugin/kek"
-	"github.com/hwkms/hwkms/tpm"
+	"github.com/hwkms/hwkms/plugin/files"
 )
 
 // cmdKeyRotate creates a new key on the primary's device and makes it the primary in
@@ -39,43 +35,15 @@ func cmdKeyRotate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	// A timestamp for humans plus a random suffix, so two rotations in one second differ.
 	stamp := time.Now().UTC().Format("20060102T150405Z") + "-" + randomHex(3)
 	primary := cfg.Keys[0]
-	var next config.Key
-	var keyID string
-	switch {
-	case primary.PKCS11 != nil:
-		c := *primary.PKCS11
-		c.KeyLabel, c.KeyCKAID = *label, ""
-		if c.KeyLabel == "" {
-			c.KeyLabel = "hwkms-kek-" + stamp
-		}
-		info, err := hsm.CreateKey(ctx, c)
-		if err != nil {
-			return fmt.Errorf("key rotate: create key on the primary's token: %w", err)
-		}
-		next, keyID = config.Key{PKCS11: &c}, info.KeyID
-		c.KeyCKAID = info.CKAID // pin the exact key, in case the label is ever reused
-	case primary.TPM != nil:
-		c := *primary.TPM
-		switch {
-		case c.PersistentHandle != "":
-			if *handle == "" {
-				return errors.New("key rotate: the primary uses a persistent handle; pass --persistent-handle for the new key")
-			}
-			c.PersistentHandle = *handle
-		default:
-			c.BlobFile = *blob
-			if c.BlobFile == "" {
-				c.BlobFile = filepath.Join(filepath.Dir(primary.TPM.BlobFile), "kek-"+stamp+".blob")
-			}
-		}
-		info, err := tpm.CreateKey(ctx, c)
-		if err != nil {
-			return fmt.Errorf("key rotate: create key in the primary's TPM: %w", err)
-		}
-		next, keyID = config.Key{TPM: &c}, info.KeyID
-	default:
-		return errors.New("key rotate: keys[0] has no backend block")
+	b, err := primary.Resolve()
+	if err != nil {
+		return fmt.Errorf("key rotate: keys[0]: %w", err)
 	}
+	created, err := b.Rotate(ctx, config.RotateOptions{Stamp: stamp, Label: *label, BlobFile: *blob, PersistentHandle: *handle})
+	if err != nil {
+		return fmt.Errorf("key rotate: %w", err)
+	}
+	next, keyID := created.Key, created.KeyID
 
 	rotated := *cfg
 	rotated.Keys = append([]config.Key{next}, cfg.Keys...)
@@ -101,77 +69,25 @@ func cmdKeyRotate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 }
 
 // configuredAs reports whether the configured key k is (or, for a label that several
-// keys share, may be) the key with key_id target. It fails closed: a device it cannot
-// ask is an error, not a "no". A key that does not exist is not target.
+// keys share, may be) the key with key_id target (config.Backend.Is).
 func configuredAs(ctx context.Context, k config.Key, target string) (bool, error) {
-	switch {
-	case k.PKCS11 != nil:
-		keys, err := hsm.ListKeys(ctx, *k.PKCS11)
-		if err != nil {
-			return false, err
-		}
-		for _, info := range keys {
-			if info.Label == k.PKCS11.KeyLabel && (k.PKCS11.KeyCKAID == "" || info.CKAID == k.PKCS11.KeyCKAID) && info.KeyID == target {
-				return true, nil
-			}
-		}
-		return false, nil
-	case k.TPM != nil:
-		info, err := tpm.Probe(ctx, *k.TPM)
-		switch {
-		case errors.Is(err, kek.ErrKeyNotFound), errors.Is(err, fs.ErrNotExist):
-			return false, nil
-		case err != nil:
-			return false, err
-		}
-		return info.KeyID == target, nil
+	b, err := k.Resolve()
+	if err != nil {
+		return false, err
 	}
-	return false, errors.New("no backend block")
+	return b.Is(ctx, target)
 }
 
-func describeID(ctx context.Context, k config.Key) string {
-	id, _, _ := describeKey(ctx, k)
-	return id
-}
+func describeID(ctx context.Context, k config.Key) string { return describeKey(ctx, k).KeyID }
 
-// writeFileAtomic replaces path with data: a temp file in the same directory with the
-// same mode, fsync, rename, fsync of the directory.
+// writeFileAtomic replaces path with data (files.WriteFile), keeping the mode of the
+// file it replaces (0600 for a new one).
 func writeFileAtomic(path string, data []byte) error {
 	mode := os.FileMode(0o600)
 	if fi, err := os.Stat(path); err == nil {
 		mode = fi.Mode().Perm()
 	}
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after a successful rename
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return files.WriteFile(path, data, files.WriteOptions{Mode: mode})
 }
 
 // cmdKeyDestroy destroys a key that is no longer in the config, after confirmation.
@@ -191,32 +107,27 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 		return err
 	}
 	// Find the target and its key_id.
-	var destroy func() error
-	var target, where string
+	var key config.Key
+	var d config.Description
 	switch {
 	case *blob != "" || *handle != "":
-		c := tpm.Config{Device: *device, BlobFile: *blob, PersistentHandle: *handle}
-		for _, k := range cfg.Keys {
-			if c.Device == "" && k.TPM != nil {
-				c.Device = k.TPM.Device
-			}
+		key = config.TPMKey(cfg, *device, *blob, *handle)
+		if d = describeKey(ctx, key); d.Err != nil {
+			return fmt.Errorf("key destroy: %w", d.Err)
 		}
-		info, err := tpm.Probe(ctx, c)
-		if err != nil {
-			return fmt.Errorf("key destroy: %w", err)
-		}
-		target, where = info.KeyID, "TPM "+c.Device+" "+tpmWhere(info)
-		destroy = func() error { return tpm.DestroyKey(ctx, c) }
 	case *keyID != "":
-		c, info, err := findPKCS11Key(ctx, cfg, *keyID)
-		if err != nil {
+		if key, d, err = config.FindKey(ctx, cfg, *keyID); err != nil {
 			return fmt.Errorf("key destroy: %w", err)
 		}
-		target, where = info.KeyID, fmt.Sprintf("token %q label %q CKA_ID %s", c.TokenLabel+c.TokenSerial, info.Label, info.CKAID)
-		destroy = func() error { return hsm.DestroyKey(ctx, c) }
 	default:
 		return errors.New("key destroy: pass --key-id (pkcs11) or --tpm-blob-file/--tpm-persistent-handle")
 	}
+	b, err := key.Resolve()
+	if err != nil {
+		return fmt.Errorf("key destroy: %w", err)
+	}
+	target, where := d.KeyID, d.Where
+	destroy := func() error { return b.Destroy(ctx) }
 	if *keyID != "" && *keyID != target {
 		return fmt.Errorf("key destroy: the selected key has key_id %s, not %s", target, *keyID)
 	}
@@ -242,28 +153,6 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 	}
 	fmt.Fprintf(stdout, "destroyed key_id %s\n", target)
 	return nil
-}
-
-// findPKCS11Key searches the tokens used by the config's pkcs11 keys for keyID and
-// returns a config selecting exactly that key.
-func findPKCS11Key(ctx context.Context, cfg *config.Config, keyID string) (hsm.Config, hsm.KeyInfo, error) {
-	for _, k := range cfg.Keys {
-		if k.PKCS11 == nil {
-			continue
-		}
-		keys, err := hsm.ListKeys(ctx, *k.PKCS11)
-		if err != nil {
-			return hsm.Config{}, hsm.KeyInfo{}, err
-		}
-		for _, info := range keys {
-			if info.KeyID == keyID {
-				c := *k.PKCS11
-				c.KeyLabel, c.KeyCKAID = info.Label, info.CKAID
-				return c, info, nil
-			}
-		}
-	}
-	return hsm.Config{}, hsm.KeyInfo{}, fmt.Errorf("no key with key_id %s on the tokens this config uses", keyID)
 }
 
 // yamlMarshal writes a config as YAML.

@@ -9,14 +9,12 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
-	"slices"
 	"syscall"
 	"time"
 
-	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/plugin/metrics"
 )
 
@@ -70,12 +68,12 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	if err := plugin.CheckSocket(cfg.Socket.Path); err != nil {
 		return err
 	}
-	if err := rememberRefusedPINs(cfg, true); err != nil {
+	if err := cfg.RememberRefusedPINs(true); err != nil {
 		return err
 	}
 	ring, err := config.OpenKeyringWithin(ctx, cfg, config.OpenTimeout)
 	if err != nil {
-		if _, ok := errors.AsType[*hsm.PINError](err); ok {
+		if config.PINRefused(err) {
 			return fmt.Errorf("open keys: %w (%w: not restarting with the same PIN)", err, exitPINRefused)
 		}
 		return fmt.Errorf("open keys: %w", err)
@@ -84,11 +82,11 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 		Logger:         log,
 		HealthInterval: cfg.Health.Interval.D(),
 		ProbeTimeout:   cfg.Health.Timeout.D(),
-		DeviceReason:   metrics.DeviceReason,
+		DeviceReason:   metrics.DeviceReason(devices.Reason),
 	}
 	var m *metrics.Metrics
 	if cfg.Metrics.Address != "" {
-		m = metrics.New(version)
+		m = metrics.New(version, devices)
 		opts.Observer = m
 	}
 	svc := plugin.NewService(ring, opts)
@@ -167,29 +165,11 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	return err
 }
 
-// refusedPINsFile is where refused PINs are recorded, in the socket's directory: the
-// one directory hwkms always writes (systemd ReadWritePaths=, the static pod's
-// hostPath), kept across restarts of the process (a tmpfs /run forgets it at reboot).
-const refusedPINsFile = "hwkms-refused-pins.json"
-
-// rememberRefusedPINs makes a PIN a token refused stay refused across restarts
-// (hsm.RememberRefusals), for configs with a pkcs11 key. For serve the record's
-// directory (the socket's) is created at the first refusal; the other commands use
-// the record only where that directory already exists.
-func rememberRefusedPINs(cfg *config.Config, create bool) error {
-	if !slices.ContainsFunc(cfg.Keys, func(k config.Key) bool { return k.PKCS11 != nil }) {
-		return hsm.RememberRefusals("")
-	}
-	dir := filepath.Dir(cfg.Socket.Path)
-	if !create {
-		if _, err := os.Stat(dir); err != nil {
-			return hsm.RememberRefusals("")
-		}
-	}
-	if err := hsm.RememberRefusals(filepath.Join(dir, refusedPINsFile)); err != nil {
-		return fmt.Errorf("open keys: %w", err)
-	}
-	return nil
+// devices gives the metrics what only the backends know, from the registry in
+// plugin/config: device reason names and per-key device statistics.
+var devices = metrics.Devices{
+	Reason: config.DeviceReason,
+	Stats:  func(k kek.KEK) metrics.KeyStats { return metrics.KeyStats(config.DeviceStats(k)) },
 }
 
 // keyCloseTimeout bounds closing the keys at shutdown. Closing waits for device calls

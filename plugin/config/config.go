@@ -5,11 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"net"
-	"os"
 	"os/user"
 	"path/filepath"
 	"reflect"
@@ -22,6 +20,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/files"
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm"
 )
@@ -95,18 +94,6 @@ type Key struct {
 	TPM *tpm.Config `json:"tpm,omitempty"`
 }
 
-// Backend returns the name of the key's backend block ("pkcs11" or "tpm").
-func (k Key) Backend() string {
-	switch {
-	case k.PKCS11 != nil:
-		return kek.BackendPKCS11.String()
-	case k.TPM != nil:
-		return kek.BackendTPM.String()
-	default:
-		return ""
-	}
-}
-
 // Duration is a time.Duration written as a Go duration string ("3s", "250ms"). A
 // string that does not parse is kept as invalid and reported by Validate, so the
 // message can name the field.
@@ -155,23 +142,29 @@ func (d Duration) check(field string, min time.Duration) error {
 
 // Load reads, strictly parses and validates a config file.
 func Load(path string) (*Config, error) {
-	f, err := os.Open(path)
+	data, err := readConfig(path)
 	if err != nil {
-		return nil, fmt.Errorf("read config: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("read config %s: %w", path, err)
-	}
-	if len(data) > maxConfigSize {
-		return nil, fmt.Errorf("config %s is larger than %d bytes", path, maxConfigSize)
+		return nil, err
 	}
 	cfg, err := Parse(data)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return cfg, nil
+}
+
+// readConfig reads a config file of at most maxConfigSize bytes (files.ReadSecret:
+// regular file, size cap). The config names secrets but holds none, so other users may
+// read it.
+func readConfig(path string) ([]byte, error) {
+	data, err := files.ReadSecret(path, files.SecretOptions{MaxBytes: maxConfigSize, AllowOtherAccess: true})
+	switch {
+	case errors.Is(err, files.ErrTooLarge):
+		return nil, fmt.Errorf("config %s is larger than %d bytes", path, maxConfigSize)
+	case err != nil:
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return data, nil
 }
 
 // Parse strictly parses and validates YAML config bytes. Unknown and duplicate fields
@@ -322,23 +315,7 @@ func (c *Config) Validate() error {
 		bad("keys", "at least one key is required (the first one encrypts)")
 	}
 	for i, k := range c.Keys {
-		prefix := fmt.Sprintf("keys[%d]", i)
-		n := 0
-		if k.PKCS11 != nil {
-			n++
-			if err := k.PKCS11.Validate(prefix + ".pkcs11"); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		if k.TPM != nil {
-			n++
-			if err := k.TPM.Validate(prefix + ".tpm"); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		if n != 1 {
-			bad(prefix, "exactly one backend block (pkcs11 or tpm) is required, got %d", n)
-		}
+		errs = append(errs, validateKey(k, fmt.Sprintf("keys[%d]", i))...)
 	}
 	return errors.Join(errs...)
 }
@@ -394,22 +371,11 @@ func (c *Config) Logger(w interface{ Write([]byte) (int, error) }) *slog.Logger 
 
 // OpenKey opens one configured key on its backend.
 func OpenKey(ctx context.Context, k Key) (kek.KEK, error) {
-	switch {
-	case k.PKCS11 != nil:
-		kek, err := hsm.Open(ctx, *k.PKCS11)
-		if err != nil {
-			return nil, err
-		}
-		return kek, nil
-	case k.TPM != nil:
-		kek, err := tpm.Open(ctx, *k.TPM)
-		if err != nil {
-			return nil, err
-		}
-		return kek, nil
-	default:
-		return nil, errors.New("no backend block")
+	b := k.resolved()
+	if b == nil {
+		return nil, errNoBackend
 	}
+	return b.Open(ctx)
 }
 
 // OpenKeyring opens every key of cfg and builds the keyring (first key primary). On

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -45,7 +44,7 @@ type Reloader struct {
 
 // NewReloader returns a Reloader for svc, which is serving cfg loaded from path.
 func NewReloader(svc *plugin.Service, cfg *Config, path string, log *slog.Logger) *Reloader {
-	data, _ := os.ReadFile(path)
+	data, _ := readConfig(path)
 	return &Reloader{
 		svc:         svc,
 		path:        path,
@@ -97,9 +96,9 @@ func (r *Reloader) Reload(ctx context.Context, force bool) error {
 }
 
 func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
-	data, err := os.ReadFile(r.path)
+	data, err := readConfig(r.path)
 	if err != nil {
-		return fmt.Errorf("read config: %w", err)
+		return err
 	}
 	if !force && bytes.Equal(data, r.data) {
 		return ErrUnchanged

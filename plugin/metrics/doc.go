@@ -10,7 +10,9 @@
 //
 // It does not own the KMS service, the health probe itself (plugin.Service runs it and
 // caches the result; /healthz only reads that cache), or any device access: nothing
-// here ever calls a KEK's Wrap or Unwrap.
+// here ever calls a KEK's Wrap or Unwrap. It imports no backend: a device's reason
+// names and its KEKs' statistics come in through Devices (cmd/hwkms serve passes
+// plugin/config's DeviceReason and DeviceStats).
 //
 // Every label value comes from a fixed set (method names, gRPC codes, backend names,
 // operation names, CKR_ and TPM_RC_ names, a few fixed words) or, for per-key series,

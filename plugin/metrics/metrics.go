@@ -14,10 +14,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc/codes"
 
-	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/kek"
-	"github.com/hwkms/hwkms/tpm"
 )
 
 // Buckets is the latency histogram layout, in seconds, for requests and device
@@ -45,16 +43,54 @@ type Metrics struct {
 	probeOK    prometheus.Gauge
 	probeTime  prometheus.Gauge
 
+	reason func(kek.Backend, error) string
+	stats  func(kek.KEK) KeyStats
+
 	svc atomic.Pointer[plugin.Service]
+}
+
+// Devices supplies what only the backends know; this package imports none of them
+// (plugin/config provides both functions, cmd/hwkms serve passes them in).
+type Devices struct {
+	// Reason names a failed operation's error as the device of backend b reported it
+	// (a CKR_ or TPM_RC_ name, or a lowercase class such as "policy"), or "" (see
+	// DeviceReason). Nil: no device names.
+	Reason func(b kek.Backend, err error) string
+	// Stats returns what an open KEK reports of its device at scrape time. Nil: none.
+	Stats func(k kek.KEK) KeyStats
+}
+
+// KeyStats are the device statistics of one KEK the collector exports; a Has field
+// false leaves that series out for the key.
+type KeyStats struct {
+	// HasSessions: Sessions and SessionsInUse are set (PKCS#11 session pool).
+	HasSessions bool
+	// Sessions is the size of the session pool (hwkms_pkcs11_sessions).
+	Sessions int
+	// SessionsInUse is the number of sessions held by an operation.
+	SessionsInUse int
+	// HasReinits: ReinitsOK and ReinitsFailed are set (PKCS#11 module re-initialisations).
+	HasReinits bool
+	// ReinitsOK counts re-initialisations that succeeded.
+	ReinitsOK uint64
+	// ReinitsFailed counts re-initialisations that failed.
+	ReinitsFailed uint64
+	// HasReconnects: Reconnects is set (hwkms_tpm_reconnects_total).
+	HasReconnects bool
+	// Reconnects counts re-established TPM connections.
+	Reconnects uint64
 }
 
 var _ plugin.Observer = (*Metrics)(nil)
 
 // New returns Metrics on a new registry, with Go runtime and process collectors and
-// hwkms_build_info{version}. Call Watch to export the serving keyring.
-func New(version string) *Metrics {
+// hwkms_build_info{version}; dev names device errors and reads device statistics.
+// Call Watch to export the serving keyring.
+func New(version string, dev Devices) *Metrics {
 	m := &Metrics{
-		reg: prometheus.NewRegistry(),
+		reason: DeviceReason(dev.Reason),
+		stats:  dev.Stats,
+		reg:    prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hwkms_requests_total",
 			Help: "KMS v2 requests handled, by method (Status, Encrypt, Decrypt) and gRPC status code.",
@@ -144,7 +180,7 @@ func (m *Metrics) ObserveDevice(b kek.Backend, op string, d time.Duration, err e
 	if err == nil || clientFault(err) {
 		return
 	}
-	m.devErrors.WithLabelValues(b.String(), op, DeviceReason(b, err)).Inc()
+	m.devErrors.WithLabelValues(b.String(), op, m.reason(b, err)).Inc()
 }
 
 // ObserveReload records one config reload attempt; pass the reload's error, nil on
@@ -162,46 +198,49 @@ func clientFault(err error) bool {
 		errors.Is(err, context.Canceled)
 }
 
-// reasonName is the shape every device reason label must have; anything else becomes
-// "other".
-var reasonName = regexp.MustCompile(`^(CKR_|TPM_RC_)[A-Z0-9_]{1,40}$`)
+// reasonName is the shape every device name must have; deviceClass the shape of a
+// backend's own class ("policy"). Anything else becomes "other".
+var (
+	reasonName  = regexp.MustCompile(`^(CKR_|TPM_RC_)[A-Z0-9_]{1,40}$`)
+	deviceClass = regexp.MustCompile(`^[a-z][a-z_]{0,30}$`)
+)
 
-// DeviceReason returns a short, bounded name for why a KEK operation on backend b
-// failed: the CK_RV name (hsm.Reason) or TPM_RC name (tpm.Reason) when the device
-// answered with one, else "key_not_found", "deadline_exceeded", "canceled", "closed", "policy",
-// "invalid_ciphertext", "unavailable" or "other". It is fit for a metric label and a
-// log attribute; it never contains an error message. A key that is gone from the
-// device (destroyed, token re-initialised) is "key_not_found".
-func DeviceReason(b kek.Backend, err error) string {
-	var name string
-	switch b {
-	case kek.BackendPKCS11:
-		name = hsm.Reason(err)
-	case kek.BackendTPM:
-		name = tpm.Reason(err)
-	}
-	if reasonName.MatchString(name) {
-		return name
-	}
-	switch {
-	case err == nil:
+// DeviceReason returns the function that names, shortly and boundedly, why a KEK
+// operation on backend b failed: the CK_RV or TPM_RC name device gives when the device
+// answered with one, else "key_not_found", "deadline_exceeded", "canceled", "closed",
+// a class device gives (e.g. "policy" for a TPM PCR policy), "invalid_ciphertext",
+// "unavailable" or "other". It is fit for a metric label and a log attribute; it never
+// contains an error message. A key that is gone from the device (destroyed, token
+// re-initialised) is "key_not_found". device may be nil (no device names).
+func DeviceReason(device func(b kek.Backend, err error) string) func(b kek.Backend, err error) string {
+	return func(b kek.Backend, err error) string {
+		var name string
+		if device != nil && err != nil {
+			name = device(b, err)
+		}
+		if reasonName.MatchString(name) {
+			return name
+		}
+		switch {
+		case err == nil:
+			return "other"
+		case errors.Is(err, kek.ErrKeyNotFound):
+			return "key_not_found"
+		case errors.Is(err, context.DeadlineExceeded):
+			return "deadline_exceeded"
+		case errors.Is(err, context.Canceled):
+			return "canceled"
+		case errors.Is(err, kek.ErrClosed):
+			return "closed"
+		case name != "other" && deviceClass.MatchString(name):
+			return name
+		case errors.Is(err, kek.ErrInvalidCiphertext):
+			return "invalid_ciphertext"
+		case errors.Is(err, kek.ErrUnavailable):
+			return "unavailable"
+		}
 		return "other"
-	case errors.Is(err, kek.ErrKeyNotFound):
-		return "key_not_found"
-	case errors.Is(err, context.DeadlineExceeded):
-		return "deadline_exceeded"
-	case errors.Is(err, context.Canceled):
-		return "canceled"
-	case errors.Is(err, kek.ErrClosed):
-		return "closed"
-	case errors.Is(err, tpm.ErrPolicy):
-		return "policy"
-	case errors.Is(err, kek.ErrInvalidCiphertext):
-		return "invalid_ciphertext"
-	case errors.Is(err, kek.ErrUnavailable):
-		return "unavailable"
 	}
-	return "other"
 }
 
 // KeyIDHash is the label that stands for a key_id in hwkms metrics: the first 12 hex
@@ -230,18 +269,6 @@ var (
 		[]string{"key_id_hash"}, nil)
 )
 
-// poolStats, reiniter and reconnector are the parts of hsm.KEK and tpm.KEK the
-// collector reads.
-type poolStats interface{ Stats() hsm.PoolStats }
-type reiniter interface{ Reinits() (ok, failed uint64) }
-type reconnector interface{ Reconnects() uint64 }
-
-var (
-	_ poolStats   = (*hsm.KEK)(nil)
-	_ reiniter    = (*hsm.KEK)(nil)
-	_ reconnector = (*tpm.KEK)(nil)
-)
-
 // keyringCollector reads the serving keyring at scrape time. It never touches a device.
 type keyringCollector struct{ m *Metrics }
 
@@ -265,18 +292,20 @@ func (c keyringCollector) Collect(ch chan<- prometheus.Metric) {
 			role = "primary"
 		}
 		ch <- prometheus.MustNewConstMetric(descKeyInfo, prometheus.GaugeValue, 1, h, role, k.Backend().String())
-		if p, ok := k.(poolStats); ok {
-			st := p.Stats()
-			ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(st.Size), h)
-			ch <- prometheus.MustNewConstMetric(descPoolInUse, prometheus.GaugeValue, float64(st.InUse), h)
+		if c.m.stats == nil {
+			continue
 		}
-		if r, ok := k.(reiniter); ok {
-			okN, failedN := r.Reinits()
-			ch <- prometheus.MustNewConstMetric(descReinits, prometheus.CounterValue, float64(okN), h, "ok")
-			ch <- prometheus.MustNewConstMetric(descReinits, prometheus.CounterValue, float64(failedN), h, "error")
+		st := c.m.stats(k)
+		if st.HasSessions {
+			ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(st.Sessions), h)
+			ch <- prometheus.MustNewConstMetric(descPoolInUse, prometheus.GaugeValue, float64(st.SessionsInUse), h)
 		}
-		if r, ok := k.(reconnector); ok {
-			ch <- prometheus.MustNewConstMetric(descReconnects, prometheus.CounterValue, float64(r.Reconnects()), h)
+		if st.HasReinits {
+			ch <- prometheus.MustNewConstMetric(descReinits, prometheus.CounterValue, float64(st.ReinitsOK), h, "ok")
+			ch <- prometheus.MustNewConstMetric(descReinits, prometheus.CounterValue, float64(st.ReinitsFailed), h, "error")
+		}
+		if st.HasReconnects {
+			ch <- prometheus.MustNewConstMetric(descReconnects, prometheus.CounterValue, float64(st.Reconnects), h)
 		}
 	}
 }

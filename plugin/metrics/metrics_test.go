@@ -30,6 +30,7 @@ import (
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
+	"github.com/hwkms/hwkms/plugin/config"
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/plugin/metrics"
 	"github.com/hwkms/hwkms/tpm"
@@ -87,6 +88,13 @@ func (k *memKEK) Unwrap(_ context.Context, body, aad []byte) ([]byte, error) {
 	return pt, nil
 }
 
+// devices is what cmd/hwkms serve gives metrics.New: the backends' names and
+// statistics, from plugin/config.
+var devices = metrics.Devices{
+	Reason: config.DeviceReason,
+	Stats:  func(k kek.KEK) metrics.KeyStats { return metrics.KeyStats(config.DeviceStats(k)) },
+}
+
 // server is a running KMS socket plus metrics listener.
 type server struct {
 	svc     *plugin.Service
@@ -101,11 +109,11 @@ func start(t *testing.T, keys ...kek.KEK) *server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := metrics.New("test")
+	m := metrics.New("test", devices)
 	svc := plugin.NewService(ring, plugin.Options{
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Observer:     m,
-		DeviceReason: metrics.DeviceReason,
+		DeviceReason: metrics.DeviceReason(devices.Reason),
 	})
 	m.Watch(svc)
 	dir, err := os.MkdirTemp("", "hwm")
@@ -378,7 +386,7 @@ func TestDeviceReasonIsBounded(t *testing.T) {
 		{"nil", kek.BackendPKCS11, nil, "other"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := metrics.DeviceReason(tc.b, tc.err); got != tc.want {
+			if got := metrics.DeviceReason(devices.Reason)(tc.b, tc.err); got != tc.want {
 				t.Fatalf("DeviceReason = %q, want %q", got, tc.want)
 			}
 		})
