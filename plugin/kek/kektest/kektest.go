@@ -56,7 +56,7 @@ func Run(t *testing.T, open func(t *testing.T) kek.KEK, opts ...Option) {
 		t.Helper()
 		k := open(t)
 		if k == nil {
-			t.Fatal("open returned a nil KEK")
+			t.Fatal("open returned a nil kek.KEK")
 		}
 		t.Cleanup(func() { k.Close() })
 		return k
@@ -121,24 +121,24 @@ func mustFail(t *testing.T, k kek.KEK, check string, n int, body, aad []byte, wa
 func checkIdentity(t *testing.T, k kek.KEK) {
 	id := k.ID()
 	if id == "" {
-		t.Fatal("ID is empty")
+		t.Fatal("Identity: ID is empty")
 	}
 	if !utf8.ValidString(id) {
-		t.Fatalf("ID %q is not valid UTF-8", id)
+		t.Fatalf("Identity: ID %q is not valid UTF-8", id)
 	}
 	if len(id) > kek.MaxKeyIDLen {
-		t.Fatalf("ID is %d bytes, over kek.MaxKeyIDLen (%d)", len(id), kek.MaxKeyIDLen)
+		t.Fatalf("Identity: ID is %d bytes, over kek.MaxKeyIDLen (%d)", len(id), kek.MaxKeyIDLen)
 	}
 	b := k.Backend()
 	if b.String() == "unknown" {
-		t.Fatalf("Backend 0x%02x is not an assigned kek.Backend", byte(b))
+		t.Fatalf("Identity: Backend 0x%02x is not an assigned kek.Backend", byte(b))
 	}
 	wrap(t, k, "Identity", 32, testAAD)
 	if got := k.ID(); got != id {
-		t.Fatalf("ID changed from %q to %q", id, got)
+		t.Fatalf("Identity: ID changed from %q to %q", id, got)
 	}
 	if got := k.Backend(); got != b {
-		t.Fatalf("Backend changed from %v to %v", b, got)
+		t.Fatalf("Identity: Backend changed from %v to %v", b, got)
 	}
 }
 
@@ -205,10 +205,10 @@ func checkInvalidInput(t *testing.T, k kek.KEK) {
 	} {
 		body, err := k.Wrap(context.Background(), tc.pt, testAAD)
 		if !errors.Is(err, kek.ErrInvalidInput) {
-			t.Fatalf("InvalidInput: Wrap of a %s plaintext (%d bytes) = %v, want an error wrapping %q", tc.name, len(tc.pt), err, kek.ErrInvalidInput)
+			t.Fatalf("InvalidInput: %s plaintext (%d bytes): Wrap = %v, want an error wrapping %q", tc.name, len(tc.pt), err, kek.ErrInvalidInput)
 		}
 		if len(body) != 0 {
-			t.Fatalf("InvalidInput: Wrap of a %s plaintext (%d bytes) failed but returned a %d-byte body", tc.name, len(tc.pt), len(body))
+			t.Fatalf("InvalidInput: %s plaintext (%d bytes): Wrap failed but returned a %d-byte body", tc.name, len(tc.pt), len(body))
 		}
 	}
 	// An empty body is a truncation too, but also the smallest invalid input of Unwrap.
