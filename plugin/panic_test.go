@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc/codes"
 	"k8s.io/kms/pkg/service"
 )
@@ -47,7 +48,7 @@ func TestPanicInKEKIsInternalAndServingGoesOn(t *testing.T) {
 		{name: "arbitrary value", value: []byte("SECRET-SEED-BYTES"), want: "panic value of type []uint8"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := &panicking{KEK: newFakeKEK("A"), value: tc.value}
+			p := &panicking{KEK: kektest.NewFake("A"), value: tc.value}
 			if tc.value == nil {
 				var idx []int
 				p.value = func() (v any) { // a real runtime.Error

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc/codes"
 )
 
@@ -36,13 +37,13 @@ func TestEncryptVerifiesTheWrap(t *testing.T) {
 		k    func() kek.KEK
 		want codes.Code
 	}{
-		{name: "good", k: func() kek.KEK { return newFakeKEK("A") }, want: codes.OK},
-		{name: "unwraps to other bytes", k: func() kek.KEK { return unwrapFault{KEK: newFakeKEK("A"), flip: true} }, want: codes.Unavailable},
+		{name: "good", k: func() kek.KEK { return kektest.NewFake("A") }, want: codes.OK},
+		{name: "unwraps to other bytes", k: func() kek.KEK { return unwrapFault{KEK: kektest.NewFake("A"), flip: true} }, want: codes.Unavailable},
 		{name: "does not unwrap", k: func() kek.KEK {
-			return unwrapFault{KEK: newFakeKEK("A"), err: fmt.Errorf("policy: %w", kek.ErrInvalidCiphertext)}
+			return unwrapFault{KEK: kektest.NewFake("A"), err: fmt.Errorf("policy: %w", kek.ErrInvalidCiphertext)}
 		}, want: codes.Unavailable},
 		{name: "deadline while verifying", k: func() kek.KEK {
-			return unwrapFault{KEK: newFakeKEK("A"), err: fmt.Errorf("dev: %w", context.DeadlineExceeded)}
+			return unwrapFault{KEK: kektest.NewFake("A"), err: fmt.Errorf("dev: %w", context.DeadlineExceeded)}
 		}, want: codes.DeadlineExceeded},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
