@@ -38,8 +38,8 @@
 //     an exclusive lock (a flock on a file in the temp dir, plus a mutex in the
 //     process) from start to cleanup, wipes and re-initialises the token at start and
 //     wipes it again at the end. It refuses to start when another pkcsslotd runs, and
-//     refuses to wipe a soft token it did not create (no marker file), so it never
-//     destroys an operator's keys; it must run as root.
+//     refuses to wipe a soft token that holds objects and was not made by it (no marker
+//     file), so it never destroys an operator's keys; it must run as root.
 //
 // This package owns only the fixtures and the measurements of docs/tokens.md; it
 // implements no mechanism and is never imported by production code.

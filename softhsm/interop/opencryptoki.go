@@ -169,8 +169,8 @@ func runningSlotd() (int, bool) {
 	return pid, true
 }
 
-// ockWipe empties the soft token's directory (refusing, unless final, a token this
-// fixture did not make), recreates TOK_OBJ (the soft token silently keeps new token
+// ockWipe empties the soft token's directory (refusing, unless final, a token with
+// objects that this fixture did not make), recreates TOK_OBJ (the soft token silently keeps new token
 // objects only in memory when it is missing; docs/tokens.md), removes the token's
 // shared memory file and makes the lock directories pkcsslotd and the token use. When
 // not final it leaves the marker that allows the next wipe.
@@ -180,10 +180,12 @@ func ockWipe(gid int, final bool) error {
 		return fmt.Errorf("interop: %w", err)
 	}
 	if !final {
-		_, nvErr := os.Stat(filepath.Join(ockTokenDir, "NVTOK.DAT"))
+		// Any opencryptoki client creates a default, uninitialised NVTOK.DAT, so only
+		// a token holding objects counts as someone's.
+		objs, _ := os.ReadDir(filepath.Join(ockTokenDir, "TOK_OBJ"))
 		_, mkErr := os.Stat(filepath.Join(ockTokenDir, ockMarker))
-		if nvErr == nil && mkErr != nil {
-			return fmt.Errorf("interop: refusing to wipe the opencryptoki soft token in %s: it was not made by this fixture (no %s); move it away to run these tests", ockTokenDir, ockMarker)
+		if len(objs) > 0 && mkErr != nil {
+			return fmt.Errorf("interop: refusing to wipe the opencryptoki soft token in %s: it holds %d object files and was not made by this fixture (no %s); move it away to run these tests", ockTokenDir, len(objs), ockMarker)
 		}
 	}
 	for _, e := range entries {
