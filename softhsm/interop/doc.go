@@ -41,6 +41,19 @@
 //     refuses to wipe a soft token that holds objects and was not made by it (no marker
 //     file), so it never destroys an operator's keys; it must run as root.
 //
+//   - Loading SoftHSM2 (and with it libstdc++) before opencryptoki's first load makes
+//     opencryptoki's second C_Initialize in the process crash (docs/tokens.md).
+//     Starters lists SoftHSM2 last; a test binary mixing the two must start
+//     opencryptoki first.
+//
+// # Measurements
+//
+// TestTokens probes each implementation's mechanisms, hwkms's key template, key
+// persistence across C_Finalize/C_Initialize, AES-GCM, AES-CBC-PAD and RSA-OAEP, and
+// TestHWKMS runs hsm's create, open, wrap and unwrap; both log a markdown table (go
+// test -v), and write it to the files named by INTEROP_TABLE and INTEROP_HWKMS_TABLE
+// when set. docs/tokens.md holds the tables and the root causes found with them.
+//
 // This package owns only the fixtures and the measurements of docs/tokens.md; it
 // implements no mechanism and is never imported by production code.
 package interop

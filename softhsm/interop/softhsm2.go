@@ -34,8 +34,9 @@ type Starter struct {
 	Start func(testing.TB) *Token
 }
 
-// Starters are the four implementations, SoftHSM2 (the reference hwkms is tested
-// on) first.
+// Starters are the four implementations. SoftHSM2, the reference hwkms is tested on,
+// comes last: loaded before opencryptoki, it makes opencryptoki's re-initialisation
+// crash the process (docs/tokens.md).
 var Starters = []Starter{
 	{"opencryptoki", StartOpencryptoki},
 	{"tpm2-pkcs11", StartTPM2PKCS11},
