@@ -29,9 +29,11 @@
 //   - SoftHSM2 reads SOFTHSM2_CONF once per process: a test binary using StartSoftHSM2
 //     must call softhsmtest.Main from TestMain, and tokens must be made before the
 //     module is first initialised (see softhsmtest).
+//
 //   - tpm2-pkcs11 reads TPM2_PKCS11_STORE, TPM2_PKCS11_TCTI and
 //     DBUS_SESSION_BUS_ADDRESS; StartTPM2PKCS11 sets them with t.Setenv, so its test
 //     cannot be parallel and the module must be initialised after the call.
+//
 //   - opencryptoki's soft token is machine-global: one pkcsslotd per machine
 //     (/var/run/pkcsslotd.socket), token files in /var/lib/opencryptoki/swtok and a
 //     shared memory file /dev/shm/var.lib.opencryptoki.swtok. StartOpencryptoki holds
