@@ -5,6 +5,11 @@
 set -euo pipefail
 
 pkgs=(softhsm2 swtpm swtpm-tools systemd) # systemd: systemd-analyze verify of deploy/systemd
+# Other PKCS#11 implementations for softhsm/interop (docs/tokens.md): opencryptoki's
+# soft token; tpm2-pkcs11 with tpm2_ptool, on swtpm through tpm2-abrmd (its TCTI
+# library is only a Recommends) on a private dbus-daemon; the NSS softoken and
+# certutil.
+pkgs+=(opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon libnss3 libnss3-tools)
 missing=()
 for p in "${pkgs[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
