@@ -280,5 +280,13 @@ func writeGolden(t *testing.T) {
 		t.Fatal(err)
 	}
 	write(goldenDir, "vectors.json", append(js, '\n'))
+	// The ceremony's part, for tpm/provision's own read-back (no TPM there).
+	js, err = json.MarshalIndent(map[string]string{
+		"imported_key_id": v.ImportedKeyID, "srk_name": v.SRKName, "ek_name": v.EKName,
+	}, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(goldenProvisionDir, "vectors.json", append(js, '\n'))
 	t.Logf("golden vectors rewritten in %s and %s", goldenDir, goldenProvisionDir)
 }

@@ -320,59 +320,6 @@ func TestEscrowRecoveryDrill(t *testing.T) {
 	crossUnwrap(t, keks)
 }
 
-func TestImportBlobFormat(t *testing.T) {
-	if n := len(wire.NoDuplicationLabel); n >= 36 {
-		t.Fatalf("wire.NoDuplicationLabel is %d bytes; a policy hash input can be that long", n)
-	}
-	_, escrowPub, err := provision.NewEscrowKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := provision.NewKEKMaterial(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Destroy()
-	blob, err := m.ImportBlob(escrowPub.Public)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := provision.ParseBlob(blob); err != nil {
-		t.Fatalf("parseImportBlob: %v", err)
-	}
-	for _, tc := range []struct {
-		name string
-		b    []byte
-	}{
-		{"empty", nil},
-		{"magic only", blob[:4]},
-		{"unknown version", append(append([]byte("HWKI"), 3), blob[5:]...)},
-		{"version 2 with version 1 fields", append(append([]byte("HWKI"), 2), blob[5:]...)},
-		{"truncated", blob[:len(blob)-1]},
-		{"trailing", append(bytes.Clone(blob), 0)},
-		{"kek blob file", []byte{1, 0, 1, 0, 0, 1, 0}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if _, err := provision.ParseBlob(tc.b); err == nil {
-				t.Error("accepted")
-			}
-		})
-	}
-	// A key made by CreateKey's template (fixedTPM) is not an imported KEK, and a
-	// non-storage key is not an import parent.
-	p := wire.KEKTemplate()
-	if wire.IsImportedKEK(&p) {
-		t.Error("kekTemplate is recognised as imported")
-	}
-	sealed := sealedTemplate(nil)
-	if _, _, err := provision.ParseSRKPublic(tpm2.Marshal(tpm2.New2B(sealed))); err == nil {
-		t.Error("provision.ParseSRKPublic accepted a sealed-data object")
-	}
-	if _, err := provision.NewKEKMaterial([]byte("short")); err == nil {
-		t.Error("provision.NewKEKMaterial accepted a 5-byte auth value")
-	}
-}
-
 // withConn runs fn on a fresh connection to sim.
 func withConn(t *testing.T, sim *swtpm.Sim, fn func(c *conn)) {
 	t.Helper()
