@@ -42,7 +42,7 @@ type KEK struct {
 	blobPub    []byte         // TPMT_PUBLIC of the KEK (blob form)
 	blobPriv   []byte         // TPM2B_PRIVATE contents of the KEK (blob form)
 	name       []byte         // the KEK's TPM Name, pinned at Open
-	imported   bool           // an imported KEK (importkey.go): sealed objects have fixedTPM clear
+	imported   bool           // an imported KEK (import.go): sealed objects have fixedTPM clear
 	id         string
 
 	closed     atomic.Bool
