@@ -123,3 +123,44 @@ func TestVerifyNodeEKRefuses(t *testing.T) {
 		t.Error("provision.ParseEKTrust accepted a file without a self-signed CA")
 	}
 }
+
+// TestImportBlobForEK: a blob bound to a verified EK names that EK and the SRK,
+// parses as version 2, and its sealed part opens only with the credential the TPM
+// would release (any other key is refused without a panic). Activation itself is
+// package tpm's (TestEKBoundImport, on swtpm).
+func TestImportBlobForEK(t *testing.T) {
+	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
+	trust, err := provision.ParseEKTrust(ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newEKNode(t, ca, false)
+	node, err := provision.VerifyNodeEK(a.file, trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(node.Name, a.ek.Name) || !bytes.Equal(node.SRKName, a.srk.Name) || node.Serial == "" || node.Issuer == "" {
+		t.Errorf("VerifyNodeEK = %+v; want EK %x, SRK %x, serial and issuer", node, a.ek.Name, a.srk.Name)
+	}
+	m := newMaterial(t)
+	blob, err := m.ImportBlobForEK(a.file, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := provision.InspectImportBlob(blob)
+	if err != nil || info.KeyID != m.KeyID() || !bytes.Equal(info.EKName, a.ek.Name) || !bytes.Equal(info.ParentName, a.srk.Name) {
+		t.Fatalf("InspectImportBlob = %+v, %v", info, err)
+	}
+	b, err := provision.ParseBlob(blob)
+	if err != nil || blob[4] != provision.ImportV2 || b.EK == nil || b.Duplicate != nil {
+		t.Fatalf("ParseBlob = %+v, %v; want a version 2 blob with its duplicate sealed", b, err)
+	}
+	for _, k := range [][]byte{make([]byte, 32), make([]byte, 16), make([]byte, 5)} {
+		if _, _, err := b.EK.Open(k); err == nil {
+			t.Errorf("EKBinding.Open with a %d-byte key of zeros succeeded", len(k))
+		}
+	}
+	if _, err := m.ImportBlobForEK(a.file, nil); err == nil {
+		t.Error("ImportBlobForEK without a verified EK succeeded")
+	}
+}
