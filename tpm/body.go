@@ -7,15 +7,11 @@ import (
 	"fmt"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/hwkms/hwkms/tpm/internal/wire"
 )
 
 // bodyV1 is the first byte of every body produced by this package (doc.go).
 const bodyV1 = 0x01
-
-// blobV1 is the first byte of a KEK blob file (doc.go).
-const blobV1 = 0x01
-
-var errMalformed = errors.New("malformed")
 
 // encodeObject returns version || TPM2B_PUBLIC || TPM2B_PRIVATE, each 2B being a
 // big-endian uint16 size followed by that many bytes.
@@ -37,85 +33,32 @@ func encodeObject(version byte, pub []byte, priv []byte) ([]byte, error) {
 // to the same bytes, a non-empty private area, and no trailing bytes.
 func decodeObject(version byte, b []byte) (*tpm2.TPMTPublic, []byte, []byte, error) {
 	if len(b) < 1 || b[0] != version {
-		return nil, nil, nil, fmt.Errorf("%w: unknown format version", errMalformed)
+		return nil, nil, nil, fmt.Errorf("%w: unknown format version", wire.ErrMalformed)
 	}
 	rest := b[1:]
-	pubBytes, rest, ok := cut2B(rest)
+	pubBytes, rest, ok := wire.Cut2B(rest)
 	if !ok || len(pubBytes) == 0 {
-		return nil, nil, nil, fmt.Errorf("%w: public area truncated", errMalformed)
+		return nil, nil, nil, fmt.Errorf("%w: public area truncated", wire.ErrMalformed)
 	}
-	privBytes, rest, ok := cut2B(rest)
+	privBytes, rest, ok := wire.Cut2B(rest)
 	if !ok || len(privBytes) == 0 {
-		return nil, nil, nil, fmt.Errorf("%w: private area truncated", errMalformed)
+		return nil, nil, nil, fmt.Errorf("%w: private area truncated", wire.ErrMalformed)
 	}
 	if len(rest) != 0 {
-		return nil, nil, nil, fmt.Errorf("%w: %d trailing bytes", errMalformed, len(rest))
+		return nil, nil, nil, fmt.Errorf("%w: %d trailing bytes", wire.ErrMalformed, len(rest))
 	}
-	pub, err := safeUnmarshalPublic(pubBytes)
+	pub, err := wire.SafeUnmarshalPublic(pubBytes)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("%w: public area: %w", errMalformed, err)
+		return nil, nil, nil, fmt.Errorf("%w: public area: %w", wire.ErrMalformed, err)
 	}
-	if again, err := safeMarshal(pub); err != nil || !bytes.Equal(again, pubBytes) {
-		return nil, nil, nil, fmt.Errorf("%w: public area is not canonical", errMalformed)
+	if again, err := wire.SafeMarshal(pub); err != nil || !bytes.Equal(again, pubBytes) {
+		return nil, nil, nil, fmt.Errorf("%w: public area is not canonical", wire.ErrMalformed)
 	}
 	return pub, pubBytes, privBytes, nil
 }
 
-// safeMarshal is tpm2.Marshal without its panic on values it cannot encode: input
-// from a ciphertext must never crash the process.
-func safeMarshal(v tpm2.Marshallable) (b []byte, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("%w: cannot marshal", errMalformed)
-		}
-	}()
-	return tpm2.Marshal(v), nil
-}
-
-// safeUnmarshalPublic is tpm2.Unmarshal guarded against panics on hostile input.
-func safeUnmarshalPublic(b []byte) (pub *tpm2.TPMTPublic, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			pub, err = nil, fmt.Errorf("%w: cannot unmarshal", errMalformed)
-		}
-	}()
-	return tpm2.Unmarshal[tpm2.TPMTPublic](b)
-}
-
-func cut2B(b []byte) (field, rest []byte, ok bool) {
-	if len(b) < 2 {
-		return nil, nil, false
-	}
-	n := int(binary.BigEndian.Uint16(b))
-	if len(b)-2 < n {
-		return nil, nil, false
-	}
-	return b[2 : 2+n], b[2+n:], true
-}
-
-// objectName returns the TPM Name (nameAlg || H(TPMT_PUBLIC)) of pub, computed here.
-func objectName(pub *tpm2.TPMTPublic) ([]byte, error) {
-	n, err := tpm2.ObjectName(pub)
-	if err != nil {
-		return nil, err
-	}
-	return n.Buffer, nil
-}
-
 // Object attributes. Every bit is listed; anything else is refused on load.
 var (
-	// kekAttributes: a storage key (restricted decrypt) that can never leave this TPM.
-	kekAttributes = tpm2.TPMAObject{
-		FixedTPM:            true,
-		FixedParent:         true,
-		SensitiveDataOrigin: true,
-		UserWithAuth:        true,
-		AdminWithPolicy:     false,
-		NoDA:                true,
-		Restricted:          true,
-		Decrypt:             true,
-		SignEncrypt:         false,
-	}
 	// sealedAttributes: a sealed-data object authorised with the KEK's auth value.
 	sealedAttributes = tpm2.TPMAObject{
 		FixedTPM:     true,
@@ -132,37 +75,6 @@ var (
 		NoDA:            true,
 	}
 )
-
-// aes128CFB is the symmetric algorithm of the SRK and the KEK (storage keys), and
-// of session parameter encryption.
-var aes128CFB = tpm2.TPMTSymDefObject{
-	Algorithm: tpm2.TPMAlgAES,
-	KeyBits:   tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(128)),
-	Mode:      tpm2.NewTPMUSymMode(tpm2.TPMAlgAES, tpm2.TPMAlgCFB),
-}
-
-// srkTemplate is the TCG ECC P-256 SRK template (TCG TPM v2.0 Provisioning
-// Guidance, section 7.5.1). With its all-zero unique field, CreatePrimary derives the
-// same key from the owner seed every time, so a KEK blob can be reloaded after any
-// restart until the owner hierarchy is cleared.
-var srkTemplate = tpm2.ECCSRKTemplate
-
-// kekTemplate is the KEK: ECC NIST P-256 restricted decrypt, AES-128-CFB, nameAlg
-// SHA-256. See doc.go for why ECC and why noDA.
-func kekTemplate() tpm2.TPMTPublic {
-	return tpm2.TPMTPublic{
-		Type:             tpm2.TPMAlgECC,
-		NameAlg:          tpm2.TPMAlgSHA256,
-		ObjectAttributes: kekAttributes,
-		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
-			Symmetric: aes128CFB,
-			Scheme:    tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
-			CurveID:   tpm2.TPMECCNistP256,
-			KDF:       tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
-		}),
-		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
-	}
-}
 
 // sealedTemplate is the public area of a sealed-data object. authPolicy is empty, or
 // a PolicyPCR digest, in which case userWithAuth is cleared.
@@ -183,34 +95,6 @@ func sealedTemplate(authPolicy []byte) tpm2.TPMTPublic {
 	}
 }
 
-func sameAttrs(a, b tpm2.TPMAObject) bool {
-	return bytes.Equal(tpm2.Marshal(a), tpm2.Marshal(b))
-}
-
-// checkKEKPublic accepts only a public area of the shape kekTemplate creates.
-func checkKEKPublic(pub *tpm2.TPMTPublic) error {
-	if pub.Type != tpm2.TPMAlgECC || pub.NameAlg != tpm2.TPMAlgSHA256 {
-		return errors.New("not an ECC key with nameAlg SHA-256")
-	}
-	switch {
-	case isImportedKEK(pub): // importkey.go: userWithAuth|noDA|restricted|decrypt, no-duplication policy
-	case !sameAttrs(pub.ObjectAttributes, kekAttributes):
-		return errors.New("object attributes differ from an hwkms KEK (fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt)")
-	case len(pub.AuthPolicy.Buffer) != 0:
-		return errors.New("KEK has an authPolicy")
-	}
-	ecc, err := pub.Parameters.ECCDetail()
-	if err != nil {
-		return err
-	}
-	want := kekTemplate()
-	wantECC, _ := want.Parameters.ECCDetail()
-	if !bytes.Equal(tpm2.Marshal(ecc), tpm2.Marshal(wantECC)) {
-		return errors.New("KEK parameters are not ECC P-256 with AES-128-CFB")
-	}
-	return nil
-}
-
 // checkSealedPublic accepts only a public area of the shape sealedTemplate creates:
 // KEYEDHASH, NULL scheme, nameAlg SHA-256, fixedTPM|fixedParent|noDA, never sign or
 // decrypt, and either userWithAuth with no policy or a 32-byte policy without it.
@@ -219,11 +103,11 @@ func checkSealedPublic(pub *tpm2.TPMTPublic) error {
 		return errors.New("not a KEYEDHASH object with nameAlg SHA-256")
 	}
 	switch {
-	case sameAttrs(pub.ObjectAttributes, sealedAttributes):
+	case wire.SameAttrs(pub.ObjectAttributes, sealedAttributes):
 		if len(pub.AuthPolicy.Buffer) != 0 {
 			return errors.New("unexpected authPolicy")
 		}
-	case sameAttrs(pub.ObjectAttributes, sealedPolicyAttributes):
+	case wire.SameAttrs(pub.ObjectAttributes, sealedPolicyAttributes):
 		if len(pub.AuthPolicy.Buffer) != 32 {
 			return errors.New("policy object without a SHA-256 authPolicy")
 		}
@@ -245,4 +129,49 @@ func checkSealedPublic(pub *tpm2.TPMTPublic) error {
 		return errors.New("unique is not a SHA-256 digest")
 	}
 	return nil
+}
+
+// Sealed objects under an imported KEK: fixedTPM must be clear (a fixedTPM object
+// needs a fixedTPM parent); fixedParent keeps them from being duplicated.
+var (
+	sealedImportedAttributes = tpm2.TPMAObject{
+		FixedParent:  true,
+		UserWithAuth: true,
+		NoDA:         true,
+	}
+	sealedImportedPolicyAttributes = tpm2.TPMAObject{
+		FixedParent:     true,
+		AdminWithPolicy: true,
+		NoDA:            true,
+	}
+)
+
+// sealedTemplateFor is sealedTemplate for a KEK of either form.
+func sealedTemplateFor(authPolicy []byte, imported bool) tpm2.TPMTPublic {
+	t := sealedTemplate(authPolicy)
+	if imported {
+		t.ObjectAttributes = sealedImportedAttributes
+		if authPolicy != nil {
+			t.ObjectAttributes = sealedImportedPolicyAttributes
+		}
+	}
+	return t
+}
+
+// checkSealedPublicFor is checkSealedPublic for a KEK of either form: under an
+// imported KEK, sealed objects have fixedTPM clear and nothing else differs.
+func checkSealedPublicFor(pub *tpm2.TPMTPublic, imported bool) error {
+	if !imported {
+		return checkSealedPublic(pub)
+	}
+	cp := *pub
+	switch {
+	case wire.SameAttrs(pub.ObjectAttributes, sealedImportedAttributes):
+		cp.ObjectAttributes = sealedAttributes
+	case wire.SameAttrs(pub.ObjectAttributes, sealedImportedPolicyAttributes):
+		cp.ObjectAttributes = sealedPolicyAttributes
+	default:
+		return errors.New("object attributes are not those of an hwkms sealed object under an imported KEK")
+	}
+	return checkSealedPublic(&cp)
 }

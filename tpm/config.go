@@ -5,13 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/hwkms/hwkms/plugin/files"
+	"github.com/hwkms/hwkms/tpm/internal/wire"
 )
 
 // DefaultDevice is the TPM used when Config.Device is empty: the kernel's resource
@@ -30,10 +31,10 @@ const (
 	// MinAuthLen is the shortest accepted auth value. The KEK and sealed objects are
 	// created with noDA (see doc.go), so the TPM does not rate-limit guesses: the auth
 	// value must carry its own entropy.
-	MinAuthLen = 16
+	MinAuthLen = wire.MinAuthLen
 	// MaxAuthLen is the longest accepted auth value: the TPM limits an object's
 	// authValue to the digest size of its nameAlg (SHA-256).
-	MaxAuthLen = 32
+	MaxAuthLen = wire.MaxAuthLen
 )
 
 // MaxPCRs is the largest number of PCRs a policy may select: TPM2_PCR_Read returns
@@ -56,7 +57,8 @@ type Config struct {
 	// (format in doc.go). The KEK is loaded under the owner SRK at start.
 	BlobFile string `json:"blobFile,omitempty"`
 	// AuthFile optionally names a file holding the KEK's auth value (MinAuthLen to
-	// MaxAuthLen bytes, no NUL byte; one trailing "\n" or "\r\n" is removed).
+	// MaxAuthLen bytes, no NUL byte; one trailing "\n" or "\r\n" is removed). The file must not be
+	// accessible to other users (no "other" permission bits).
 	AuthFile string `json:"authFile,omitempty"`
 	// PCRs, when set, seals every new object under a PolicyPCR over these SHA-256
 	// PCRs (0-23, at most MaxPCRs) with their values at Wrap time. See doc.go for
@@ -182,30 +184,25 @@ func pcrList(pcrs []int) ([]uint, error) {
 	return out, nil
 }
 
-// readAuth reads the auth value from path ("" means no auth value). The value never
-// appears in an error.
+// readAuth reads the auth value from path ("" means no auth value) with
+// files.ReadSecret: a regular file no other user can access, one trailing "\n" or
+// "\r\n" removed, at most MaxAuthLen bytes. It must hold at least MinAuthLen bytes
+// and no NUL. The value never appears in an error.
 func readAuth(path string) ([]byte, error) {
 	if path == "" {
 		return nil, nil
 	}
-	b, err := os.ReadFile(path)
+	b, err := files.ReadSecret(path, files.SecretOptions{MaxBytes: MaxAuthLen})
+	if errors.Is(err, files.ErrTooLarge) {
+		return nil, fmt.Errorf("tpm: authFile %s: auth value has more than %d bytes, want at most %d", path, MaxAuthLen, MaxAuthLen)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("tpm: read authFile: %w", err)
-	}
-	switch {
-	case bytes.HasSuffix(b, []byte("\r\n")):
-		clear(b[len(b)-2:])
-		b = b[:len(b)-2]
-	case bytes.HasSuffix(b, []byte("\n")):
-		b = b[:len(b)-1]
 	}
 	switch {
 	case len(b) < MinAuthLen:
 		clear(b)
 		return nil, fmt.Errorf("tpm: authFile %s: auth value has %d bytes, want at least %d", path, len(b), MinAuthLen)
-	case len(b) > MaxAuthLen:
-		clear(b)
-		return nil, fmt.Errorf("tpm: authFile %s: auth value has %d bytes, want at most %d", path, len(b), MaxAuthLen)
 	case bytes.IndexByte(b, 0) >= 0:
 		clear(b)
 		return nil, fmt.Errorf("tpm: authFile %s: auth value contains a NUL byte", path)

@@ -3,13 +3,26 @@
 //
 // # What this package owns, and what it does not
 //
-// It owns the TPM transport (/dev/tpmrm0, /dev/tpm0, swtpm over TCP or a unix
-// socket), the owner SRK, creating, loading, probing and destroying the KEK, sealing
-// and unsealing, the salted sessions, the optional PCR policy, and recovery after the
-// TPM or swtpm restarts. It does not own gRPC, Kubernetes, the plugin's ciphertext
-// frame, the keyring, metrics or logging (it logs nothing), nor the CLI (cmd/hwkms
-// calls CreateKey, Probe, DestroyKey and Open). The swtpm fixture for tests and
-// `hwkms dev` is the subpackage tpm/swtpm.
+// It owns what runs on a node, against its TPM: the transport (/dev/tpmrm0,
+// /dev/tpm0, swtpm over TCP or a unix socket; transport.go, conn.go), the owner
+// SRK, creating, loading, probing and destroying the KEK (keys.go, blobfile.go),
+// sealing and unsealing (seal.go, body.go), the salted sessions, the optional PCR
+// policy (policy.go), handle hygiene (handles.go), the shared connection on a TPM
+// without a resource manager (line.go), recovery after the TPM or swtpm restarts,
+// and the node side of the multi-node form: exporting the SRK and EK and importing
+// an import blob (import.go, ek.go). Its sentinels are in errors.go; Reason,
+// Reconnects, CheckDevice and CheckPCRs (for metrics and `hwkms doctor`) in
+// diagnostics.go.
+//
+// It does not own the offline provisioning ceremony: making import blobs, EK
+// certificate verification, the import blob format and escrow are package
+// tpm/provision, which needs no TPM (ImportKey parses blobs with it). The object
+// templates and marshalling both share are tpm/internal/wire. Nor does it own gRPC,
+// Kubernetes, the plugin's ciphertext frame, the keyring, metrics or logging (it
+// logs nothing), nor the CLI (cmd/hwkms calls CreateKey, Probe, DestroyKey, Open,
+// ExportSRK, ExportEK and ImportKey). The swtpm fixture for tests and `hwkms dev`
+// is the subpackage tpm/swtpm. Secrets are read and blob files written with
+// plugin/files.
 //
 // Commands follow TPM 2.0 Library Part 3 (Commands); structure names follow Part 2.
 // Only go-tpm's tpm2 (direct) API is used.
@@ -97,7 +110,7 @@
 // one session below authorises Load and Unseal); in PCR mode it is empty and only
 // the policy authorises Unseal.
 //
-// # Sessions (deviation from DESIGN.md: two HMAC sessions, not one)
+// # Sessions (two HMAC sessions, not one)
 //
 // The seed crosses the bus twice: into the TPM in TPM2_Create (inSensitive) and out
 // in TPM2_Unseal (outData). Both are protected by AES-128-CFB parameter encryption
@@ -107,7 +120,7 @@
 // (continueSession) and reused; they are rebuilt after any failure that may have
 // desynchronised them and after a reconnect.
 //
-// DESIGN.md asks for one session encrypting in both directions. That does not work:
+// One session encrypting in both directions would be simpler. That does not work:
 // a TPM refuses a session with the decrypt attribute on a command without an
 // encryptable first parameter, and TPM2_Unseal has none (measured on swtpm:
 // TPM_RC_ATTRIBUTES), while go-tpm fixes a session's attributes at creation. So
@@ -171,7 +184,7 @@
 // body is authentic). Data sealed before the change is lost to this TPM unless the
 // PCRs return to their old values. Recover by planning for it:
 //
-//   - Before a planned firmware or boot change, rotate (DESIGN.md section 5) to a new
+//   - Before a planned firmware or boot change, rotate (docs/rotation.md) to a new
 //     key, or to the same key without pcrs, and migrate storage so that nothing is
 //     sealed under the old values; after the change, rotate back to a PCR key.
 //   - Or keep a second decrypt key without pcrs (another TPM KEK or a PKCS#11 key) in
@@ -181,30 +194,33 @@
 // with one need the same pcrs list in the config to unwrap (the list is not stored
 // in the body; change it only with a new key).
 //
-// # Imported KEK (several nodes, one KEK; importkey.go, escrow.go, docs/ha.md)
+// # Imported KEK (several nodes, one KEK; import.go, ek.go, docs/ha.md)
 //
-// For an HA control plane every node's TPM must hold the same KEK. A provisioning
-// ceremony on an admin machine (no TPM) generates it in memory (NewKEKMaterial:
-// crypto/rand P-256 scalar, 32-byte storage seed, optional auth value) and writes,
-// per node, an import blob made for that node's owner SRK (ExportSRK), in the
-// duplication format of Part 1 section 23.3 with an outer wrapper only
-// (tpm2.CreateDuplicate: seed encapsulated by one-pass ECDH to the SRK, KDFe
-// "DUPLICATE"; AES-128-CFB with KDFa "STORAGE"; HMAC with KDFa "INTEGRITY" over
-// the encrypted sensitive area and the KEK's Name). ImportKey runs TPM2_Import
+// For an HA control plane every node's TPM holds the same KEK, made outside any
+// TPM in a provisioning ceremony (package tpm/provision documents the ceremony, the
+// import blob format "HWKI" 0x01/0x02, EK binding and escrow). This package does
+// the node's part. ExportSRK re-creates the owner SRK and returns its public area,
+// which the ceremony encrypts the KEK to; ExportEK adds the TCG-template EK and its
+// certificate from NV index 0x01C0000A (ECC) or 0x01C00002 (RSA). ImportKey parses
+// the blob with provision.ParseBlob, refuses one whose SRK Name is not this TPM's
+// (ErrWrongTPM; a TPM given another TPM's blob anyway fails TPM2_Import with
+// TPM_RC_INTEGRITY), for a version 2 blob re-creates the EK, checks its Name
+// (ErrWrongTPM) and runs TPM2_ActivateCredential with the SRK (ADMIN role) and the
+// EK (USER role, PolicySecret on the endorsement hierarchy, whose auth must be
+// empty) to release the key that opens the sealed duplicate, then runs TPM2_Import
 // under the SRK and writes the ordinary blob file (or persistent handle), which
 // Open loads unchanged. The public area is the same on every node, so is the Name
 // and so the key_id; the storage seed is the same, so a sealed object made under
 // the KEK on one node loads under it on every other.
 //
-// Imported KEK public area: kekTemplate with attributes
+// Imported KEK public area: the KEK template with attributes
 //
 //	userWithAuth|noDA|restricted|decrypt  (fixedTPM, fixedParent, sensitiveDataOrigin,
 //	                                      adminWithPolicy all clear)
 //	authPolicy = SHA-256("hwkms: no policy satisfies this\x00")
 //
-// Deviation from the issue and DESIGN.md section 4 (fixedTPM|fixedParent): fixedTPM
-// is impossible for an object made outside the TPM, and under a fixedTPM parent
-// (the SRK) the TPM requires fixedParent == fixedTPM: an imported KEK with
+// fixedTPM is impossible for an object made outside the TPM, and under a fixedTPM
+// parent (the SRK) the TPM requires fixedParent == fixedTPM: an imported KEK with
 // fixedParent set is refused by TPM2_Import with TPM_RC_ATTRIBUTES (measured on
 // swtpm). What keeps it from being duplicated again is the policy: TPM2_Duplicate
 // authorises the object in the DUP role, which only a policy session can take,
@@ -219,68 +235,18 @@
 //
 // Sealed objects under an imported KEK have fixedTPM clear (a fixedTPM object
 // needs a fixedTPM parent) and fixedParent set; Unwrap accepts exactly the shape
-// that matches the KEK's form. checkKEKPublic accepts only the two exact KEK
-// shapes above; the blob file format is unchanged (version 0x01), the public area
-// says which form it is.
+// that matches the KEK's form. The KEK check accepts only the two exact KEK shapes
+// above; the blob file format is unchanged (version 0x01), the public area says
+// which form it is.
 //
-// Trust: the KEK exists in the clear in the ceremony process (Go's crypto/ecdh and
-// go-tpm keep copies of the scalar that hwkms cannot clear; run the ceremony in a
-// short-lived process on an offline machine). The admin must get the SRK public
-// files from the right TPMs: compare the srk_name printed on each node, or check
-// the TPMs with their EK certificates (below). Import blob format:
+// # Golden vectors
 //
-//	"HWKI" 0x01 | TPM2B_PUBLIC (KEK) | TPM2B_NAME (target SRK) |
-//	TPM2B_PRIVATE (duplicate) | TPM2B_ENCRYPTED_SECRET (seed)
-//
-// ImportKey refuses a blob whose SRK Name is not this TPM's (ErrWrongTPM); a TPM
-// given another TPM's blob anyway fails TPM2_Import with TPM_RC_INTEGRITY.
-//
-// # EK-bound import blobs (ek.go)
-//
-// An SRK public file says nothing about where its private key lives: a file
-// swapped on its way to the admin machine would make the ceremony encrypt the KEK
-// to a key in software. EK binding rules that out (the KEK can only land in a
-// genuine TPM of a trusted vendor); it cannot tell one genuine TPM from another, so
-// the operator still compares each node's EK Name with a record (docs/ha.md).
-// `hwkms tpm export-srk --ek` adds the TPM's endorsement key
-// (re-created from the TCG EK template, ECC P-256 or RSA 2048, matching the EK
-// certificate found at NV index 0x01C0000A or 0x01C00002) and that certificate.
-// With `--ek-roots` the ceremony (VerifyNodeEK) checks that the certificate chains
-// to the operator's manufacturer CAs (a critical subjectAltName is accepted only
-// when it holds nothing but directoryNames, the form TCG EK certificates use for the
-// TPM's manufacturer, model and version; any extended key usage, since older EK
-// certificates carry none), that it certifies exactly that EK (an RSA modulus of
-// exactly the template's size), that the EK is the TCG template, and that the SRK is
-// the TCG SRK template; the NodeEK it returns only makes blobs for that SRK. The certificate proves the EK is in a
-// genuine TPM but says nothing about the SRK; what ties them is credential
-// activation (Part 1 section 24): ImportBlobForEK seals the duplicate and its seed
-// with AES-256-GCM under a fresh key K and protects K with tpm2.CreateCredential
-// (TPM2_MakeCredential's construction) to the EK for the SRK's Name. On the node,
-// ImportKey re-creates the EK, checks its Name (ErrWrongTPM otherwise) and runs
-// TPM2_ActivateCredential with the SRK (ADMIN role) and the EK (USER role, by
-// PolicySecret on the endorsement hierarchy, whose auth must be empty): the TPM
-// releases K only if it holds the EK's private key and an object with the SRK's
-// exact Name is loaded and authorised. An attacker who holds the genuine TPM and
-// the private key of a look-alike SRK can load only the look-alike's public area
-// (TPM2_LoadExternal refuses a fixedTPM private area: TPM_RC_ATTRIBUTES), and a public-only object
-// has no auth value for the ADMIN role the SRK template requires (adminWithPolicy
-// clear): TPM2_ActivateCredential answers TPM_RC_AUTH_UNAVAILABLE (measured on
-// swtpm 0.7.1 and asserted by TestEKBoundImportLookalikeSRK). Format, version 2:
-//
-//	"HWKI" 0x02 | TPM2B_PUBLIC (KEK) | TPM2B_NAME (target SRK) |
-//	TPM2B_PUBLIC (EK) | TPM2B_ID_OBJECT | TPM2B_ENCRYPTED_SECRET (credential) |
-//	TPM2B (12-byte nonce || AES-256-GCM(K, TPM2B duplicate || TPM2B seed))
-//
-// with everything before the last field as GCM additional data. Not covered: an
-// operator's trust file is only as good as the CAs in it, and EK certificates are
-// not checked for revocation. The escrow blob is never EK-bound.
-//
-// Escrow: the ceremony can also make an import blob for an offline escrow key, a
-// software P-256 key pair whose public half is written as an SRK public area
-// (NewEscrowKey). RecoverKEKMaterial opens that blob in software and returns the
-// same KEK material, from which blobs for new TPMs are made: the recovery drill
-// for a cluster whose TPMs all died. The escrow private key is as sensitive as the
-// KEK.
+// testdata/golden holds a KEK blob file and bodies (plain, PCR policy, under an
+// imported KEK) made on the go-tpm-tools simulator with fixed hierarchy seeds, and
+// tpm/provision/testdata/golden the import blobs of both versions and an escrow
+// blob for that simulator; TestGolden reads every one back on every run (see
+// golden_test.go). A change that cannot read them fails; they are never rewritten
+// to fit a change.
 //
 // # Errors
 //
@@ -296,9 +262,11 @@
 // # Other deviations and limits
 //
 //   - Config.BlobFile is the path of one file (version byte 0x01 || TPM2B_PUBLIC ||
-//     TPM2B_PRIVATE, the same layout as a body), not a path prefix. CreateKey writes
-//     it mode 0600 through a temporary file and a hard link, so it is never partial
-//     and never overwritten.
+//     TPM2B_PRIVATE, the same layout as a body), not a path prefix. CreateKey and
+//     ImportKey write it mode 0600 with files.WriteFile (temporary file, fsync,
+//     hard link, directory fsync), so it is never partial and never overwritten.
+//   - Config.AuthFile is read with files.ReadSecret: a file that other users can
+//     read or write is refused (files.ErrInsecureMode).
 //   - Open wraps and unwraps a random value before returning, so a wrong auth value
 //     (TPM_RC_BAD_AUTH) or an unusable PCR bank fails Open, not the first request.
 //   - Auth values with a NUL byte are refused: go-tpm v0.9.8 cuts an HMAC key at any

@@ -12,6 +12,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/hwkms/hwkms/tpm/internal/wire"
+	"github.com/hwkms/hwkms/tpm/provision"
 	"github.com/hwkms/hwkms/tpm/swtpm"
 	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
@@ -20,8 +22,8 @@ import (
 // public file `hwkms tpm export-srk --ek` would write for it.
 type ekNode struct {
 	sim  *swtpm.Sim
-	srk  SRKPublic
-	ek   EKPublic
+	srk  provision.SRKPublic
+	ek   provision.EKPublic
 	file []byte
 }
 
@@ -42,10 +44,10 @@ func newEKNode(t *testing.T, ca *swtpmtest.EKCA, rsaEK bool) *ekNode {
 }
 
 // newEKTrust makes a test manufacturer CA and the trust its certificates give.
-func newEKTrust(t *testing.T) (*swtpmtest.EKCA, *EKTrust) {
+func newEKTrust(t *testing.T) (*swtpmtest.EKCA, *provision.EKTrust) {
 	t.Helper()
 	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
-	trust, err := ParseEKTrust(ca.PEM)
+	trust, err := provision.ParseEKTrust(ca.PEM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,9 +55,9 @@ func newEKTrust(t *testing.T) (*swtpmtest.EKCA, *EKTrust) {
 }
 
 // newMaterial makes an imported-form KEK without auth, destroyed at cleanup.
-func newMaterial(t *testing.T) *KEKMaterial {
+func newMaterial(t *testing.T) *provision.KEKMaterial {
 	t.Helper()
-	m, err := NewKEKMaterial(nil)
+	m, err := provision.NewKEKMaterial(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,17 +78,17 @@ func TestEKBoundImport(t *testing.T) {
 
 	blobFor := func(file []byte) []byte {
 		t.Helper()
-		node, err := VerifyNodeEK(file, trust)
+		node, err := provision.VerifyNodeEK(file, trust)
 		if err != nil {
-			t.Fatalf("VerifyNodeEK: %v", err)
+			t.Fatalf("provision.VerifyNodeEK: %v", err)
 		}
 		blob, err := m.ImportBlobForEK(file, node)
 		if err != nil {
 			t.Fatalf("ImportBlobForEK: %v", err)
 		}
-		info, err := InspectImportBlob(blob)
+		info, err := provision.InspectImportBlob(blob)
 		if err != nil || info.KeyID != m.KeyID() || !bytes.Equal(info.EKName, node.Name) {
-			t.Fatalf("InspectImportBlob = %+v, %v; want key_id %s and EK %x", info, err, m.KeyID(), node.Name)
+			t.Fatalf("provision.InspectImportBlob = %+v, %v; want key_id %s and EK %x", info, err, m.KeyID(), node.Name)
 		}
 		return blob
 	}
@@ -144,25 +146,25 @@ func TestEKBoundImportLookalikeSRK(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fake, err := escrowPublic(priv.PublicKey()) // the SRK template with the attacker's point
+	fake, err := srkShaped(t, priv.PublicKey()) // the SRK template with the attacker's point
 	if err != nil {
 		t.Fatal(err)
 	}
 	file := append(fake.EncodeSRKPEM(), victim.ek.EncodePEM()...)
-	node, err := VerifyNodeEK(file, trust)
+	node, err := provision.VerifyNodeEK(file, trust)
 	if err != nil {
-		t.Fatalf("VerifyNodeEK of the look-alike: %v (the offline checks cannot catch it; the TPM must)", err)
+		t.Fatalf("provision.VerifyNodeEK of the look-alike: %v (the offline checks cannot catch it; the TPM must)", err)
 	}
 	m := newMaterial(t)
 	blob, err := m.ImportBlobForEK(file, node)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ib, err := parseImportBlob(blob)
+	ib, err := provision.ParseBlob(blob)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, fakePub, err := ParseSRKPublic(fake.EncodeSRKPEM())
+	_, fakePub, err := provision.ParseSRKPublic(fake.EncodeSRKPEM())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +190,7 @@ func TestEKBoundImportLookalikeSRK(t *testing.T) {
 			t.Fatalf("loaded look-alike has Name %x, want %x", ext.Name.Buffer, fake.Name)
 		}
 		srk := primaryObject{NamedHandle: tpm2.NamedHandle{Handle: ext.ObjectHandle, Name: ext.Name}, pub: *fakePub}
-		_, _, err = activate(c, srk, ib.ek)
+		_, _, err = activate(c, srk, ib.EK)
 		if !errors.Is(err, tpm2.TPMRCAuthUnavailable) {
 			t.Fatalf("TPM2_ActivateCredential for a public-only look-alike SRK = %v, want TPM_RC_AUTH_UNAVAILABLE", err)
 		}
@@ -200,94 +202,13 @@ func TestEKBoundImportLookalikeSRK(t *testing.T) {
 	}
 }
 
-// TestVerifyNodeEKRefuses: every reason not to trust a node file.
-func TestVerifyNodeEKRefuses(t *testing.T) {
-	ca := swtpmtest.NewEKCA(t, "Test TPM Manufacturer")
-	other := swtpmtest.NewEKCA(t, "Someone Else")
-	trust, err := ParseEKTrust(ca.PEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherTrust, err := ParseEKTrust(other.PEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, b := newEKNode(t, ca, false), newEKNode(t, ca, true)
-
-	rootOnly, err := ParseEKTrust(ca.PEM[:bytes.Index(ca.PEM, []byte("-----END CERTIFICATE-----"))+len("-----END CERTIFICATE-----\n")])
-	if err != nil {
-		t.Fatal(err)
-	}
-	notTemplate := func() []byte {
-		_, pub, err := ParseSRKPublic(a.srk.Public)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pub.ObjectAttributes.AdminWithPolicy = true // ADMIN role by policy: the look-alike defence needs it clear
-		p := SRKPublic{Public: tpm2.Marshal(tpm2.New2B(*pub))}
-		return append(p.EncodeSRKPEM(), a.ek.EncodePEM()...)
-	}()
-	swapped := EKPublic{Public: b.ek.Public, Cert: a.ek.Cert}
-	for _, tc := range []struct {
-		name  string
-		file  []byte
-		trust *EKTrust
-		want  string
-	}{
-		{"another manufacturer's CA", a.file, otherTrust, "certificate signed by unknown authority"},
-		{"issuing CA missing from the trust file", a.file, rootOnly, "certificate signed by unknown authority"},
-		{"no EK in the file", a.srk.EncodeSRKPEM(), trust, "no EK public area"},
-		{"certificate of another EK", append(a.srk.EncodeSRKPEM(), swapped.EncodePEM()...), trust, "not RSA"},
-		{"SRK not the TCG template", notTemplate, trust, "SRK public area is not the TCG"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			_, err := VerifyNodeEK(tc.file, tc.trust)
-			if !errors.Is(err, ErrEKNotTrusted) || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("VerifyNodeEK = %v, want ErrEKNotTrusted mentioning %q", err, tc.want)
-			}
-		})
-	}
-	// An EK public area that is not the TCG template (here: not restricted, so it could
-	// decrypt the credential outside TPM2_ActivateCredential) with its own point and
-	// certificate: refused before the certificate matters.
-	_, ekPub, err := ParseSRKPublic(a.srk.Public) // any public area to start from
-	if err != nil {
-		t.Fatal(err)
-	}
-	loose := tpm2.ECCEKTemplate
-	loose.ObjectAttributes.Restricted = false
-	loose.Unique = ekPub.Unique
-	looseEK := EKPublic{Public: tpm2.Marshal(tpm2.New2B(loose)), Cert: a.ek.Cert}
-	if _, err := VerifyNodeEK(append(a.srk.EncodeSRKPEM(), looseEK.EncodePEM()...), trust); !errors.Is(err, ErrEKNotTrusted) || !strings.Contains(err.Error(), "not the TCG EK template") {
-		t.Errorf("VerifyNodeEK with a non-template EK = %v", err)
-	}
-	// A verified EK does not lend its trust to another SRK.
-	node, err := VerifyNodeEK(a.file, trust)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := newMaterial(t)
-	if _, err := m.ImportBlobForEK(b.srk.EncodeSRKPEM(), node); !errors.Is(err, ErrEKNotTrusted) {
-		t.Errorf("ImportBlobForEK with another SRK than the verified one = %v, want ErrEKNotTrusted", err)
-	}
-	if _, err := ParseEKTrust(a.ek.EncodePEM()); err == nil {
-		t.Error("ParseEKTrust accepted a file without a self-signed CA")
-	}
-	// A TPM without an EK certificate.
-	bare := swtpmtest.New(t)
-	if _, err := ExportEK(testCtx(t), bare.Device); err == nil || !strings.Contains(err.Error(), "no EK certificate") {
-		t.Errorf("ExportEK without a certificate = %v", err)
-	}
-	assertNoHandles(t, bare)
-}
-
 // TestEKBoundBlobTampered: a changed byte anywhere in an EK-bound blob's sealed part
 // or credential makes the import fail without writing anything; the escrow path
 // refuses EK-bound blobs.
 func TestEKBoundBlobTampered(t *testing.T) {
 	ca, trust := newEKTrust(t)
 	n := newEKNode(t, ca, false)
-	node, err := VerifyNodeEK(n.file, trust)
+	node, err := provision.VerifyNodeEK(n.file, trust)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -296,15 +217,15 @@ func TestEKBoundBlobTampered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ib, err := parseImportBlob(blob)
+	ib, err := provision.ParseBlob(blob)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for name, off := range map[string]int{
 		"sealed duplicate": len(blob) - 5,
-		"GCM nonce":        bytes.Index(blob, ib.ek.sealed) + 1,
-		"credential":       bytes.Index(blob, ib.ek.idObject) + 10,
-		"KEK public area":  bytes.Index(blob, ib.pubBytes) + 40,
+		"GCM nonce":        bytes.Index(blob, ib.EK.Sealed) + 1,
+		"credential":       bytes.Index(blob, ib.EK.IDObject) + 10,
+		"KEK public area":  bytes.Index(blob, ib.PublicBytes) + 40,
 	} {
 		bad := bytes.Clone(blob)
 		bad[off] ^= 0x01
@@ -321,81 +242,67 @@ func TestEKBoundBlobTampered(t *testing.T) {
 	}
 	// The header is GCM additional data: a blob whose KEK public area is swapped for
 	// another (well-formed) imported KEK's fails authentication before the TPM sees it.
-	other, err := NewKEKMaterial(nil)
+	other, err := provision.NewKEKMaterial(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	otherPub := tpm2.Marshal(other.pub)
+	otherBlob, err := other.ImportBlob(n.srk.EncodeSRKPEM())
 	other.Destroy()
-	swapped := bytes.Replace(blob, ib.pubBytes, otherPub, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherIB, err := provision.ParseBlob(otherBlob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherPub := otherIB.PublicBytes
+	swapped := bytes.Replace(blob, ib.PublicBytes, otherPub, 1)
 	if _, err := ImportKey(testCtx(t), n.cfg(t), swapped); err == nil || !strings.Contains(err.Error(), "does not authenticate") {
 		t.Errorf("ImportKey with another KEK's public area = %v, want the GCM authentication failure", err)
 	}
 	// A non-template EK in a version 2 blob is malformed.
 	loose := tpm2.ECCEKTemplate
 	loose.ObjectAttributes.Restricted = false
-	loose.Unique = ib.ek.pub.Unique
-	if _, err := parseImportBlob(bytes.Replace(blob, tpm2.Marshal(ib.ek.pub), tpm2.Marshal(loose), 1)); !errors.Is(err, errMalformed) {
-		t.Errorf("parseImportBlob with a non-template EK = %v, want errMalformed", err)
+	loose.Unique = ib.EK.Public.Unique
+	if _, err := provision.ParseBlob(bytes.Replace(blob, tpm2.Marshal(ib.EK.Public), tpm2.Marshal(loose), 1)); !errors.Is(err, wire.ErrMalformed) {
+		t.Errorf("parseImportBlob with a non-template EK = %v, want wire.ErrMalformed", err)
 	}
 	// The untampered blob still imports.
 	if _, err := ImportKey(testCtx(t), n.cfg(t), blob); err != nil {
 		t.Fatalf("ImportKey of the untampered blob: %v", err)
 	}
-	escrowKey, _, err := NewEscrowKey()
+	escrowKey, _, err := provision.NewEscrowKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := RecoverKEKMaterial(blob, escrowKey); err == nil || !strings.Contains(err.Error(), "bound to a TPM's EK") {
-		t.Errorf("RecoverKEKMaterial of an EK-bound blob = %v", err)
+	if _, err := provision.RecoverKEKMaterial(blob, escrowKey); err == nil || !strings.Contains(err.Error(), "bound to a TPM's EK") {
+		t.Errorf("provision.RecoverKEKMaterial of an EK-bound blob = %v", err)
 	}
 }
 
-// FuzzParseImportBlob: parsing an import blob of either version never panics, and
-// what it accepts InspectImportBlob reports consistently.
-func FuzzParseImportBlob(f *testing.F) {
-	_, escrow, err := NewEscrowKey()
-	if err != nil {
-		f.Fatal(err)
-	}
-	m, err := NewKEKMaterial(nil)
-	if err != nil {
-		f.Fatal(err)
-	}
-	v1, err := m.ImportBlob(escrow.EncodeSRKPEM())
-	m.Destroy()
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Add(v1)
-	// A version 2 shape: the EK public area is the ECC EK template, then three fields.
-	v2 := bytes.Clone(v1[:len(importMagic)])
-	v2 = append(v2, importV2)
-	rest := v1[len(importMagic)+1:]
-	for range 2 { // KEK public, parent Name
-		field, r, _ := cut2B(rest)
-		v2, _ = append2B(v2, field)
-		rest = r
-	}
-	v2, _ = append2B(v2, tpm2.Marshal(tpm2.ECCEKTemplate))
-	for _, n := range []int{66, 66, 60} {
-		v2, _ = append2B(v2, bytes.Repeat([]byte{0x5a}, n))
-	}
-	f.Add(v2)
-	f.Fuzz(func(t *testing.T, b []byte) {
-		ib, err := parseImportBlob(b)
-		info, ierr := InspectImportBlob(b)
-		if (err == nil) != (ierr == nil) {
-			t.Fatalf("parseImportBlob error %v, InspectImportBlob error %v", err, ierr)
-		}
-		if err != nil {
-			return
-		}
-		if info.KeyID != keyID(ib.name) || (ib.ek == nil) != (info.EKName == nil) {
-			t.Fatalf("InspectImportBlob %+v disagrees with the parse", info)
-		}
-		if ib.ek == nil && (ib.duplicate == nil || ib.seed == nil) {
-			t.Fatal("a version 1 blob parsed without its duplicate")
-		}
+// srkShaped returns the TCG SRK template with k's point: what an attacker who holds
+// k's private key in software would present as a node's SRK.
+func srkShaped(t *testing.T, k *ecdh.PublicKey) (provision.SRKPublic, error) {
+	t.Helper()
+	raw := k.Bytes()
+	p := wire.SRKTemplate
+	p.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+		X: tpm2.TPM2BECCParameter{Buffer: bytes.Clone(raw[1:33])},
+		Y: tpm2.TPM2BECCParameter{Buffer: bytes.Clone(raw[33:65])},
 	})
+	name, err := wire.ObjectName(&p)
+	if err != nil {
+		return provision.SRKPublic{}, err
+	}
+	return provision.SRKPublic{Public: tpm2.Marshal(tpm2.New2B(p)), Name: name}, nil
+}
+
+// TestExportEKWithoutCertificate: a TPM without an EK certificate in NV cannot
+// export an EK, and nothing stays loaded.
+func TestExportEKWithoutCertificate(t *testing.T) {
+	bare := swtpmtest.New(t)
+	if _, err := ExportEK(testCtx(t), bare.Device); err == nil || !strings.Contains(err.Error(), "no EK certificate") {
+		t.Errorf("ExportEK without a certificate = %v", err)
+	}
+	assertNoHandles(t, bare)
 }

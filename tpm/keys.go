@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/tpm/internal/wire"
 )
 
 // KeyInfo describes a KEK on a TPM.
@@ -81,7 +82,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
 			UserAuth: tpm2.TPM2BAuth{Buffer: auth},
 		}},
-		InPublic: tpm2.New2B(kekTemplate()),
+		InPublic: tpm2.New2B(wire.KEKTemplate()),
 	}.Execute(c)
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_Create: %w", err)
@@ -90,14 +91,14 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
 	}
-	if err := checkKEKPublic(pub); err != nil {
+	if err := wire.CheckKEKPublic(pub); err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: TPM returned an unexpected key: %w", err)
 	}
-	name, err := objectName(pub)
+	name, err := wire.ObjectName(pub)
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
 	}
-	info := KeyInfo{KeyID: keyID(name), Name: name}
+	info := KeyInfo{KeyID: wire.KeyID(name), Name: name}
 
 	if handle != 0 {
 		h, err := loadUnderSRKWith(c, srk, cr.OutPublic.Bytes(), cr.OutPrivate.Buffer, name)
@@ -123,7 +124,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
 	}
-	if err := writeNewFile(cfg.BlobFile, blob); err != nil {
+	if err := writeBlobFile(cfg.BlobFile, blob); err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, err)
 	}
 	info.BlobFile = cfg.BlobFile
@@ -165,7 +166,7 @@ func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
 		}
 	} else {
-		if info.Name, err = objectName(pub); err != nil {
+		if info.Name, err = wire.ObjectName(pub); err != nil {
 			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
 		}
 		h, err := loadUnderSRK(c, pubBytes, priv, info.Name)
@@ -176,7 +177,7 @@ func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
 		}
 	}
-	info.KeyID = keyID(info.Name)
+	info.KeyID = wire.KeyID(info.Name)
 	return info, nil
 }
 
@@ -247,10 +248,10 @@ func readKEKPublic(c *conn, h tpm2.TPMHandle) (*tpm2.TPMTPublic, []byte, error) 
 	if err != nil {
 		return nil, nil, fmt.Errorf("TPM2_ReadPublic(0x%08x): %w: %w", uint32(h), errDesync, err)
 	}
-	if err := checkKEKPublic(pub); err != nil {
+	if err := wire.CheckKEKPublic(pub); err != nil {
 		return nil, nil, fmt.Errorf("persistent handle 0x%08x: %w: %w", uint32(h), ErrNotKEK, err)
 	}
-	name, err := objectName(pub)
+	name, err := wire.ObjectName(pub)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -269,7 +270,7 @@ type primaryObject struct {
 // createSRK creates the owner SRK from the TCG ECC P-256 template. The caller
 // flushes it.
 func createSRK(c *conn) (primaryObject, error) {
-	return createPrimary(c, tpm2.TPMRHOwner, srkTemplate, "owner SRK")
+	return createPrimary(c, tpm2.TPMRHOwner, wire.SRKTemplate, "owner SRK")
 }
 
 // createPrimary creates a primary key from tmpl under hierarchy (whose auth value
@@ -321,36 +322,8 @@ func loadUnderSRKWith(c *conn, srk primaryObject, pubBytes, priv, name []byte) (
 	return lr.ObjectHandle, nil
 }
 
-// writeNewFile writes data to path atomically (temp file, fsync, link), mode 0600,
-// failing with kek.ErrKeyExists if path exists.
-func writeNewFile(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".hwkms-kek-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Link(tmp, path); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return kek.ErrKeyExists
-		}
-		return err
-	}
-	return syncDir(dir)
-}
-
+// syncDir fsyncs a directory so that removing a blob file from it is durable
+// (plugin/files covers writes only).
 func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {

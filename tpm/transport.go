@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
-	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 const (
@@ -22,12 +21,6 @@ const (
 	// maxBusyBackoff caps the wait between retries of TPM_RC_RETRY/YIELDED/TESTING.
 	maxBusyBackoff = 20 * time.Millisecond
 )
-
-// errTransport marks a failure of the connection itself (dial, write, read, framing,
-// deadline). The connection is unusable afterwards and the KEK reconnects. It wraps
-// kek.ErrUnavailable, so every transport failure, including in Open, CreateKey,
-// Probe and DestroyKey, maps to Unavailable.
-var errTransport = fmt.Errorf("tpm transport failed: %w", kek.ErrUnavailable)
 
 // conn is one connection to a TPM: a device file or a swtpm socket speaking the raw
 // TPM 2.0 command stream (swtpm's server socket needs no extra framing). It

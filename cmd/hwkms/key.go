@@ -38,7 +38,7 @@ func cmdKeyCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 				return fmt.Errorf("key create: --import-for (tpm provision) does not take --%s", n)
 			}
 		}
-		return provision(prov, stdout, "key create")
+		return provisionKEK(prov, stdout, "key create")
 	case *trusted && !*replicable:
 		return errors.New("key create: --wrap-with-trusted needs --replicable")
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/hwkms/hwkms/plugin/config"
 	"github.com/hwkms/hwkms/plugin/files"
 	"github.com/hwkms/hwkms/tpm"
+	"github.com/hwkms/hwkms/tpm/provision"
 )
 
 func cmdExportSRK(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -59,7 +60,7 @@ func cmdExportSRK(ctx context.Context, args []string, stdout, stderr io.Writer) 
 // importTargets reads the comma-separated SRK public files and maps each to
 // DIR/<basename without extension>.import. With trust (from --ek-roots) every file
 // must carry an EK whose certificate chains to it; the results are in eks.
-func importTargets(list, dir string, trust *tpm.EKTrust) (pubs [][]byte, outs []string, eks []*tpm.NodeEK, err error) {
+func importTargets(list, dir string, trust *provision.EKTrust) (pubs [][]byte, outs []string, eks []*provision.NodeEK, err error) {
 	if list == "" {
 		return nil, nil, nil, errors.New("--import-for is required")
 	}
@@ -72,11 +73,11 @@ func importTargets(list, dir string, trust *tpm.EKTrust) (pubs [][]byte, outs []
 		if err != nil {
 			return nil, nil, nil, err
 		}
-		if _, _, err := tpm.ParseSRKPublic(b); err != nil {
+		if _, _, err := provision.ParseSRKPublic(b); err != nil {
 			return nil, nil, nil, fmt.Errorf("%s: %w", p, err)
 		}
 		if trust != nil {
-			ek, err := tpm.VerifyNodeEK(b, trust)
+			ek, err := provision.VerifyNodeEK(b, trust)
 			if err != nil {
 				return nil, nil, nil, fmt.Errorf("%s: %w", p, err)
 			}
@@ -94,7 +95,7 @@ func importTargets(list, dir string, trust *tpm.EKTrust) (pubs [][]byte, outs []
 }
 
 // ekTrust reads --ek-roots; "" means no EK verification.
-func ekTrust(path string) (*tpm.EKTrust, error) {
+func ekTrust(path string) (*provision.EKTrust, error) {
 	if path == "" {
 		return nil, nil
 	}
@@ -102,7 +103,7 @@ func ekTrust(path string) (*tpm.EKTrust, error) {
 	if err != nil {
 		return nil, err
 	}
-	return tpm.ParseEKTrust(b)
+	return provision.ParseEKTrust(b)
 }
 
 const ekRootsUsage = "PEM file of the TPM manufacturers' EK CA certificates (roots and issuing CAs): every --import-for file must then carry an EK (export-srk --ek) whose certificate chains to them, and each blob is bound to that EK (only that TPM can import it)"
@@ -129,12 +130,12 @@ func cmdProvision(args []string, stdout, stderr io.Writer, name string) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	return provision(f, stdout, name)
+	return provisionKEK(f, stdout, name)
 }
 
-// provision generates a KEK in memory and writes its import blobs (tpm provision, key
+// provisionKEK generates a KEK in memory and writes its import blobs (tpm provision, key
 // create --import-for). name prefixes errors.
-func provision(f provisionFlags, stdout io.Writer, name string) error {
+func provisionKEK(f provisionFlags, stdout io.Writer, name string) error {
 	trust, err := ekTrust(*f.ekRoots)
 	if err != nil {
 		return fmt.Errorf("%s: --ek-roots: %w", name, err)
@@ -150,7 +151,7 @@ func provision(f provisionFlags, stdout io.Writer, name string) error {
 		}
 		defer clear(auth)
 	}
-	m, err := tpm.NewKEKMaterial(auth)
+	m, err := provision.NewKEKMaterial(auth)
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
@@ -160,7 +161,7 @@ func provision(f provisionFlags, stdout io.Writer, name string) error {
 
 // writeBlobs writes one import blob per SRK (and the escrow blob) into dir. With
 // eks (one per SRK, verified), each node's blob is bound to its EK.
-func writeBlobs(m *tpm.KEKMaterial, pubs [][]byte, outs []string, eks []*tpm.NodeEK, dir, escrowPub string, stdout io.Writer, name string) error {
+func writeBlobs(m *provision.KEKMaterial, pubs [][]byte, outs []string, eks []*provision.NodeEK, dir, escrowPub string, stdout io.Writer, name string) error {
 	blobs := make([][]byte, 0, len(pubs)+1)
 	for i, pub := range pubs {
 		var blob []byte
@@ -209,7 +210,7 @@ func writeBlobs(m *tpm.KEKMaterial, pubs [][]byte, outs []string, eks []*tpm.Nod
 	}
 	fmt.Fprintf(stdout, "key_id: %s\n", m.KeyID())
 	for i, blob := range blobs {
-		info, _ := tpm.InspectImportBlob(blob)
+		info, _ := provision.InspectImportBlob(blob)
 		fmt.Fprintf(stdout, "wrote %s for SRK %s", outs[i], hex.EncodeToString(info.ParentName))
 		if info.EKName != nil {
 			fmt.Fprintf(stdout, ", bound to EK %s (certificate serial %s, issuer %q)", hex.EncodeToString(info.EKName), eks[i].Serial, eks[i].Issuer)
@@ -229,7 +230,7 @@ func cmdEscrowKeygen(args []string, stdout, stderr io.Writer) error {
 	if *outKey == "" || *outPub == "" {
 		return errors.New("tpm escrow-keygen: --out-key and --out-pub are required")
 	}
-	priv, pub, err := tpm.NewEscrowKey()
+	priv, pub, err := provision.NewEscrowKey()
 	if err != nil {
 		return err
 	}
@@ -275,7 +276,7 @@ func cmdRecover(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("tpm recover: %w", err)
 	}
 	defer clear(key)
-	m, err := tpm.RecoverKEKMaterial(blob, key)
+	m, err := provision.RecoverKEKMaterial(blob, key)
 	if err != nil {
 		return fmt.Errorf("tpm recover: %w", err)
 	}
@@ -305,7 +306,7 @@ func cmdKeyImport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return fmt.Errorf("key import: %w", err)
 	}
 	fmt.Fprintf(stdout, "imported into TPM %s: %s\nkey_id: %s\n", *device, config.TPMLocation(info), info.KeyID)
-	if bi, err := tpm.InspectImportBlob(blob); err == nil && bi.EKName != nil {
+	if bi, err := provision.InspectImportBlob(blob); err == nil && bi.EKName != nil {
 		fmt.Fprintf(stdout, "the blob was bound to this TPM's EK %s and activated with it\n", hex.EncodeToString(bi.EKName))
 	}
 	return nil

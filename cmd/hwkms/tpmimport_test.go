@@ -11,6 +11,7 @@ import (
 
 	"github.com/hwkms/hwkms/plugin/config"
 	"github.com/hwkms/hwkms/tpm"
+	"github.com/hwkms/hwkms/tpm/provision"
 	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
 
@@ -145,7 +146,7 @@ func TestTPMClusterCLIWithEK(t *testing.T) {
 	blobs := filepath.Join(dir, "blobs")
 	for name, pubs := range map[string]string{"no EK": pub0 + "," + plain, "untrusted EK": pub0 + "," + foreign} {
 		_, err := runCLI(t, "", "key", "create", "--backend", "tpm", "--import-for", pubs, "--out-dir", blobs, "--ek-roots", roots)
-		if !errors.Is(err, tpm.ErrEKNotTrusted) {
+		if !errors.Is(err, provision.ErrEKNotTrusted) {
 			t.Errorf("key create --ek-roots with a node file with %s: %v, want ErrEKNotTrusted", name, err)
 		}
 		if entries, _ := os.ReadDir(blobs); len(entries) != 0 {

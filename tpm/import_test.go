@@ -13,6 +13,8 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/tpm/internal/wire"
+	"github.com/hwkms/hwkms/tpm/provision"
 	"github.com/hwkms/hwkms/tpm/swtpm"
 	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
@@ -35,11 +37,11 @@ func newNodes(t *testing.T, n int) []*node {
 			t.Fatalf("ExportSRK(node %d): %v", i, err)
 		}
 		assertNoHandles(t, sim)
-		if _, _, err := ParseSRKPublic(srk.EncodeSRKPEM()); err != nil {
-			t.Fatalf("ParseSRKPublic(node %d): %v", i, err)
+		if _, _, err := provision.ParseSRKPublic(srk.EncodeSRKPEM()); err != nil {
+			t.Fatalf("provision.ParseSRKPublic(node %d): %v", i, err)
 		}
-		if _, _, err := ParseSRKPublic(srk.Public); err != nil {
-			t.Fatalf("ParseSRKPublic(raw, node %d): %v", i, err)
+		if _, _, err := provision.ParseSRKPublic(srk.Public); err != nil {
+			t.Fatalf("provision.ParseSRKPublic(raw, node %d): %v", i, err)
 		}
 		nodes[i] = &node{sim: sim, srk: srk.EncodeSRKPEM(),
 			cfg: Config{Device: sim.Device, BlobFile: filepath.Join(t.TempDir(), "kek.blob")}}
@@ -47,8 +49,8 @@ func newNodes(t *testing.T, n int) []*node {
 	return nodes
 }
 
-// provision makes one import blob per node from m and imports it.
-func provision(t *testing.T, m *KEKMaterial, nodes []*node) {
+// provisionNodes makes one import blob per node from m and imports it.
+func provisionNodes(t *testing.T, m *provision.KEKMaterial, nodes []*node) {
 	t.Helper()
 	for i, n := range nodes {
 		blob, err := m.ImportBlob(n.srk)
@@ -99,11 +101,11 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 	nodes[2].cfg = Config{Device: nodes[2].sim.Device, PersistentHandle: testHandle} // both key forms
 
 	authFile := writeFile(t, "0123456789abcdef0123")
-	m, err := NewKEKMaterial([]byte("0123456789abcdef0123"))
+	m, err := provision.NewKEKMaterial([]byte("0123456789abcdef0123"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	provision(t, m, nodes)
+	provisionNodes(t, m, nodes)
 	blob0, err := m.ImportBlob(nodes[0].srk)
 	if err != nil {
 		t.Fatal(err)
@@ -132,9 +134,9 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 		if i > 0 && k.ID() != keks[0].ID() {
 			t.Errorf("node %d key_id %s, node 0 %s", i, k.ID(), keks[0].ID())
 		}
-		info, err := InspectImportBlob(blob0)
+		info, err := provision.InspectImportBlob(blob0)
 		if err != nil || info.KeyID != k.ID() {
-			t.Errorf("InspectImportBlob = %+v, %v; want key_id %s", info, err, k.ID())
+			t.Errorf("provision.InspectImportBlob = %+v, %v; want key_id %s", info, err, k.ID())
 		}
 		keks = append(keks, k)
 	}
@@ -155,7 +157,7 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer flushHandle(c, srk.Handle)
-		ib, err := parseImportBlob(blob0)
+		ib, err := provision.ParseBlob(blob0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -181,21 +183,21 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 // a policy session (the DUP role needs one): the no-duplication policy refuses it.
 func TestImportedKEKCannotBeDuplicated(t *testing.T) {
 	nodes := newNodes(t, 1)
-	m, err := NewKEKMaterial(nil)
+	m, err := provision.NewKEKMaterial(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Destroy()
-	provision(t, m, nodes)
+	provisionNodes(t, m, nodes)
 	pub, pubBytes, priv, err := readBlobFile(nodes[0].cfg.BlobFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !isImportedKEK(pub) {
+	if !wire.IsImportedKEK(pub) {
 		t.Fatal("blob file does not hold an imported KEK")
 	}
 	withConn(t, nodes[0].sim, func(c *conn) {
-		name, _ := objectName(pub)
+		name, _ := wire.ObjectName(pub)
 		h, err := loadUnderSRK(c, pubBytes, priv, name)
 		if err != nil {
 			t.Fatal(err)
@@ -231,21 +233,21 @@ func TestImportedKEKCannotBeDuplicated(t *testing.T) {
 // all three TPMs die (stopped, state deleted); three new TPMs get blobs made from
 // the escrow and unwrap the old ciphertexts.
 func TestEscrowRecoveryDrill(t *testing.T) {
-	escrowPriv, escrowPub, err := NewEscrowKey()
+	escrowPriv, escrowPub, err := provision.NewEscrowKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	otherPriv, _, err := NewEscrowKey()
+	otherPriv, _, err := provision.NewEscrowKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := NewKEKMaterial(nil)
+	m, err := provision.NewKEKMaterial(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	keyID := m.KeyID()
 	nodes := newNodes(t, 3)
-	provision(t, m, nodes)
+	provisionNodes(t, m, nodes)
 	escrowBlob, err := m.ImportBlob(escrowPub.EncodeSRKPEM())
 	if err != nil {
 		t.Fatal(err)
@@ -278,24 +280,24 @@ func TestEscrowRecoveryDrill(t *testing.T) {
 		}
 	}
 
-	if _, err := RecoverKEKMaterial(escrowBlob, otherPriv); !errors.Is(err, ErrWrongEscrowKey) {
-		t.Errorf("recover with another escrow key = %v, want ErrWrongEscrowKey", err)
+	if _, err := provision.RecoverKEKMaterial(escrowBlob, otherPriv); !errors.Is(err, provision.ErrWrongEscrowKey) {
+		t.Errorf("recover with another escrow key = %v, want provision.ErrWrongEscrowKey", err)
 	}
 	tampered := bytes.Clone(escrowBlob)
 	tampered[len(tampered)-80] ^= 1 // inside the duplicate
-	if _, err := RecoverKEKMaterial(tampered, escrowPriv); err == nil {
+	if _, err := provision.RecoverKEKMaterial(tampered, escrowPriv); err == nil {
 		t.Error("recover from a tampered escrow blob succeeded")
 	}
 
-	rm, err := RecoverKEKMaterial(escrowBlob, escrowPriv)
+	rm, err := provision.RecoverKEKMaterial(escrowBlob, escrowPriv)
 	if err != nil {
-		t.Fatalf("RecoverKEKMaterial: %v", err)
+		t.Fatalf("provision.RecoverKEKMaterial: %v", err)
 	}
 	if rm.KeyID() != keyID {
 		t.Fatalf("recovered key_id %s, want %s", rm.KeyID(), keyID)
 	}
 	fresh := newNodes(t, 3)
-	provision(t, rm, fresh)
+	provisionNodes(t, rm, fresh)
 	rm.Destroy()
 	var keks []*KEK
 	for _, n := range fresh {
@@ -316,59 +318,6 @@ func TestEscrowRecoveryDrill(t *testing.T) {
 		}
 	}
 	crossUnwrap(t, keks)
-}
-
-func TestImportBlobFormat(t *testing.T) {
-	if n := len(noDuplicationLabel); n >= 36 {
-		t.Fatalf("noDuplicationLabel is %d bytes; a policy hash input can be that long", n)
-	}
-	_, escrowPub, err := NewEscrowKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := NewKEKMaterial(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Destroy()
-	blob, err := m.ImportBlob(escrowPub.Public)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := parseImportBlob(blob); err != nil {
-		t.Fatalf("parseImportBlob: %v", err)
-	}
-	for _, tc := range []struct {
-		name string
-		b    []byte
-	}{
-		{"empty", nil},
-		{"magic only", blob[:4]},
-		{"unknown version", append(append([]byte("HWKI"), 3), blob[5:]...)},
-		{"version 2 with version 1 fields", append(append([]byte("HWKI"), 2), blob[5:]...)},
-		{"truncated", blob[:len(blob)-1]},
-		{"trailing", append(bytes.Clone(blob), 0)},
-		{"kek blob file", []byte{1, 0, 1, 0, 0, 1, 0}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if _, err := parseImportBlob(tc.b); err == nil {
-				t.Error("accepted")
-			}
-		})
-	}
-	// A key made by CreateKey's template (fixedTPM) is not an imported KEK, and a
-	// non-storage key is not an import parent.
-	p := kekTemplate()
-	if isImportedKEK(&p) {
-		t.Error("kekTemplate is recognised as imported")
-	}
-	sealed := sealedTemplate(nil)
-	if _, _, err := ParseSRKPublic(tpm2.Marshal(tpm2.New2B(sealed))); err == nil {
-		t.Error("ParseSRKPublic accepted a sealed-data object")
-	}
-	if _, err := NewKEKMaterial([]byte("short")); err == nil {
-		t.Error("NewKEKMaterial accepted a 5-byte auth value")
-	}
 }
 
 // withConn runs fn on a fresh connection to sim.

@@ -1,4 +1,4 @@
-package tpm
+package provision
 
 import (
 	"bytes"
@@ -16,6 +16,8 @@ import (
 	"fmt"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/hwkms/hwkms/tpm/internal/wire"
 )
 
 // Offline escrow. The escrow key is an ECC P-256 key pair made off-line; its public
@@ -25,9 +27,6 @@ import (
 // software (the inverse of ImportBlob, Part 1 section 23.3.2.2) and give back the
 // KEKMaterial, from which import blobs for new TPMs are made. The escrow private
 // key is therefore as sensitive as the KEK: keep it off-line.
-
-// ErrWrongEscrowKey means an escrow blob was not made for the given escrow key.
-var ErrWrongEscrowKey = errors.New("tpm: escrow blob was made for another escrow key")
 
 // NewEscrowKey generates an escrow key pair with crypto/rand and returns the
 // private key as a PKCS#8 PEM block ("PRIVATE KEY") and the public key as an SRK
@@ -52,12 +51,12 @@ func NewEscrowKey() (privPEM []byte, pub SRKPublic, err error) {
 // escrowPublic is the SRK-shaped public area of an escrow key.
 func escrowPublic(k *ecdh.PublicKey) (SRKPublic, error) {
 	raw := k.Bytes()
-	p := srkTemplate
+	p := wire.SRKTemplate
 	p.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
 		X: tpm2.TPM2BECCParameter{Buffer: bytes.Clone(raw[1:33])},
 		Y: tpm2.TPM2BECCParameter{Buffer: bytes.Clone(raw[33:65])},
 	})
-	name, err := objectName(&p)
+	name, err := wire.ObjectName(&p)
 	if err != nil {
 		return SRKPublic{}, fmt.Errorf("tpm: escrow key: %w", err)
 	}
@@ -102,12 +101,12 @@ func parseEscrowKey(privPEM []byte) (*ecdh.PrivateKey, error) {
 // key_id and storage seed: bodies wrapped before still unwrap on TPMs that import
 // blobs made from it. The caller Destroys the result.
 func RecoverKEKMaterial(escrowBlob, escrowPrivPEM []byte) (*KEKMaterial, error) {
-	ib, err := parseImportBlob(escrowBlob)
+	ib, err := ParseBlob(escrowBlob)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: escrow blob: %w", err)
 	}
-	if ib.ek != nil {
-		return nil, fmt.Errorf("tpm: escrow blob: %w: this blob is bound to a TPM's EK (a node's blob, not the escrow copy)", errMalformed)
+	if ib.EK != nil {
+		return nil, fmt.Errorf("tpm: escrow blob: %w: this blob is bound to a TPM's EK (a node's blob, not the escrow copy)", wire.ErrMalformed)
 	}
 	priv, err := parseEscrowKey(escrowPrivPEM)
 	if err != nil {
@@ -117,7 +116,7 @@ func RecoverKEKMaterial(escrowBlob, escrowPrivPEM []byte) (*KEKMaterial, error) 
 	if err != nil {
 		return nil, err
 	}
-	if !bytes.Equal(epub.Name, ib.parentName) {
+	if !bytes.Equal(epub.Name, ib.ParentName) {
 		return nil, ErrWrongEscrowKey
 	}
 	sens, err := openDuplicate(priv, ib)
@@ -130,17 +129,17 @@ func RecoverKEKMaterial(escrowBlob, escrowPrivPEM []byte) (*KEKMaterial, error) 
 
 // openDuplicate undoes the outer wrapper of an import blob in software and
 // returns the marshalled TPMT_SENSITIVE.
-func openDuplicate(priv *ecdh.PrivateKey, ib *importBlob) ([]byte, error) {
-	pt, err := safeUnmarshal[tpm2.TPMSECCPoint](ib.seed)
-	if err == nil && !bytes.Equal(tpm2.Marshal(pt), ib.seed) {
-		err = errMalformed
+func openDuplicate(priv *ecdh.PrivateKey, ib *Blob) ([]byte, error) {
+	pt, err := wire.SafeUnmarshal[tpm2.TPMSECCPoint](ib.Seed)
+	if err == nil && !bytes.Equal(tpm2.Marshal(pt), ib.Seed) {
+		err = wire.ErrMalformed
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: inSymSeed", errMalformed)
+		return nil, fmt.Errorf("%w: inSymSeed", wire.ErrMalformed)
 	}
 	const n = 32
 	if len(pt.X.Buffer) > n || len(pt.Y.Buffer) > n {
-		return nil, fmt.Errorf("%w: inSymSeed point", errMalformed)
+		return nil, fmt.Errorf("%w: inSymSeed point", wire.ErrMalformed)
 	}
 	raw := make([]byte, 1+2*n)
 	raw[0] = 4
@@ -148,7 +147,7 @@ func openDuplicate(priv *ecdh.PrivateKey, ib *importBlob) ([]byte, error) {
 	copy(raw[1+2*n-len(pt.Y.Buffer):], pt.Y.Buffer)
 	eph, err := ecdh.P256().NewPublicKey(raw)
 	if err != nil {
-		return nil, fmt.Errorf("%w: inSymSeed point is not on P-256", errMalformed)
+		return nil, fmt.Errorf("%w: inSymSeed point is not on P-256", wire.ErrMalformed)
 	}
 	z, err := priv.ECDH(eph)
 	if err != nil {
@@ -159,17 +158,17 @@ func openDuplicate(priv *ecdh.PrivateKey, ib *importBlob) ([]byte, error) {
 	seed := tpm2.KDFe(crypto.SHA256, z, "DUPLICATE", pt.X.Buffer, ownX, 256)
 	defer clear(seed)
 
-	outerHMAC, dupSensitive, ok := cut2B(ib.duplicate)
+	outerHMAC, dupSensitive, ok := wire.Cut2B(ib.Duplicate)
 	if !ok || len(outerHMAC) != 32 || len(dupSensitive) < 2 {
-		return nil, fmt.Errorf("%w: duplicate", errMalformed)
+		return nil, fmt.Errorf("%w: duplicate", wire.ErrMalformed)
 	}
 	mac := hmac.New(crypto.SHA256.New, tpm2.KDFa(crypto.SHA256, seed, "INTEGRITY", nil, nil, 256))
 	mac.Write(dupSensitive)
-	mac.Write(ib.name)
+	mac.Write(ib.Name)
 	if subtle.ConstantTimeCompare(mac.Sum(nil), outerHMAC) != 1 {
 		return nil, errors.New("integrity check failed (tampered, or not made for this key)")
 	}
-	key := tpm2.KDFa(crypto.SHA256, seed, "STORAGE", ib.name, nil, 128)
+	key := tpm2.KDFa(crypto.SHA256, seed, "STORAGE", ib.Name, nil, 128)
 	defer clear(key)
 	block, err := aes.NewCipher(key)
 	if err != nil {
@@ -177,20 +176,20 @@ func openDuplicate(priv *ecdh.PrivateKey, ib *importBlob) ([]byte, error) {
 	}
 	plain := make([]byte, len(dupSensitive))
 	cipher.NewCFBDecrypter(block, make([]byte, aes.BlockSize)).XORKeyStream(plain, dupSensitive)
-	sens, rest, ok := cut2B(plain)
+	sens, rest, ok := wire.Cut2B(plain)
 	if !ok || len(rest) != 0 {
 		clear(plain)
-		return nil, fmt.Errorf("%w: sensitive area", errMalformed)
+		return nil, fmt.Errorf("%w: sensitive area", wire.ErrMalformed)
 	}
 	return sens, nil
 }
 
 // materialFromSensitive checks a decrypted TPMT_SENSITIVE against the blob's
 // public area and rebuilds the KEKMaterial.
-func materialFromSensitive(ib *importBlob, sensBytes []byte) (*KEKMaterial, error) {
-	s, err := safeUnmarshal[tpm2.TPMTSensitive](sensBytes)
+func materialFromSensitive(ib *Blob, sensBytes []byte) (*KEKMaterial, error) {
+	s, err := wire.SafeUnmarshal[tpm2.TPMTSensitive](sensBytes)
 	if err != nil || !bytes.Equal(tpm2.Marshal(s), sensBytes) {
-		return nil, fmt.Errorf("tpm: escrow blob: %w: sensitive area", errMalformed)
+		return nil, fmt.Errorf("tpm: escrow blob: %w: sensitive area", wire.ErrMalformed)
 	}
 	d, err := s.Sensitive.ECC()
 	if s.SensitiveType != tpm2.TPMAlgECC || err != nil || len(d.Buffer) == 0 || len(d.Buffer) > 32 {
@@ -213,22 +212,9 @@ func materialFromSensitive(ib *importBlob, sensBytes []byte) (*KEKMaterial, erro
 	if err != nil {
 		return nil, err
 	}
-	if !bytes.Equal(m.name, ib.name) {
+	if !bytes.Equal(m.name, ib.Name) {
 		m.Destroy()
 		return nil, errors.New("tpm: escrow blob: private key does not match the KEK's public area")
 	}
 	return m, nil
-}
-
-// safeUnmarshal is tpm2.Unmarshal guarded against panics on hostile input.
-func safeUnmarshal[T tpm2.Marshallable, P interface {
-	*T
-	tpm2.Unmarshallable
-}](b []byte) (v *T, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			v, err = nil, fmt.Errorf("%w: cannot unmarshal", errMalformed)
-		}
-	}()
-	return tpm2.Unmarshal[T, P](b)
 }
