@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
@@ -44,19 +45,9 @@ func (n noopService) Decrypt(context.Context, string, *service.DecryptRequest) (
 	return n.pt, nil
 }
 
-// nopKEK is a KEK that does no cryptography: the plugin's own cost over the socket,
-// without a device, is BenchmarkSocket minus BenchmarkGRPC.
-type nopKEK struct{}
-
-func (nopKEK) ID() string           { return "nop" }
-func (nopKEK) Backend() kek.Backend { return kek.BackendTest }
-func (nopKEK) Wrap(_ context.Context, pt, _ []byte) ([]byte, error) {
-	return make([]byte, 29+len(pt)), nil // the size of an hsm body
-}
-func (nopKEK) Unwrap(_ context.Context, body, _ []byte) ([]byte, error) {
-	return make([]byte, 32), nil
-}
-func (nopKEK) Close() error { return nil }
+// nopKEK returns a KEK that does no cryptography: the plugin's own cost over the
+// socket, without a device, is BenchmarkSocket minus BenchmarkGRPC.
+func nopKEK() *kektest.Fake { return kektest.NewFake("nop", kektest.FakeNoCrypto()) }
 
 // benchServeEnv, when set to "<kind>:<socket>" in a test binary's environment, makes
 // TestBenchServer serve that kind of service on the socket until the process is killed.
@@ -77,7 +68,7 @@ func TestBenchServer(t *testing.T) {
 	case "noop":
 		svc = noopService{ct: make([]byte, 2+1+12+32+16), pt: make([]byte, 32)}
 	case "service":
-		ring, err := NewKeyring(nopKEK{})
+		ring, err := NewKeyring(nopKEK())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -214,7 +205,7 @@ func BenchmarkSocket(b *testing.B) {
 // BenchmarkService is the Service methods called in process (no gRPC) with a KEK that
 // does no cryptography: allocations and CPU of the request path itself.
 func BenchmarkService(b *testing.B) {
-	ring, err := NewKeyring(nopKEK{})
+	ring, err := NewKeyring(nopKEK())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/kms/pkg/service"
@@ -40,7 +41,7 @@ func FuzzParseFrame(f *testing.F) {
 // answers only InvalidArgument or NotFound, and returns a plaintext only for the one
 // authentic ciphertext it was seeded with.
 func FuzzDecrypt(f *testing.F) {
-	k := newFakeKEK("fuzz-key")
+	k := kektest.NewFake("fuzz-key")
 	ring, err := NewKeyring(k)
 	if err != nil {
 		f.Fatal(err)

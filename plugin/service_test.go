@@ -13,12 +13,13 @@ import (
 	"unicode/utf8"
 
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/kms/pkg/service"
 )
 
-func newTestService(t *testing.T, keys ...*fakeKEK) *Service {
+func newTestService(t *testing.T, keys ...*kektest.Fake) *Service {
 	t.Helper()
 	var rest []kek.KEK
 	for _, k := range keys[1:] {
@@ -49,7 +50,7 @@ func wantCode(t *testing.T, err error, want codes.Code) {
 }
 
 func TestEncryptDecryptSizes(t *testing.T) {
-	svc := newTestService(t, newFakeKEK("A"))
+	svc := newTestService(t, kektest.NewFake("A"))
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name string
@@ -87,7 +88,7 @@ func TestEncryptDecryptSizes(t *testing.T) {
 }
 
 func TestDecryptBadInput(t *testing.T) {
-	a, b := newFakeKEK("A"), newFakeKEK("B")
+	a, b := kektest.NewFake("A"), kektest.NewFake("B")
 	svc := newTestService(t, a, b)
 	ctx := context.Background()
 	resp, err := svc.Encrypt(ctx, "", seed(32))
@@ -150,13 +151,13 @@ func TestDeviceErrorCodes(t *testing.T) {
 		{"invalid input", fmt.Errorf("dev: %w", kek.ErrInvalidInput), codes.InvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := newFakeKEK("A")
+			k := kektest.NewFake("A")
 			svc := newTestService(t, k)
 			resp, err := svc.Encrypt(context.Background(), "", seed(32))
 			if err != nil {
 				t.Fatal(err)
 			}
-			k.setFail(tc.err)
+			k.SetFail(tc.err)
 			_, err = svc.Encrypt(context.Background(), "", seed(32))
 			wantCode(t, err, tc.code)
 			_, err = svc.Decrypt(context.Background(), "", &service.DecryptRequest{Ciphertext: resp.Ciphertext, KeyID: "A"})
@@ -169,15 +170,13 @@ func TestDeviceErrorCodes(t *testing.T) {
 }
 
 func TestDecryptDeadline(t *testing.T) {
-	k := newFakeKEK("A")
+	k := kektest.NewFake("A")
 	svc := newTestService(t, k)
 	resp, err := svc.Encrypt(context.Background(), "", seed(32))
 	if err != nil {
 		t.Fatal(err)
 	}
-	k.mu.Lock()
-	k.block = make(chan struct{})
-	k.mu.Unlock()
+	k.BlockUnwrap(make(chan struct{}))
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	_, err = svc.Decrypt(ctx, "", &service.DecryptRequest{Ciphertext: resp.Ciphertext, KeyID: "A"})
@@ -185,7 +184,7 @@ func TestDecryptDeadline(t *testing.T) {
 }
 
 func TestKeyringRotationKeepsOldKeys(t *testing.T) {
-	a, b := newFakeKEK("A"), newFakeKEK("B")
+	a, b := kektest.NewFake("A"), kektest.NewFake("B")
 	svc := newTestService(t, a)
 	ctx := context.Background()
 	old, err := svc.Encrypt(ctx, "", seed(32))
@@ -216,15 +215,15 @@ func TestKeyringRotationKeepsOldKeys(t *testing.T) {
 }
 
 func TestNewKeyringValidation(t *testing.T) {
-	a := newFakeKEK("A")
+	a := kektest.NewFake("A")
 	for _, tc := range []struct {
 		name string
 		keys []kek.KEK
 		want string
 	}{
-		{"duplicate", []kek.KEK{a, newFakeKEK("A")}, "duplicate key_id"},
-		{"empty id", []kek.KEK{newFakeKEK("")}, "empty"},
-		{"long id", []kek.KEK{newFakeKEK(strings.Repeat("x", kek.MaxKeyIDLen+1))}, "more than"},
+		{"duplicate", []kek.KEK{a, kektest.NewFake("A")}, "duplicate key_id"},
+		{"empty id", []kek.KEK{kektest.NewFake("")}, "empty"},
+		{"long id", []kek.KEK{kektest.NewFake(strings.Repeat("x", kek.MaxKeyIDLen+1))}, "more than"},
 		{"nil primary", []kek.KEK{nil}, "primary"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -237,7 +236,7 @@ func TestNewKeyringValidation(t *testing.T) {
 }
 
 func TestStatusUsesCachedProbe(t *testing.T) {
-	k := newFakeKEK("A")
+	k := kektest.NewFake("A")
 	svc := newTestService(t, k)
 	ctx := context.Background()
 	st, err := svc.Status(ctx)
@@ -247,17 +246,17 @@ func TestStatusUsesCachedProbe(t *testing.T) {
 	if h := svc.ProbeNow(ctx); !h.OK {
 		t.Fatalf("probe: %+v", h)
 	}
-	calls := k.calls.Load()
+	calls := k.Calls()
 	for range 100 {
 		st, _ = svc.Status(ctx)
 		if st.Healthz != "ok" {
 			t.Fatalf("status %+v", st)
 		}
 	}
-	if got := k.calls.Load(); got != calls {
+	if got := k.Calls(); got != calls {
 		t.Fatalf("Status touched the device: %d calls", got-calls)
 	}
-	k.setFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
+	k.SetFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
 	if st, _ = svc.Status(ctx); st.Healthz != "ok" {
 		t.Fatal("Status changed without a probe")
 	}
@@ -266,7 +265,7 @@ func TestStatusUsesCachedProbe(t *testing.T) {
 	if st.Healthz == "ok" || !strings.Contains(st.Healthz, "device unavailable") || st.KeyID != "A" {
 		t.Fatalf("after failing probe: %+v", st)
 	}
-	k.setFail(nil)
+	k.SetFail(nil)
 	svc.ProbeNow(ctx)
 	if st, _ = svc.Status(ctx); st.Healthz != "ok" {
 		t.Fatalf("after recovery: %+v", st)
@@ -274,7 +273,7 @@ func TestStatusUsesCachedProbe(t *testing.T) {
 }
 
 func TestStatusStaleProbe(t *testing.T) {
-	k := newFakeKEK("A")
+	k := kektest.NewFake("A")
 	ring, _ := NewKeyring(k)
 	svc := NewService(ring, Options{HealthInterval: 10 * time.Millisecond, ProbeTimeout: 10 * time.Millisecond})
 	svc.ProbeNow(context.Background())
@@ -286,7 +285,7 @@ func TestStatusStaleProbe(t *testing.T) {
 }
 
 func TestRunRefreshesHealth(t *testing.T) {
-	k := newFakeKEK("A")
+	k := kektest.NewFake("A")
 	ring, _ := NewKeyring(k)
 	svc := NewService(ring, Options{HealthInterval: 5 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -294,9 +293,9 @@ func TestRunRefreshesHealth(t *testing.T) {
 	go func() { svc.Run(ctx); close(done) }()
 	defer func() { cancel(); <-done }()
 	deadline := time.Now().Add(5 * time.Second)
-	for k.calls.Load() < 6 { // three probes, two device calls each
+	for k.Calls() < 6 { // three probes, two device calls each
 		if time.Now().After(deadline) {
-			t.Fatalf("Run probed only %d times", k.calls.Load()/2)
+			t.Fatalf("Run probed only %d times", k.Calls()/2)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -305,7 +304,7 @@ func TestRunRefreshesHealth(t *testing.T) {
 // TestSwapDoesNotFailInFlight holds a Decrypt inside the old keyring's KEK while the
 // keyring is swapped and closed: the request must complete, and Close must wait for it.
 func TestSwapDoesNotFailInFlight(t *testing.T) {
-	a := newFakeKEK("A")
+	a := kektest.NewFake("A")
 	svc := newTestService(t, a)
 	ctx := context.Background()
 	resp, err := svc.Encrypt(ctx, "", seed(32))
@@ -313,9 +312,7 @@ func TestSwapDoesNotFailInFlight(t *testing.T) {
 		t.Fatal(err)
 	}
 	release := make(chan struct{})
-	a.mu.Lock()
-	a.block = release
-	a.mu.Unlock()
+	a.BlockUnwrap(release)
 
 	var wg sync.WaitGroup
 	var decErr error
@@ -324,10 +321,10 @@ func TestSwapDoesNotFailInFlight(t *testing.T) {
 		defer wg.Done()
 		_, decErr = svc.Decrypt(ctx, "", &service.DecryptRequest{Ciphertext: resp.Ciphertext, KeyID: "A"})
 	}()
-	for a.calls.Load() < 2 { // Encrypt's Wrap, then the blocked Unwrap
+	for a.Calls() < 2 { // Encrypt's Wrap, then the blocked Unwrap
 		time.Sleep(time.Millisecond)
 	}
-	a2 := newFakeKEK("A2")
+	a2 := kektest.NewFake("A2")
 	ring, _ := NewKeyring(a2)
 	old := svc.SwapKeyring(ring, Probe(ctx, a2))
 	closed := make(chan struct{})
@@ -343,7 +340,7 @@ func TestSwapDoesNotFailInFlight(t *testing.T) {
 	if decErr != nil {
 		t.Fatalf("in-flight Decrypt failed across a swap: %v", decErr)
 	}
-	if !a.isClosed() {
+	if !a.Closed() {
 		t.Fatal("old kek.KEK not closed")
 	}
 	if _, err := svc.Encrypt(ctx, "", seed(32)); err != nil {
@@ -372,19 +369,17 @@ func TestFrameAADBindsEverything(t *testing.T) {
 // a reload swapped in a new one must not overwrite the new primary's result, or
 // Status would report "not probed yet" until the next probe.
 func TestProbeOfReplacedKeyringIgnored(t *testing.T) {
-	a := newFakeKEK("A")
+	a := kektest.NewFake("A")
 	svc := newTestService(t, a)
 	ctx := context.Background()
 	release := make(chan struct{})
-	a.mu.Lock()
-	a.block = release
-	a.mu.Unlock()
+	a.BlockUnwrap(release)
 	done := make(chan Health)
 	go func() { done <- svc.ProbeNow(ctx) }()
-	for a.calls.Load() < 2 { // the probe's Wrap, then its blocked Unwrap
+	for a.Calls() < 2 { // the probe's Wrap, then its blocked Unwrap
 		time.Sleep(time.Millisecond)
 	}
-	b := newFakeKEK("B")
+	b := kektest.NewFake("B")
 	ring, _ := NewKeyring(b)
 	old := svc.SwapKeyring(ring, Probe(ctx, b))
 	defer old.Close()
@@ -400,7 +395,7 @@ func TestProbeOfReplacedKeyringIgnored(t *testing.T) {
 // TestStatusQuotesFailedReload: a failed reload shows in healthz only while the
 // serving keys are unhealthy, bounded in length, and is cleared by a good reload.
 func TestStatusQuotesFailedReload(t *testing.T) {
-	a := newFakeKEK("A")
+	a := kektest.NewFake("A")
 	svc := newTestService(t, a)
 	ctx := context.Background()
 	svc.ProbeNow(ctx)
@@ -408,7 +403,7 @@ func TestStatusQuotesFailedReload(t *testing.T) {
 	if st, _ := svc.Status(ctx); st.Healthz != "ok" {
 		t.Fatalf("healthy keys with a failed reload: %q, want ok", st.Healthz)
 	}
-	a.setFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
+	a.SetFail(fmt.Errorf("dev: %w", kek.ErrUnavailable))
 	svc.ProbeNow(ctx)
 	st, _ := svc.Status(ctx)
 	if !strings.Contains(st.Healthz, "device unavailable") || !strings.Contains(st.Healthz, "reload also failed: keys[0] (pkcs11): hsm: key not found") {
@@ -428,7 +423,7 @@ func TestStatusQuotesFailedReload(t *testing.T) {
 // megabyte of log per failed request.
 func TestLoggedUIDIsBounded(t *testing.T) {
 	var logs bytes.Buffer
-	ring, err := NewKeyring(newFakeKEK("A"))
+	ring, err := NewKeyring(kektest.NewFake("A"))
 	if err != nil {
 		t.Fatal(err)
 	}

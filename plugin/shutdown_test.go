@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -21,9 +22,9 @@ import (
 
 // inFlight serves a service whose key blocks in Unwrap until release is closed, starts
 // one Decrypt, and returns once that Decrypt is inside the key.
-func inFlight(t *testing.T, shutdown time.Duration) (path string, cancel func(), serveErr <-chan error, reqErr <-chan error, release chan struct{}, k *fakeKEK) {
+func inFlight(t *testing.T, shutdown time.Duration) (path string, cancel func(), serveErr <-chan error, reqErr <-chan error, release chan struct{}, k *kektest.Fake) {
 	t.Helper()
-	k = newFakeKEK("A")
+	k = kektest.NewFake("A")
 	svc := newTestService(t, k)
 	svc.ProbeNow(context.Background())
 	path = filepath.Join(t.TempDir(), "kms.sock")
@@ -45,17 +46,15 @@ func inFlight(t *testing.T, shutdown time.Duration) (path string, cancel func(),
 		t.Fatal(err)
 	}
 	release = make(chan struct{})
-	k.mu.Lock()
-	k.block = release
-	k.mu.Unlock()
-	calls := k.calls.Load()
+	k.BlockUnwrap(release)
+	calls := k.Calls()
 	rerr := make(chan error, 1)
 	go func() {
 		_, err := client.Decrypt(context.Background(), &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: "A"})
 		rerr <- err
 	}()
 	deadline := time.Now().Add(5 * time.Second)
-	for k.calls.Load() == calls {
+	for k.Calls() == calls {
 		if time.Now().After(deadline) {
 			t.Fatal("Decrypt never reached the key")
 		}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -47,7 +48,7 @@ func serveTest(t *testing.T, svc *Service) (kmsapi.KeyManagementServiceClient, s
 }
 
 func TestServeOverSocket(t *testing.T) {
-	svc := newTestService(t, newFakeKEK("A"))
+	svc := newTestService(t, kektest.NewFake("A"))
 	svc.ProbeNow(context.Background())
 	client, path, stop := serveTest(t, svc)
 	defer func() { stop() }()
@@ -172,7 +173,7 @@ func TestListenStaleAndForeignFiles(t *testing.T) {
 // TestRequestWithoutDeadline: a client that sends no deadline cannot hold a handler
 // past the server's Timeout (1 s in serveTest) when the device hangs.
 func TestRequestWithoutDeadline(t *testing.T) {
-	k := newFakeKEK("A")
+	k := kektest.NewFake("A")
 	svc := newTestService(t, k)
 	svc.ProbeNow(context.Background())
 	client, _, stop := serveTest(t, svc)
@@ -183,9 +184,7 @@ func TestRequestWithoutDeadline(t *testing.T) {
 	}
 	hang := make(chan struct{})
 	defer close(hang)
-	k.mu.Lock()
-	k.block = hang
-	k.mu.Unlock()
+	k.BlockUnwrap(hang)
 	start := time.Now()
 	_, err = client.Decrypt(context.Background(), &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: "A", Uid: "u"})
 	took := time.Since(start)

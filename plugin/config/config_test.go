@@ -8,13 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"github.com/hwkms/hwkms/softhsm/softhsmtest"
 	"k8s.io/kms/pkg/service"
 )
@@ -203,7 +203,7 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 // keyring the stuck open produces later is closed; the next reload works.
 func TestReloadOpenHangs(t *testing.T) {
 	ctx := context.Background()
-	a := newFakeKEK("A")
+	a := kektest.NewFake("A")
 	ring, err := plugin.NewKeyring(a)
 	if err != nil {
 		t.Fatal(err)
@@ -222,7 +222,7 @@ func TestReloadOpenHangs(t *testing.T) {
 	rl.openTimeout = 200 * time.Millisecond
 
 	release := make(chan struct{})
-	late := newFakeKEK("B")
+	late := kektest.NewFake("B")
 	opened := make(chan struct{})
 	openKeyring = func(context.Context, *Config) (*plugin.Keyring, error) {
 		<-release // the device answers only when the test says so
@@ -248,29 +248,10 @@ func TestReloadOpenHangs(t *testing.T) {
 	close(release)
 	<-opened
 	deadline := time.Now().Add(5 * time.Second)
-	for !late.isClosed() {
+	for !late.Closed() {
 		if time.Now().After(deadline) {
 			t.Fatal("the keyring the stuck open produced was never closed")
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 }
-
-// stubKEK is a KEK that only records Close, for tests that never wrap.
-type stubKEK struct {
-	id     string
-	closed atomic.Bool
-}
-
-func newFakeKEK(id string) *stubKEK { return &stubKEK{id: id} }
-
-func (k *stubKEK) ID() string           { return k.id }
-func (k *stubKEK) Backend() kek.Backend { return kek.BackendTest }
-func (k *stubKEK) Wrap(context.Context, []byte, []byte) ([]byte, error) {
-	return nil, kek.ErrUnavailable
-}
-func (k *stubKEK) Unwrap(context.Context, []byte, []byte) ([]byte, error) {
-	return nil, kek.ErrUnavailable
-}
-func (k *stubKEK) Close() error   { k.closed.Store(true); return nil }
-func (k *stubKEK) isClosed() bool { return k.closed.Load() }

@@ -2,9 +2,6 @@ package metrics_test
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -13,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -31,61 +27,10 @@ import (
 	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"github.com/hwkms/hwkms/plugin/metrics"
 	"github.com/hwkms/hwkms/tpm"
 )
-
-// memKEK is an in-memory AES-GCM KEK whose failures the test controls.
-type memKEK struct {
-	id   string
-	aead cipher.AEAD
-
-	mu   sync.Mutex
-	fail error
-}
-
-func newMemKEK(t *testing.T, id string) *memKEK {
-	t.Helper()
-	key := make([]byte, 32)
-	rand.Read(key)
-	blk, err := aes.NewCipher(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	aead, err := cipher.NewGCM(blk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &memKEK{id: id, aead: aead}
-}
-
-func (k *memKEK) setFail(err error) { k.mu.Lock(); k.fail = err; k.mu.Unlock() }
-func (k *memKEK) failure() error    { k.mu.Lock(); defer k.mu.Unlock(); return k.fail }
-
-func (k *memKEK) ID() string           { return k.id }
-func (k *memKEK) Backend() kek.Backend { return kek.BackendTest }
-func (k *memKEK) Close() error         { return nil }
-func (k *memKEK) Wrap(_ context.Context, pt, aad []byte) ([]byte, error) {
-	if err := k.failure(); err != nil {
-		return nil, err
-	}
-	nonce := make([]byte, 12)
-	rand.Read(nonce)
-	return k.aead.Seal(nonce, nonce, pt, aad), nil
-}
-func (k *memKEK) Unwrap(_ context.Context, body, aad []byte) ([]byte, error) {
-	if err := k.failure(); err != nil {
-		return nil, err
-	}
-	if len(body) < 12 {
-		return nil, kek.ErrInvalidCiphertext
-	}
-	pt, err := k.aead.Open(nil, body[:12], body[12:], aad)
-	if err != nil {
-		return nil, fmt.Errorf("mem: %w", kek.ErrInvalidCiphertext)
-	}
-	return pt, nil
-}
 
 // server is a running KMS socket plus metrics listener.
 type server struct {
@@ -219,7 +164,7 @@ func mustValue(t *testing.T, fams map[string]*dto.MetricFamily, name string, lab
 }
 
 func TestEveryMetricAndEndpoint(t *testing.T) {
-	primary, old := newMemKEK(t, "key-b"), newMemKEK(t, "key-a")
+	primary, old := kektest.NewFake("key-b"), kektest.NewFake("key-a")
 	s := start(t, primary, old)
 	ctx := context.Background()
 
@@ -262,7 +207,7 @@ func TestEveryMetricAndEndpoint(t *testing.T) {
 		t.Fatalf("unknown key: %v", err)
 	}
 	// A device failure: counted under hwkms_device_errors_total.
-	primary.setFail(fmt.Errorf("mem: gone: %w", kek.ErrUnavailable))
+	primary.SetFail(fmt.Errorf("mem: gone: %w", kek.ErrUnavailable))
 	_, err = s.client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: make([]byte, 32)})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("failing device: %v", err)
@@ -391,10 +336,10 @@ func TestKeyIDHash(t *testing.T) {
 	}
 }
 
-// devKEK is a memKEK that also reports what hsm.KEK and tpm.KEK report at scrape
+// devKEK is a kektest.Fake that also reports what hsm.KEK and tpm.KEK report at scrape
 // time: session pool, module re-initialisations, TPM reconnects.
 type devKEK struct {
-	*memKEK
+	*kektest.Fake
 	pool               hsm.PoolStats
 	reinitOK, reinitKO uint64
 	reconnects         uint64
@@ -409,7 +354,7 @@ func (k *devKEK) Backend() kek.Backend         { return kek.BackendPKCS11 }
 // (in use above zero), re-initialisation counts by result and reconnects as the key
 // reports them, under that key's key_id hash.
 func TestDeviceCollectorValues(t *testing.T) {
-	k := &devKEK{memKEK: newMemKEK(t, "key-dev"), pool: hsm.PoolStats{Size: 8, InUse: 5}, reinitOK: 3, reinitKO: 7, reconnects: 2}
+	k := &devKEK{Fake: kektest.NewFake("key-dev"), pool: hsm.PoolStats{Size: 8, InUse: 5}, reinitOK: 3, reinitKO: 7, reconnects: 2}
 	s := start(t, k)
 	fams := scrape(t, s.baseURL)
 	h := metrics.KeyIDHash("key-dev")
