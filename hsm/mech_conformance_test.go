@@ -1,0 +1,49 @@
+package hsm
+
+import (
+	"context"
+	"testing"
+
+	"github.com/hwkms/hwkms/plugin/kek"
+	"github.com/hwkms/hwkms/plugin/kek/kektest"
+)
+
+// TestMechanismConformance runs the kek.KEK conformance suite for every mechanism on
+// SoftHSM2: aes-gcm and aes-cbc-hmac on the token as it is, aes-gcm-token-iv under
+// the CloudHSM and the Luna (before firmware 7.9.3) IV emulations.
+func TestMechanismConformance(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		mechanism string
+		emu       ivEmulation
+	}{
+		{"aes-gcm", MechanismAESGCM, ivAsSoftHSM},
+		{"auto", MechanismAuto, ivAsSoftHSM},
+		{"aes-cbc-hmac", MechanismAESCBCHMAC, ivAsSoftHSM},
+		{"aes-gcm-token-iv/EmulatedCloudHSM", MechanismAESGCMTokenIV, ivAsCloudHSM},
+		{"aes-gcm-token-iv/EmulatedLunaBefore7.9.3", MechanismAESGCMTokenIV, ivAsLunaBefore793},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fx, toks := newTokens(t, 1)
+			m := installMechTok(t)
+			m.set(func(m *mechTok) { m.iv = tc.emu })
+			opener := func(label string) func(t *testing.T) kek.KEK {
+				cfg := cfgFor(fx, toks[0], label)
+				cfg.Mechanism = tc.mechanism
+				createKey(t, cfg)
+				return func(t *testing.T) kek.KEK {
+					t.Helper()
+					k, err := Open(context.Background(), cfg)
+					if err != nil {
+						t.Fatalf("Open: %v", err)
+					}
+					if tc.mechanism != MechanismAuto && k.Mechanism() != tc.mechanism {
+						t.Fatalf("Mechanism() = %q, want %q", k.Mechanism(), tc.mechanism)
+					}
+					return k
+				}
+			}
+			kektest.Run(t, opener("kek"), kektest.WithOther(opener("other")))
+		})
+	}
+}
