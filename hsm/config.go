@@ -58,7 +58,8 @@ type Config struct {
 	// CKA_WRAP_WITH_TRUSTED. Default false.
 	AllowReplicated bool `json:"allowReplicated,omitempty"`
 	// Mechanism is how the key wraps (doc.go, "Mechanisms"): MechanismAuto ("auto",
-	// also when empty), MechanismAESGCM, MechanismAESGCMTokenIV or MechanismAESCBCHMAC.
+	// also when empty), MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC or
+	// MechanismRSAOAEP (opt-in only: auto never picks it).
 	// auto picks, at Open and at CreateKey, the first of aes-gcm, aes-gcm-token-iv
 	// and aes-cbc-hmac that the token offers (C_GetMechanismInfo) and that passes a
 	// wrap/unwrap round trip. Every body records its own mechanism, so a change of
@@ -140,7 +141,7 @@ func (c Config) Validate(prefix string) error {
 		}
 	}
 	switch c.Mechanism {
-	case "", MechanismAuto, MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC:
+	case "", MechanismAuto, MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC, MechanismRSAOAEP:
 	default:
 		bad("mechanism", "must be one of %s, got %q", strings.Join(mechanismNames, ", "), c.Mechanism)
 	}

@@ -23,7 +23,7 @@
 // layout below is fixed forever, and Unwrap reads every version whatever mechanism
 // the KEK itself wraps with (a version needing a key object the KEK lacks, such as
 // 0x03 without an HMAC key, is kek.ErrInvalidCiphertext). Every layout is checked
-// (lengths, allowed values) before the token is touched. Values 0x00 and 0x04..0xff
+// (lengths, allowed values) before the token is touched. Values 0x00 and 0x05..0xff
 // are unassigned. The additional authenticated data is the aad argument of Wrap and
 // Unwrap (the plugin binds its frame version and the key_id there); it is never
 // stored in the body. Integers are big-endian.
@@ -85,10 +85,36 @@
 // The two keys (see "Mechanisms") are separate, so the AES key never MACs and the
 // HMAC key never encrypts.
 //
+// Version 0x04, mechanism rsa-oaep (CKM_RSA_PKCS_OAEP under an RSA key pair, for
+// tokens without AES; opt-in only):
+//
+//	offset  length  field
+//	0       1       0x04
+//	1       1       OAEP hash (hashAlg and MGF1 alike): 0x01 SHA-1, 0x02 SHA-256
+//	2       2       c: ciphertext length (256..512; 384 for the RSA-3072 keys CreateKey makes)
+//	4       c       C_Encrypt output under the public key of the block
+//	                SHA-256("hwkms/pkcs11/rsa-oaep" || 0x00 || aad) || plaintext
+//
+// so a body made by CreateKey's key is 388 bytes. The OAEP label is empty
+// (CKZ_DATA_SPECIFIED, no source data: SoftHSM2 2.6.1 accepts no label); the aad is
+// bound by the digest inside the block, which Unwrap compares in constant time after
+// C_Decrypt with the private key. Open tries SHA-256 OAEP first and takes SHA-1 if the
+// token has only that (SoftHSM2 2.6.1); the hash is recorded per body. What it does
+// not protect: the public key is public (CKA_PRIVATE false, readable by anyone with a
+// session), so anyone who has it can make a body that Unwrap accepts, for any
+// plaintext and aad; the plugin cannot tell its own wraps from a forger's. It keeps
+// the plaintext secret and binds the aad against an attacker who cannot make new
+// bodies, but gives no integrity against one who can, unlike the AES mechanisms.
+// Decryption-failure errors of OAEP (CKR_ENCRYPTED_DATA_INVALID, ..._LEN_RANGE,
+// CKR_GENERAL_ERROR with the round-trip check) and a digest mismatch are
+// kek.ErrInvalidCiphertext.
+//
 // # Mechanisms
 //
 // Config.Mechanism chooses, per key, how Wrap works: auto (the default), aes-gcm
-// (0x01), aes-gcm-token-iv (0x02) or aes-cbc-hmac (0x03). Open decides once and
+// (0x01), aes-gcm-token-iv (0x02), aes-cbc-hmac (0x03) or rsa-oaep (0x04, never
+// chosen by auto; the error of an auto without a usable AES mechanism says when the
+// token has CKM_RSA_PKCS_OAEP). Open decides once and
 // KEK.Mechanism reports it. For a named mechanism, Open asks the token
 // (C_GetMechanismInfo) for what it needs (CKM_AES_GCM or gcmMechanism with
 // CKF_ENCRYPT|CKF_DECRYPT and AES-256 in its key size range; CKM_AES_CBC_PAD likewise
@@ -111,7 +137,12 @@
 // or an unsafe one. With auto, CreateKey makes the pair when the token lacks a usable
 // CKM_AES_GCM but has CKM_AES_CBC_PAD and CKM_SHA256_HMAC (also when GCM is offered
 // but fails its round trip and no token-IV GCM works). DestroyKey destroys both. A
-// vendor GCM mechanism is opt-in: mechanism aes-gcm-token-iv with gcmMechanism.
+// vendor GCM mechanism is opt-in: mechanism aes-gcm-token-iv with gcmMechanism. An
+// rsa-oaep key is an RSA-3072 key pair (CKM_RSA_PKCS_KEY_PAIR_GEN, public exponent
+// 65537): a private key with the AES key's sensitivity attributes that can only
+// decrypt, and a public key that can only encrypt, with the same label and CKA_ID
+// (key_id as below); Open checks that both have the same modulus. ListKeys lists it
+// with Mechanism rsa-oaep and DestroyKey destroys both halves.
 // ReplicateKey copies the AES key only, so an aes-cbc-hmac key is not replicated.
 //
 // # C_Initialize arguments

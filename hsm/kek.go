@@ -54,6 +54,8 @@ type KEK struct {
 	hasMAC    bool      // the key has an HMAC partner key (aes-cbc-hmac); found at Open
 	gcmVendor uint      // Config.GCMMechanism: a vendor GCM mechanism Unwrap accepts in 0x02 bodies
 	mech      mechanism // chosen at Open; fixed afterwards
+	rsa       bool      // an rsa-oaep key: keys.enc is the public key, keys.priv the private key
+	oaepHash  byte      // rsa-oaep: oaepSHA256 or oaepSHA1, chosen at Open
 
 	keyMu  sync.Mutex // guards keys and keyGen; held while finding the key again
 	keys   keyHandles
@@ -128,6 +130,16 @@ func (k *KEK) findAtOpen(ctx context.Context, cfg Config) error {
 	if err := k.pool.ready(s, gen); err != nil {
 		return asTokenError(tok, err)
 	}
+	if cfg.Mechanism == MechanismRSAOAEP {
+		priv, pub, ki, id, err := selectRSAKeys(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), cfg.AllowExtractable)
+		if err != nil {
+			return asTokenError(tok, err)
+		}
+		k.id, k.ckaID, k.rsa, k.oaepHash = ki.KeyID, id, true, oaepSHA256
+		k.macUnsafe = cfg.AllowExtractable
+		k.keys, k.keyGen = keyHandles{enc: pub, priv: priv}, gen
+		return nil
+	}
 	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), k.allowUnsafe)
 	if err == nil && !cfg.AllowExtractable && !ki.Safe() {
 		var ok bool
@@ -179,6 +191,8 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 		return k.wrapGCMTokenIV(ctx, plaintext, aad)
 	case MechanismAESCBCHMAC:
 		return k.wrapCBCHMAC(ctx, plaintext, aad)
+	case MechanismRSAOAEP:
+		return k.wrapRSAOAEP(ctx, plaintext, aad)
 	}
 	return nil, fmt.Errorf("hsm: key %q has no mechanism chosen: %w", k.keyLabel, ErrNoMechanism)
 }
@@ -248,6 +262,9 @@ func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) 
 		return nil, fmt.Errorf("hsm: body is empty: %w", kek.ErrInvalidCiphertext)
 	}
 	// Parse before touching the token: a malformed body never reaches it.
+	if k.rsa && body[0] != mechRSAOAEP && body[0] <= mechAESCBCHMAC && body[0] != 0 {
+		return nil, fmt.Errorf("hsm: body version 0x%02x needs an AES key, and key %q is an RSA key: %w", body[0], k.keyLabel, kek.ErrInvalidCiphertext)
+	}
 	var do func() ([]byte, error)
 	switch body[0] {
 	case mechAESGCM:
@@ -268,6 +285,11 @@ func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) 
 			return nil, err
 		}
 		do = func() ([]byte, error) { return k.unwrapCBCHMAC(ctx, body, aad) }
+	case mechRSAOAEP:
+		if err := k.checkRSABody(body); err != nil {
+			return nil, err
+		}
+		do = func() ([]byte, error) { return k.unwrapRSAOAEP(ctx, body, aad) }
 	default:
 		return nil, fmt.Errorf("hsm: unknown body version 0x%02x: %w", body[0], kek.ErrInvalidCiphertext)
 	}
@@ -369,9 +391,11 @@ func (k *KEK) enter() (func(), error) {
 }
 
 // keyHandles are the handles of the KEK's key objects: enc, the AES key, and, for
-// aes-cbc-hmac keys, mac, the HMAC key (0 when the key has none).
+// aes-cbc-hmac keys, mac, the HMAC key (0 when the key has none); for rsa-oaep keys
+// enc is the public and priv the private key.
 type keyHandles struct {
 	enc, mac pkcs11.ObjectHandle
+	priv     pkcs11.ObjectHandle // rsa-oaep: the private key (enc is then the public key)
 }
 
 // opFunc runs one operation on a session with the key handles.
@@ -485,6 +509,18 @@ func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale keyHandles) (key
 	k.keyMu.Lock()
 	defer k.keyMu.Unlock()
 	if k.keyGen == gen && (stale == keyHandles{} || k.keys != stale) {
+		return k.keys, nil
+	}
+	if k.rsa {
+		priv, pub, _, _, err := selectRSAKeys(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.macUnsafe)
+		if err != nil {
+			if classify(err) != rvOther {
+				return keyHandles{}, err
+			}
+			return keyHandles{}, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
+				k.keyLabel, k.tok.label, kek.ErrUnavailable, k.wrapErr(err))
+		}
+		k.keys, k.keyGen = keyHandles{enc: pub, priv: priv}, gen
 		return k.keys, nil
 	}
 	h, _, _, err := selectKey(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.allowUnsafe)

@@ -62,8 +62,9 @@ type KeyInfo struct {
 	NeverExtractable bool
 	// Private is CKA_PRIVATE: the key can be used only in a logged-in session.
 	Private bool
-	// Mechanism is MechanismAESCBCHMAC for a key with an HMAC partner key (set by
-	// CreateKey and ListKeys alike) and empty for an AES key alone, whose mechanism
+	// Mechanism is MechanismAESCBCHMAC for a key with an HMAC partner key and
+	// MechanismRSAOAEP for an RSA key pair (set by CreateKey and ListKeys alike), and
+	// empty for an AES key alone, whose mechanism
 	// (aes-gcm or aes-gcm-token-iv) Open decides from the token; KEK.Mechanism
 	// reports the choice.
 	Mechanism string
@@ -318,6 +319,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	}
 	auto := cfg.Mechanism == "" || cfg.Mechanism == MechanismAuto
 	withMAC := cfg.Mechanism == MechanismAESCBCHMAC
+	rsa := cfg.Mechanism == MechanismRSAOAEP
 	var (
 		ki      KeyInfo
 		id      []byte
@@ -362,6 +364,14 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		if _, err := rand.Read(id); err != nil {
 			return fmt.Errorf("hsm: generating CKA_ID: %w", err)
 		}
+		if rsa {
+			if err := generateRSAPair(t, sh, cfg.KeyLabel, id); err != nil {
+				return err
+			}
+			made = append(made, 0) // destroyed by label and CKA_ID if the probe fails
+			_, _, ki, _, err = selectRSAKeys(t.ctx, sh, t.label, cfg.KeyLabel, id, false)
+			return err
+		}
 		h, err := generateKEKPart(t, sh, cfg.KeyLabel, id, false)
 		if err != nil {
 			return err
@@ -395,7 +405,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 				mech, err = probeCreated(ctx, cfg, id)
 			}
 		}
-		if mech == MechanismAESCBCHMAC {
+		if mech == MechanismAESCBCHMAC || mech == MechanismRSAOAEP {
 			ki.Mechanism = mech
 		}
 	}
@@ -464,12 +474,11 @@ func probeCreated(ctx context.Context, cfg Config, id []byte) (string, error) {
 	return name, k.Close()
 }
 
-// destroyByID destroys every secret key labelled cfg.KeyLabel with CKA_ID id: the
-// objects a failed CreateKey made.
+// destroyByID destroys every object labelled cfg.KeyLabel with CKA_ID id: the key
+// objects a failed CreateKey made (the CKA_ID is fresh and random, so nothing else).
 func destroyByID(ctx context.Context, cfg Config, id []byte) error {
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
 		hs, err := findObjects(t.ctx, sh, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel),
 			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
 		})
@@ -512,6 +521,18 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 			}
 			out = append(out, ki)
 		}
+		rs, err := findObjects(t.ctx, sh, rsaKeyTemplate(pkcs11.CKO_PRIVATE_KEY, "", nil))
+		if err != nil {
+			return err
+		}
+		for _, h := range rs {
+			ki, _, err := readKeyInfo(t.ctx, sh, h)
+			if err != nil {
+				return err
+			}
+			ki.Mechanism = MechanismRSAOAEP
+			out = append(out, ki)
+		}
 		return nil
 	})
 	if err != nil {
@@ -533,6 +554,16 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 func DestroyKey(ctx context.Context, cfg Config) error {
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
 		h, _, id, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
+		if errors.Is(err, kek.ErrKeyNotFound) {
+			// An rsa-oaep key: the private and the public key.
+			priv, pub, _, _, rerr := selectRSAKeys(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
+			if rerr == nil {
+				return destroyQuiet(t, sh, priv, pub)
+			}
+			if !errors.Is(rerr, kek.ErrKeyNotFound) {
+				return rerr
+			}
+		}
 		if err != nil {
 			return err
 		}

@@ -28,7 +28,7 @@ const (
 	MechanismAESCBCHMAC = "aes-cbc-hmac"
 )
 
-var mechanismNames = []string{MechanismAuto, MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC}
+var mechanismNames = []string{MechanismAuto, MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC, MechanismRSAOAEP}
 
 // Errors about mechanisms.
 var (
@@ -99,6 +99,8 @@ func requirements(name string, gcmType uint) []requirement {
 			{"CKM_AES_CBC_PAD", pkcs11.CKM_AES_CBC_PAD, ed, 256},
 			{"CKM_SHA256_HMAC", pkcs11.CKM_SHA256_HMAC, pkcs11.CKF_SIGN, 0},
 		}
+	case MechanismRSAOAEP:
+		return []requirement{{"CKM_RSA_PKCS_OAEP", pkcs11.CKM_RSA_PKCS_OAEP, ed, 0}}
 	}
 	return nil
 }
@@ -169,6 +171,11 @@ func (k *KEK) choose(ctx context.Context, cfg Config) error {
 		if problem == "" {
 			k.mech = mechanism{name: name, gcmType: gcmType}
 			err := k.selfTest(ctx)
+			if err != nil && name == MechanismRSAOAEP && !errors.Is(err, kek.ErrUnavailable) && ctx.Err() == nil {
+				// SHA-256 OAEP first; tokens such as SoftHSM2 2.6.1 have only SHA-1.
+				k.oaepHash = oaepSHA1
+				err = k.selfTest(ctx)
+			}
 			if err == nil {
 				return nil
 			}
@@ -181,6 +188,14 @@ func (k *KEK) choose(ctx context.Context, cfg Config) error {
 		problems = append(problems, name+": "+problem)
 	}
 	k.mech = mechanism{}
+	if auto {
+		k.tok.mod.gate.RLock()
+		problem, err := mechanismProblems(k.tok, MechanismRSAOAEP, 0)
+		k.tok.mod.gate.RUnlock()
+		if err == nil && problem == "" {
+			problems = append(problems, MechanismRSAOAEP+": CKM_RSA_PKCS_OAEP available, but auto never chooses it: name it in config (and create an RSA key for it)")
+		}
+	}
 	return fmt.Errorf("hsm: token %q has no usable mechanism for key %q: %s: %w",
 		k.tok.label, k.keyLabel, strings.Join(problems, "; "), ErrNoMechanism)
 }

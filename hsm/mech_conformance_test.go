@@ -9,7 +9,7 @@ import (
 )
 
 // TestMechanismConformance runs the kek.KEK conformance suite for every mechanism on
-// SoftHSM2: aes-gcm and aes-cbc-hmac on the token as it is, aes-gcm-token-iv under
+// SoftHSM2: aes-gcm, aes-cbc-hmac and rsa-oaep (SHA-1 OAEP there) on the token as it is, aes-gcm-token-iv under
 // the CloudHSM and the Luna (before firmware 7.9.3) IV emulations.
 func TestMechanismConformance(t *testing.T) {
 	for _, tc := range []struct {
@@ -20,6 +20,7 @@ func TestMechanismConformance(t *testing.T) {
 		{"aes-gcm", MechanismAESGCM, ivAsSoftHSM},
 		{"auto", MechanismAuto, ivAsSoftHSM},
 		{"aes-cbc-hmac", MechanismAESCBCHMAC, ivAsSoftHSM},
+		{"rsa-oaep", MechanismRSAOAEP, ivAsSoftHSM},
 		{"aes-gcm-token-iv/EmulatedCloudHSM", MechanismAESGCMTokenIV, ivAsCloudHSM},
 		{"aes-gcm-token-iv/EmulatedLunaBefore7.9.3", MechanismAESGCMTokenIV, ivAsLunaBefore793},
 	} {

@@ -66,6 +66,7 @@ func TestMechanismRoundTripOnSoftHSM(t *testing.T) {
 		{MechanismAuto, MechanismAESGCM, 0x01},
 		{MechanismAESGCM, MechanismAESGCM, 0x01},
 		{MechanismAESCBCHMAC, MechanismAESCBCHMAC, 0x03},
+		{MechanismRSAOAEP, MechanismRSAOAEP, 0x04},
 	} {
 		t.Run(tc.want+"/"+tc.mechanism, func(t *testing.T) {
 			_, _, k := mechKEK(t, tc.mechanism, nil)
@@ -358,5 +359,54 @@ func TestMechanismConfigValidate(t *testing.T) {
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
 			t.Errorf("Validate(mechanism %q, gcmMechanism 0x%x) = %v, want %q", tc.mech, tc.vendor, err, tc.want)
 		}
+	}
+}
+
+// rsa-oaep on SoftHSM2 2.6.1, which has OAEP with SHA-1 only: the body records
+// SHA-1, an AES KEK refuses 0x04 bodies and an RSA KEK refuses AES bodies as bad
+// data, auto never picks it, and ListKeys and DestroyKey handle the key pair.
+func TestMechanismRSAOAEP(t *testing.T) {
+	m, cfg, k := mechKEK(t, MechanismRSAOAEP, nil)
+	ctx := context.Background()
+	pt := bytes.Repeat([]byte{4}, 32)
+	body := roundTrip(t, k, pt, mechAAD)
+	if body[1] != oaepSHA1 || len(body) != rsaHeader+rsaBits/8 {
+		t.Fatalf("0x04 body: hash 0x%02x, %d bytes; want SHA-1 (SoftHSM2 has no SHA-256 OAEP) and %d", body[1], len(body), rsaHeader+rsaBits/8)
+	}
+	gcm := append([]byte{0x01}, make([]byte, 12+32+16)...)
+	if _, err := k.Unwrap(ctx, gcm, mechAAD); !errors.Is(err, kek.ErrInvalidCiphertext) {
+		t.Fatalf("RSA KEK Unwrap of a 0x01 body: %v", err)
+	}
+	keys, err := ListKeys(ctx, cfg)
+	if err != nil || len(keys) != 1 || keys[0].Mechanism != MechanismRSAOAEP || keys[0].KeyID != k.ID() || !keys[0].Safe() {
+		t.Fatalf("ListKeys = %+v, %v", keys, err)
+	}
+
+	aesCfg := cfg
+	aesCfg.KeyLabel, aesCfg.Mechanism = "aes", MechanismAuto
+	createKey(t, aesCfg)
+	ka := openKEK(t, aesCfg)
+	if _, err := ka.Unwrap(ctx, body, mechAAD); !errors.Is(err, kek.ErrInvalidCiphertext) {
+		t.Fatalf("AES KEK Unwrap of a 0x04 body: %v", err)
+	}
+	// auto on a token without AES names rsa-oaep as available but not chosen.
+	m.set(func(m *mechTok) { m.missing[pkcs11.CKM_AES_GCM], m.missing[pkcs11.CKM_AES_CBC_PAD] = true, true })
+	auto := cfg
+	auto.KeyLabel, auto.Mechanism = "auto", ""
+	if _, err := CreateKey(ctx, auto); !errors.Is(err, ErrNoMechanism) || !strings.Contains(err.Error(), "rsa-oaep: CKM_RSA_PKCS_OAEP available, but auto never chooses it") {
+		t.Fatalf("CreateKey(auto) on a token without AES mechanisms: %v", err)
+	}
+	m.set(func(m *mechTok) { clear(m.missing) })
+
+	if err := k.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := DestroyKey(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	c, sh := rawSession(t, cfg)
+	left, err := findObjects(c, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, "kek")})
+	if err != nil || len(left) != 0 {
+		t.Fatalf("after DestroyKey %d objects labelled kek remain (%v)", len(left), err)
 	}
 }
