@@ -61,7 +61,11 @@
 // passes the stored IV and accepts only CKM_AES_GCM or the configured GCMMechanism in
 // bytes 1..4 (a body cannot choose how the key is used), an IV length of 12 or 16,
 // and a non-zero IV. The mechanism field lets a token that has only a vendor GCM
-// mechanism (gcmMechanism, a CKM_VENDOR_DEFINED value) be used. miekg/pkcs11 v1.1.2
+// mechanism (gcmMechanism, a CKM_VENDOR_DEFINED value) be used: Google Cloud KMS's
+// library offers only CKM_CLOUDKMS_AES_GCM = CKM_VENDOR_DEFINED | 0x1E100 | 0x01 =
+// 0x8001e101 (zeroed 12-byte pIv, ulIvBits 96, the IV written back at C_Encrypt);
+// AWS CloudHSM also defines CKM_CLOUDHSM_AES_GCM = CKM_VENDOR_DEFINED | CKM_AES_GCM
+// = 0x80001087. miekg/pkcs11 v1.1.2
 // always sets ulIvBits to 8*ulIvLen (and pIv NULL, ulIvLen 0, ulIvBits 0 for an
 // empty IV), so the Luna 7.9.3+ form ulIvLen 0 with ulIvBits 96 cannot be sent;
 // Luna 7.9.3+ in FIPS mode is not supported by this mechanism yet.
@@ -252,7 +256,10 @@
 //     CKR_ENCRYPTED_DATA_LEN_RANGE and CKR_GENERAL_ERROR (what SoftHSM2 returns for a
 //     bad GCM tag): kek.ErrInvalidCiphertext; for a 0x03 body, a MAC that does not
 //     match, and CKR_ENCRYPTED_DATA_INVALID or CKR_ENCRYPTED_DATA_LEN_RANGE (bad
-//     padding) after a matching MAC.
+//     padding) after a matching MAC; for every body, C_DecryptInit refusing the
+//     mechanism or parameters the body names for this key (CKR_MECHANISM_INVALID,
+//     CKR_MECHANISM_PARAM_INVALID, CKR_KEY_TYPE_INCONSISTENT,
+//     CKR_KEY_FUNCTION_NOT_PERMITTED: this key on this token never made that body).
 //     CKR_GENERAL_ERROR is also how a token reports an internal failure, so before
 //     calling the body bad, Unwrap runs a round trip of a fixed plaintext on the same
 //     key: if that fails too, the token is at fault (kek.ErrUnavailable); if it

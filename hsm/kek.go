@@ -308,7 +308,7 @@ func (k *KEK) decryptGCM(ctx context.Context, mt uint, iv, ct, aad []byte) ([]by
 		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
 		defer params.Free()
 		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mt, params)}, keys.enc); err != nil {
-			return opError{op: "C_DecryptInit", err: err}
+			return decryptInitError(k.tok, err)
 		}
 		out, err := c.Decrypt(sh, ct)
 		if err != nil {

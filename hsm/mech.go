@@ -259,6 +259,19 @@ func splitTokenIV(written, out []byte, n int) (iv, ct []byte, err error) {
 		len(out), n, want, ErrIVNotKept)
 }
 
+// decryptInitError classifies a C_DecryptInit failure for a body: the mechanism and
+// its parameters come from the body, so a token that refuses them for this key
+// (CKR_MECHANISM_INVALID, CKR_MECHANISM_PARAM_INVALID, CKR_KEY_TYPE_INCONSISTENT,
+// CKR_KEY_FUNCTION_NOT_PERMITTED) cannot decrypt the body with this key, ever: the
+// body is not one this key made here (kek.ErrInvalidCiphertext). Other errors take
+// the usual path.
+func decryptInitError(t *token, err error) error {
+	if isRV(err, pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_MECHANISM_PARAM_INVALID, pkcs11.CKR_KEY_TYPE_INCONSISTENT, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED) {
+		return fmt.Errorf("hsm: C_DecryptInit on token %q refused the body's mechanism for this key: %w: %w", t.label, kek.ErrInvalidCiphertext, err)
+	}
+	return opError{op: "C_DecryptInit", err: err}
+}
+
 func allZero(b []byte) bool {
 	var acc byte
 	for _, x := range b {

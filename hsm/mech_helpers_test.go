@@ -28,6 +28,11 @@ const (
 	ivAsLunaBefore793
 )
 
+// ckmCloudKMSAESGCM is CKM_CLOUDKMS_AES_GCM of the Cloud KMS PKCS#11 library
+// (kmsp11.h: CKM_GOOGLE_DEFINED | 0x01, CKM_GOOGLE_DEFINED = CKM_VENDOR_DEFINED |
+// 0x1E100): its only GCM mechanism, which writes the IV Cloud KMS chose into pIv.
+const ckmCloudKMSAESGCM = 0x80000000 | 0x1E100 | 0x01
+
 // mechTok wraps the real module through the p11 seam and emulates other tokens:
 // token-generated GCM IVs (ivEmulation), mechanisms the token lacks (missing:
 // C_GetMechanismInfo and the *Init calls answer CKR_MECHANISM_INVALID), and one-shot
@@ -40,6 +45,23 @@ type mechTok struct {
 	signFault []error
 	calls     map[string]int
 	lunaIV    map[pkcs11.SessionHandle][]byte
+	// vendorGCM, if set, is a vendor GCM mechanism the token offers; mechTok runs it
+	// as CKM_AES_GCM on SoftHSM2 (with the iv emulation).
+	vendorGCM uint
+}
+
+// translate returns mm with the vendor GCM mechanism replaced by CKM_AES_GCM (same
+// parameters), and whether it was the vendor mechanism.
+func (m *mechTok) translate(mm []*pkcs11.Mechanism) ([]*pkcs11.Mechanism, bool) {
+	m.mu.Lock()
+	v := m.vendorGCM
+	m.mu.Unlock()
+	if v == 0 || len(mm) != 1 || mm[0].Mechanism != v {
+		return mm, false
+	}
+	cp := *mm[0]
+	cp.Mechanism = pkcs11.CKM_AES_GCM
+	return []*pkcs11.Mechanism{&cp}, true
 }
 
 func newMechTok() *mechTok {
@@ -105,6 +127,9 @@ func (m *mechTok) GetMechanismInfo(slot uint, mm []*pkcs11.Mechanism) (pkcs11.Me
 	if len(mm) == 1 && m.lacks(mm[0].Mechanism) {
 		return pkcs11.MechanismInfo{}, pkcs11.Error(pkcs11.CKR_MECHANISM_INVALID)
 	}
+	if t, ok := m.translate(mm); ok {
+		return m.p11.GetMechanismInfo(slot, []*pkcs11.Mechanism{pkcs11.NewMechanism(t[0].Mechanism, nil)})
+	}
 	return m.p11.GetMechanismInfo(slot, mm)
 }
 
@@ -112,6 +137,7 @@ func (m *mechTok) EncryptInit(sh pkcs11.SessionHandle, mm []*pkcs11.Mechanism, o
 	if m.lacks(mm[0].Mechanism) {
 		return pkcs11.Error(pkcs11.CKR_MECHANISM_INVALID)
 	}
+	mm, _ = m.translate(mm)
 	m.mu.Lock()
 	mode := m.iv
 	m.mu.Unlock()
@@ -166,6 +192,7 @@ func (m *mechTok) DecryptInit(sh pkcs11.SessionHandle, mm []*pkcs11.Mechanism, o
 	if m.lacks(mm[0].Mechanism) {
 		return pkcs11.Error(pkcs11.CKR_MECHANISM_INVALID)
 	}
+	mm, _ = m.translate(mm)
 	return m.p11.DecryptInit(sh, mm, o)
 }
 

@@ -347,7 +347,7 @@ func TestMechanismConfigValidate(t *testing.T) {
 		{MechanismAuto, 0, ""},
 		{MechanismAESGCM, 0, ""},
 		{MechanismAESGCMTokenIV, 0, ""},
-		{MechanismAESGCMTokenIV, pkcs11.CKM_VENDOR_DEFINED | 0x1E100004, ""},
+		{MechanismAESGCMTokenIV, ckmCloudKMSAESGCM, ""},
 		{MechanismAESCBCHMAC, 0, ""},
 		{"aes", 0, "mechanism: must be one of"},
 		{MechanismAESGCMTokenIV, 0x1087, "gcmMechanism: must be a vendor-defined"},
@@ -408,5 +408,48 @@ func TestMechanismRSAOAEP(t *testing.T) {
 	left, err := findObjects(c, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, "kek")})
 	if err != nil || len(left) != 0 {
 		t.Fatalf("after DestroyKey %d objects labelled kek remain (%v)", len(left), err)
+	}
+}
+
+// Emulated Cloud KMS: no CKM_AES_GCM, only its vendor mechanism
+// CKM_CLOUDKMS_AES_GCM (0x8001e101), which writes its IV back. mechanism
+// aes-gcm-token-iv with gcmMechanism uses it; the body records the number; auto
+// (without gcmMechanism) finds no GCM.
+func TestMechanismTokenIVEmulatedCloudKMSVendorMechanism(t *testing.T) {
+	setup := func(m *mechTok) {
+		m.iv, m.vendorGCM = ivAsCloudHSM, ckmCloudKMSAESGCM
+		m.missing[pkcs11.CKM_AES_GCM] = true
+	}
+	fx, toks := newTokens(t, 1)
+	m := installMechTok(t)
+	m.set(setup)
+	cfg := cfgFor(fx, toks[0], "kek")
+	cfg.Mechanism, cfg.GCMMechanism = MechanismAESGCMTokenIV, ckmCloudKMSAESGCM
+	createKey(t, cfg)
+	k := openKEK(t, cfg)
+	pt := bytes.Repeat([]byte{5}, 32)
+	body := roundTrip(t, k, pt, mechAAD)
+	if mt := binary.BigEndian.Uint32(body[1:5]); mt != ckmCloudKMSAESGCM || body[5] != 12 {
+		t.Fatalf("0x02 body names mechanism 0x%08x with a %d-byte IV, want 0x%08x and 12", mt, body[5], ckmCloudKMSAESGCM)
+	}
+	checkBody(t, k, body, 0x02)
+	// A KEK without gcmMechanism refuses the vendor body before the token sees it.
+	plain := cfg
+	plain.Mechanism, plain.GCMMechanism = MechanismAESCBCHMAC, 0
+	plain.KeyLabel = "other"
+	createKey(t, plain)
+	k2 := openKEK(t, plain)
+	dec := m.count("DecryptInit")
+	if _, err := k2.Unwrap(context.Background(), body, mechAAD); !errors.Is(err, kek.ErrInvalidCiphertext) {
+		t.Fatalf("KEK without gcmMechanism Unwrap of a vendor 0x02 body: %v", err)
+	}
+	if n := m.count("DecryptInit") - dec; n != 0 {
+		t.Fatalf("a body naming an unconfigured mechanism reached C_DecryptInit %d times", n)
+	}
+	auto := cfg
+	auto.Mechanism, auto.GCMMechanism, auto.KeyLabel = MechanismAuto, 0, "auto"
+	ki := createKey(t, auto)
+	if ki.Mechanism != MechanismAESCBCHMAC {
+		t.Fatalf("auto without gcmMechanism on Cloud KMS chose %q, want %q (GCM only through the vendor mechanism)", ki.Mechanism, MechanismAESCBCHMAC)
 	}
 }

@@ -226,7 +226,7 @@ func (k *KEK) unwrapRSAOAEP(ctx context.Context, body, aad []byte) ([]byte, erro
 	var block []byte
 	err := k.run(ctx, func(c p11, sh pkcs11.SessionHandle, keys keyHandles) error {
 		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP, oaepParams(h))}, keys.priv); err != nil {
-			return opError{op: "C_DecryptInit", err: err}
+			return decryptInitError(k.tok, err) // e.g. SHA-256 OAEP on a token with SHA-1 only
 		}
 		out, err := c.Decrypt(sh, ct)
 		if err != nil {
