@@ -453,3 +453,57 @@ func TestMechanismTokenIVEmulatedCloudKMSVendorMechanism(t *testing.T) {
 		t.Fatalf("auto without gcmMechanism on Cloud KMS chose %q, want %q (GCM only through the vendor mechanism)", ki.Mechanism, MechanismAESCBCHMAC)
 	}
 }
+
+// Open (not only CreateKey) with a named mechanism the token lacks gives one clear
+// error naming what is missing.
+func TestMechanismOpenNamedMissing(t *testing.T) {
+	fx, toks := newTokens(t, 1)
+	m := installMechTok(t)
+	cfg := cfgFor(fx, toks[0], "kek")
+	createKey(t, cfg)
+	m.set(func(m *mechTok) { m.missing[pkcs11.CKM_AES_GCM] = true })
+	for _, mech := range []string{MechanismAESGCM, MechanismAESGCMTokenIV} {
+		cfg.Mechanism = mech
+		_, err := Open(context.Background(), cfg)
+		if !errors.Is(err, ErrNoMechanism) || !strings.Contains(err.Error(), mech+": CKM_AES_GCM missing") {
+			t.Fatalf("Open(%s) on a token without CKM_AES_GCM: %v", mech, err)
+		}
+	}
+	cfg.Mechanism = MechanismAESCBCHMAC
+	if _, err := Open(context.Background(), cfg); !errors.Is(err, ErrNoMechanism) || !strings.Contains(err.Error(), "no HMAC key") {
+		t.Fatalf("Open(aes-cbc-hmac) of a key without an HMAC key: %v", err)
+	}
+}
+
+func TestMechanismSplitTokenIV(t *testing.T) {
+	iv12 := bytes.Repeat([]byte{7}, 12)
+	iv16 := bytes.Repeat([]byte{8}, 16)
+	ct := bytes.Repeat([]byte{9}, 32+gcmTagSize)
+	for _, tc := range []struct {
+		name    string
+		written []byte
+		out     []byte
+		wantIV  []byte // nil: refused with ErrIVNotKept
+	}{
+		{"written back (CloudHSM)", iv12, ct, iv12},
+		{"appended 16 (Luna before 7.9.3)", make([]byte, 12), append(bytes.Clone(ct), iv16...), iv16},
+		{"appended 16, buffer not marshalled", nil, append(bytes.Clone(ct), iv16...), iv16},
+		{"appended 12", make([]byte, 12), append(bytes.Clone(ct), iv12...), iv12},
+		{"buffer left zero, nothing appended (SoftHSM2)", make([]byte, 12), ct, nil},
+		{"appended all-zero IV", make([]byte, 12), append(bytes.Clone(ct), make([]byte, 16)...), nil},
+		{"written back and appended", iv12, append(bytes.Clone(ct), iv16...), nil},
+		{"output too short", iv12, ct[:20], nil},
+		{"output 5 bytes long", make([]byte, 12), append(bytes.Clone(ct), 1, 2, 3, 4, 5), nil},
+	} {
+		iv, gotCT, err := splitTokenIV(tc.written, tc.out, 32)
+		if tc.wantIV == nil {
+			if !errors.Is(err, ErrIVNotKept) {
+				t.Errorf("%s: splitTokenIV = %x, %v; want ErrIVNotKept", tc.name, iv, err)
+			}
+			continue
+		}
+		if err != nil || !bytes.Equal(iv, tc.wantIV) || !bytes.Equal(gotCT, ct) {
+			t.Errorf("%s: splitTokenIV = %x, %d bytes, %v; want IV %x", tc.name, iv, len(gotCT), err, tc.wantIV)
+		}
+	}
+}
