@@ -68,7 +68,12 @@
 // = 0x80001087. miekg/pkcs11 v1.1.2
 // always sets ulIvBits to 8*ulIvLen (and pIv NULL, ulIvLen 0, ulIvBits 0 for an
 // empty IV), so the Luna 7.9.3+ form ulIvLen 0 with ulIvBits 96 cannot be sent;
-// Luna 7.9.3+ in FIPS mode is not supported by this mechanism yet.
+// Luna 7.9.3+ in FIPS mode, whose IV table lists a caller's 12-byte IV as non-FIPS,
+// is not supported by this mechanism yet; auto then ends with aes-cbc-hmac, which
+// Luna has (CKM_AES_CBC_PAD, CKM_SHA256_HMAC). Sending that form needs a
+// CK_GCM_PARAMS marshalled by hwkms itself (pIv to a C buffer, ulIvLen 0, ulIvBits
+// 96) passed as a raw []byte mechanism parameter, and Luna's documentation does not
+// say where the generated IV is then returned.
 //
 // Version 0x03, mechanism aes-cbc-hmac (CKM_AES_CBC_PAD, then CKM_SHA256_HMAC over
 // the result: encrypt-then-MAC, both on the token):

@@ -26,6 +26,13 @@ const (
 	// token generates a 16-byte IV, leaves the caller's buffer alone and appends the
 	// IV to the C_Encrypt output (ciphertext || tag || IV).
 	ivAsLunaBefore793
+	// ivAsLuna793FIPS emulates Thales Luna in FIPS mode from firmware 7.9.3, whose
+	// documented IV table generates an IV only for ulIvLen 0 (ulIvBits 0/128 or 96)
+	// and lists ulIvLen 12 with ulIvBits 96 as "copy 96 bits (non-FIPS)": in FIPS
+	// mode C_EncryptInit refuses a caller's 12-byte IV buffer, zero or not
+	// (CKR_MECHANISM_PARAM_INVALID; the refusal code is our assumption). miekg/pkcs11
+	// v1.1.2 cannot send ulIvLen 0 with ulIvBits 96.
+	ivAsLuna793FIPS
 )
 
 // ckmCloudKMSAESGCM is CKM_CLOUDKMS_AES_GCM of the Cloud KMS PKCS#11 library
@@ -146,6 +153,8 @@ func (m *mechTok) EncryptInit(sh pkcs11.SessionHandle, mm []*pkcs11.Mechanism, o
 		return m.p11.EncryptInit(sh, mm, o)
 	}
 	switch mode {
+	case ivAsLuna793FIPS:
+		return pkcs11.Error(pkcs11.CKR_MECHANISM_PARAM_INVALID)
 	case ivAsCloudHSM:
 		// The token's IV lands in the C IV buffer (set here before the parameters are
 		// marshalled, so that SoftHSM2 encrypts with it and GCMParams.IV() reads it).

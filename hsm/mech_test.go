@@ -507,3 +507,28 @@ func TestMechanismSplitTokenIV(t *testing.T) {
 		}
 	}
 }
+
+// Emulated Luna 7.9.3+ in FIPS mode refuses a caller's 12-byte IV buffer, so neither
+// GCM mechanism works through miekg/pkcs11 v1.1.2: auto falls back, at CreateKey, to
+// aes-cbc-hmac (the token has CKM_AES_CBC_PAD and CKM_SHA256_HMAC), and a named
+// aes-gcm-token-iv fails with one clear error.
+func TestMechanismEmulatedLuna793FIPSFallsBackToCBCHMAC(t *testing.T) {
+	fx, toks := newTokens(t, 1)
+	m := installMechTok(t)
+	m.set(func(m *mechTok) { m.iv = ivAsLuna793FIPS })
+	cfg := cfgFor(fx, toks[0], "kek")
+	ki := createKey(t, cfg)
+	if ki.Mechanism != MechanismAESCBCHMAC {
+		t.Fatalf("CreateKey(auto) chose %q, want %q", ki.Mechanism, MechanismAESCBCHMAC)
+	}
+	k := openKEK(t, cfg)
+	if k.Mechanism() != MechanismAESCBCHMAC {
+		t.Fatalf("Mechanism() = %q", k.Mechanism())
+	}
+	roundTrip(t, k, []byte("seed"), mechAAD)
+	cfg.Mechanism = MechanismAESGCMTokenIV
+	_, err := Open(context.Background(), cfg)
+	if !errors.Is(err, ErrNoMechanism) || !strings.Contains(err.Error(), "CKR_MECHANISM_PARAM_INVALID") {
+		t.Fatalf("Open(aes-gcm-token-iv) on emulated Luna 7.9.3 FIPS: %v", err)
+	}
+}
