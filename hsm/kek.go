@@ -26,8 +26,9 @@ const (
 	maxBody    = headerSize + kek.MaxPlaintext + gcmTagSize
 )
 
-// KEK is an AES key on a PKCS#11 token, used with CKM_AES_GCM to wrap and unwrap
-// kube-apiserver DEK seeds. Its value never leaves the token.
+// KEK is a key on a PKCS#11 token (an AES key; with an HMAC key for aes-cbc-hmac; an
+// RSA key pair for rsa-oaep) used with the mechanism chosen at Open (Mechanism) to
+// wrap and unwrap kube-apiserver DEK seeds. Its value never leaves the token.
 //
 // A KEK is safe for concurrent use: each operation takes a session from a pool of
 // Config.Sessions sessions and waits for one at most until its context is done. Close
@@ -74,8 +75,11 @@ var _ kek.KEK = (*KEK)(nil)
 // other KEK on it), selects the token, logs in as CKU_USER unless this process already
 // is (C_Login is attempted at most once: a refused PIN is returned as *PINError and never
 // retried), opens the session pool, finds the one AES secret key labelled cfg.KeyLabel
-// (and with CKA_ID cfg.KeyCKAID if set), checks that its attributes keep it inside the
-// token unless cfg.AllowExtractable, and caches its handle.
+// (and with CKA_ID cfg.KeyCKAID if set; for rsa-oaep the RSA private key and its public
+// key; for an aes-cbc-hmac key also its HMAC key), checks that its attributes keep it
+// inside the token unless cfg.AllowExtractable, caches the handles, and chooses the
+// mechanism (cfg.Mechanism; doc.go, "Mechanisms"): C_GetMechanismInfo and a
+// wrap/unwrap round trip, failing with ErrNoMechanism if none is usable.
 func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	if err := cfg.Validate(""); err != nil {
 		return nil, fmt.Errorf("hsm: invalid config: %w", err)
