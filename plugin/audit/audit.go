@@ -189,7 +189,7 @@ func (w *walker) walk(ctx context.Context, rel string) error {
 	start := []byte(base + rel)
 	end := prefixEnd(start)
 	if w.limit == 0 {
-		w.limit = 100
+		w.limit = min(100, w.o.MaxPageKeys)
 	}
 	key := start
 	for {
