@@ -40,8 +40,10 @@ type Options struct {
 	Prefix string
 	// Only restricts the audit to these resources, each of which the config must cover.
 	Only []GroupResource
-	// PageBytes is the target size of one page; default 2 MiB. The page size in keys
-	// adapts to it, between 1 and MaxPageKeys.
+	// PageBytes is the target size of one page; default 1 MiB. The page size in keys
+	// starts at 16 and adapts to it (at most doubling per page), between 1 and
+	// MaxPageKeys; a page the Ranger finds too large (ErrTooLarge) is asked again with
+	// half the keys.
 	PageBytes int
 	// MaxPageKeys caps the keys asked for in one Range; default 1000.
 	MaxPageKeys int64
@@ -140,7 +142,7 @@ func Run(ctx context.Context, r Ranger, cfg *Config, o Options) (*Result, error)
 	}
 	o.Prefix = strings.TrimRight(o.Prefix, "/")
 	if o.PageBytes <= 0 {
-		o.PageBytes = 2 << 20
+		o.PageBytes = 1 << 20
 	}
 	if o.MaxPageKeys <= 0 {
 		o.MaxPageKeys = 1000
@@ -189,7 +191,7 @@ func (w *walker) walk(ctx context.Context, rel string) error {
 	start := []byte(base + rel)
 	end := prefixEnd(start)
 	if w.limit == 0 {
-		w.limit = min(100, w.o.MaxPageKeys)
+		w.limit = min(16, w.o.MaxPageKeys)
 	}
 	key := start
 	for {
@@ -207,9 +209,9 @@ func (w *walker) walk(ctx context.Context, rel string) error {
 		if w.rev == 0 {
 			w.rev = page.Revision
 		}
-		size := 0
+		largest := 0
 		for _, kv := range page.KVs {
-			size += len(kv.Value) + len(kv.Key)
+			largest = max(largest, len(kv.Value)+len(kv.Key))
 			w.count(kv, base)
 		}
 		if len(page.KVs) == 0 || !page.More {
@@ -217,7 +219,7 @@ func (w *walker) walk(ctx context.Context, rel string) error {
 		}
 		last := page.KVs[len(page.KVs)-1].Key
 		key = append(append(make([]byte, 0, len(last)+1), last...), 0)
-		w.adapt(size, len(page.KVs))
+		w.adapt(largest, len(page.KVs))
 		if w.o.Progress != nil {
 			w.o.Progress(w.objects, base+rel)
 		}
@@ -228,12 +230,13 @@ func (w *walker) walk(ctx context.Context, rel string) error {
 	return nil
 }
 
-// adapt sizes the next page so it holds about PageBytes.
-func (w *walker) adapt(size, n int) {
+// adapt sizes the next page so it would hold about PageBytes if every value were as
+// large as this page's largest.
+func (w *walker) adapt(largest, n int) {
 	if n == 0 {
 		return
 	}
-	per := size/n + 1
+	per := largest + 1
 	next := int64(w.o.PageBytes / per)
 	if next > 2*w.limit {
 		next = 2 * w.limit

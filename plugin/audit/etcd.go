@@ -24,8 +24,15 @@ import (
 // rangeMethod is the one etcd v3 RPC this client can call (etcdserverpb.KV/Range).
 const rangeMethod = "/etcdserverpb.KV/Range"
 
-// maxRecvBytes caps one Range answer; a larger page is asked again with fewer keys.
-const maxRecvBytes = 64 << 20
+// pageRecvBytes caps a Range answer of several keys: a larger page fails before its
+// payload is read (gRPC checks the length prefix) and Run asks again for fewer keys, so
+// memory stays bounded whatever the mix of value sizes. A single key may be up to
+// singleRecvBytes (etcd's own limit on a value is --max-request-bytes, 1.5 MiB by
+// default).
+const (
+	pageRecvBytes   = 4 << 20
+	singleRecvBytes = 256 << 20
+)
 
 // EtcdConfig says how to reach etcd, with kube-apiserver's flag names.
 type EtcdConfig struct {
@@ -86,7 +93,7 @@ func DialEtcd(c EtcdConfig) (*EtcdClient, error) {
 		}
 		conn, err := grpc.NewClient("passthrough:///"+u.Host,
 			grpc.WithTransportCredentials(creds),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxRecvBytes), grpc.ForceCodec(rawCodec{})))
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
 		if err != nil {
 			e.Close()
 			return nil, fmt.Errorf("--etcd-servers %s: %w", ep, err)
@@ -145,7 +152,7 @@ func (e *EtcdClient) Range(ctx context.Context, key, end []byte, limit, revision
 	req := encodeRangeRequest(key, end, limit, revision)
 	var errs []string
 	for range e.conns {
-		page, err := e.rangeOnce(ctx, e.conns[e.cur], req)
+		page, err := e.rangeOnce(ctx, e.conns[e.cur], req, limit)
 		if err == nil {
 			return page, nil
 		}
@@ -165,11 +172,15 @@ func (e *EtcdClient) Range(ctx context.Context, key, end []byte, limit, revision
 	return Page{}, fmt.Errorf("no etcd endpoint answered (check --etcd-servers, and --etcd-cafile/--etcd-certfile/--etcd-keyfile for https): %s", strings.Join(errs, "; "))
 }
 
-func (e *EtcdClient) rangeOnce(ctx context.Context, conn *grpc.ClientConn, req []byte) (Page, error) {
+func (e *EtcdClient) rangeOnce(ctx context.Context, conn *grpc.ClientConn, req []byte, limit int64) (Page, error) {
 	ctx, cancel := context.WithTimeout(ctx, e.timeout)
 	defer cancel()
 	in, out := rawMsg(req), rawMsg(nil)
-	if err := conn.Invoke(ctx, rangeMethod, &in, &out); err != nil {
+	recv := pageRecvBytes
+	if limit == 1 {
+		recv = singleRecvBytes
+	}
+	if err := conn.Invoke(ctx, rangeMethod, &in, &out, grpc.MaxCallRecvMsgSize(recv)); err != nil {
 		if status.Code(err) == codes.ResourceExhausted {
 			return Page{}, fmt.Errorf("%w: %v", ErrTooLarge, err)
 		}

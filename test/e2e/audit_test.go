@@ -504,3 +504,75 @@ func TestAuditGuardsDestroy(t *testing.T) {
 		t.Fatalf("second destroy succeeded:\n%s", out)
 	}
 }
+
+// TestAuditScale audits 12,000 synthetic Secrets (KMS v2, 1 KiB of ciphertext each,
+// under two key_ids) and then 400 Secrets of 256 KiB, and reports the wall time and the
+// child's peak RSS (rusage maxrss) of each `hwkms storage audit` run: memory must not
+// grow with the number or size of the values (pages are sized to about 1 MiB, and a
+// page over 4 MiB is refused before it is read and asked again with fewer keys).
+// docs/BENCHMARKS.md records its output.
+func TestAuditScale(t *testing.T) {
+	dir := t.TempDir()
+	dumpLogsOnFailure(t, dir)
+	e := startEtcd(t, dir)
+	encCfg := writeEncryptionConfig(t, dir)
+	ctx := context.Background()
+	put := func(prefix, keyID string, n, size, perTxn int) {
+		t.Helper()
+		for i := 0; i < n; i += perTxn {
+			var ops []clientv3.Op
+			for j := i; j < min(i+perTxn, n); j++ {
+				data := make([]byte, size)
+				rand.Read(data)
+				v := marshalKMSv2(t, "hwkms", &kmsv2api.EncryptedObject{
+					EncryptedData: data, KeyID: keyID, EncryptedDEKSource: data[:48],
+					EncryptedDEKSourceType: kmsv2api.EncryptedDEKSourceType_HKDF_SHA256_XNONCE_AES_GCM_SEED,
+				})
+				ops = append(ops, clientv3.OpPut(fmt.Sprintf("%sns-%02d/s-%s-%06d", prefix, j%50, keyID, j), string(v)))
+			}
+			if _, err := e.Client.Txn(ctx).Then(ops...).Commit(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	var base float64
+	measure := func(what string, want map[string]int64) float64 {
+		t.Helper()
+		cmd := exec.Command(binaryPath(t, "E2E_HWKMS"), "storage", "audit", "--json",
+			"--encryption-provider-config", encCfg, "--etcd-servers", e.URL, "--resource", "secrets")
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		start := time.Now()
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("%s: %v\n%s", what, err, errb.String())
+		}
+		wall := time.Since(start)
+		ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+		var r auditJSON
+		if err := json.Unmarshal([]byte(out.String()), &r); err != nil {
+			t.Fatal(err)
+		}
+		for k, n := range want {
+			if r.Totals.KeyIDs[k] != n {
+				t.Errorf("%s: %d objects under %s, want %d", what, r.Totals.KeyIDs[k], k, n)
+			}
+		}
+		rss := float64(ru.Maxrss) / 1024 // KiB on Linux
+		t.Logf("%s: %d objects in %s (user %.2f s, sys %.2f s), peak RSS %.1f MiB",
+			what, r.Totals.Objects, wall.Round(time.Millisecond),
+			time.Duration(ru.Utime.Nano()).Seconds(), time.Duration(ru.Stime.Nano()).Seconds(), rss)
+		if base > 0 && rss > base+32 {
+			t.Errorf("%s: peak RSS %.1f MiB, %.1f MiB over the empty audit's, want <= 32 MiB more (bounded memory)", what, rss, rss-base)
+		}
+		return rss
+	}
+	base = measure("empty etcd (baseline: the process and its connection)", nil)
+	put("/registry/secrets/", "kek-old", 4000, 1024, 100)
+	put("/registry/secrets/", "kek-new", 8000, 1024, 100)
+	measure("12,000 Secrets of 1 KiB", map[string]int64{"kek-old": 4000, "kek-new": 8000})
+	if testing.Short() {
+		return
+	}
+	put("/registry/secrets/big-", "kek-big", 400, 256<<10, 4)
+	measure("12,000 Secrets of 1 KiB + 400 of 256 KiB (112 MiB of values)", map[string]int64{"kek-old": 4000, "kek-new": 8000, "kek-big": 400})
+}
