@@ -193,3 +193,36 @@ func TestDecodeRangeResponseMalformed(t *testing.T) {
 		t.Error("garbage: no error")
 	}
 }
+
+// TestEtcdClientShrinksOversizedPages: pages over pageRecvBytes fail on their length
+// prefix with ResourceExhausted, which Run answers by asking for fewer keys.
+func TestEtcdClientShrinksOversizedPages(t *testing.T) {
+	kv := map[string][]byte{}
+	body := good("big")
+	body.data = make([]byte, 1<<20)
+	v := kmsv2("hwkms", body)
+	for i := range 12 {
+		kv[fmt.Sprintf("/registry/secrets/ns/s%02d", i)] = v
+	}
+	f := startFakeEtcd(t, kv)
+	cli, err := DialEtcd(EtcdConfig{Endpoints: []string{f.addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	r, err := Run(context.Background(), cli, testCfg(t), Options{Only: []GroupResource{{"", "secrets"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Totals.KeyIDs["big"] != 12 {
+		t.Errorf("counted %v", r.Totals.KeyIDs)
+	}
+	var limits []int64
+	for _, c := range f.mem.calls {
+		limits = append(limits, c.limit)
+	}
+	// 16, 8 and 4 keys of 1 MiB are over 4 MiB: refused, then halved.
+	if len(limits) < 4 || limits[0] != 16 || limits[1] != 8 || limits[2] != 4 || limits[3] > 3 {
+		t.Errorf("page sizes asked: %v, want 16, 8, 4, then fewer", limits)
+	}
+}
