@@ -291,6 +291,24 @@ func TestAuditCounts(t *testing.T) {
 		t.Errorf("--etcd-prefix /other-apiserver: %v %+v, want 11 objects", err, other.Totals)
 	}
 
+	// "*.*" walks every key under the prefix and names each key's resource.
+	all := filepath.Join(dir, "all.yaml")
+	if err := os.WriteFile(all, []byte("resources: [{resources: ['*.*'], providers: [{kms: {apiVersion: v2, name: hwkms}}, {identity: {}}]}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err = runHwkms(t, nil, "storage", "audit", "--json", "--encryption-provider-config", all, "--etcd-servers", e.URL)
+	var wild auditJSON
+	if err != nil || json.Unmarshal([]byte(out), &wild) != nil {
+		t.Fatalf("*.*: %v %s", err, errOut)
+	}
+	perRes := map[string]int64{}
+	for _, res := range wild.Resources {
+		perRes[res.Resource] = res.Objects
+	}
+	if want := map[string]int64{"secrets": 1115, "configmaps": 300, "widgets.example.com": 10, "pods": 50, "secretsX": 9}; fmt.Sprint(perRes) != fmt.Sprint(want) || wild.Totals.Objects != 1484 {
+		t.Errorf("*.*: %v (total %d), want %v (1484)", perRes, wild.Totals.Objects, want)
+	}
+
 	// Unreachable endpoint: a clear error naming it, non-zero exit.
 	dead := "http://127.0.0.1:" + strconv.Itoa(freePort(t))
 	start := time.Now()
