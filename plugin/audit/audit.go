@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"path"
 	"sort"
 	"strings"
 )
@@ -36,7 +37,8 @@ var ErrTooLarge = errors.New("etcd response too large")
 
 // Options tune Run. The zero value is valid.
 type Options struct {
-	// Prefix is kube-apiserver's --etcd-prefix; default /registry.
+	// Prefix is kube-apiserver's --etcd-prefix; default /registry. Like kube-apiserver,
+	// a prefix without the leading slash means the same.
 	Prefix string
 	// Only restricts the audit to these resources, each of which the config must cover.
 	Only []GroupResource
@@ -137,10 +139,9 @@ func Run(ctx context.Context, r Ranger, cfg *Config, o Options) (*Result, error)
 	if o.Prefix == "" {
 		o.Prefix = "/registry"
 	}
-	if !strings.HasPrefix(o.Prefix, "/") {
-		return nil, fmt.Errorf("--etcd-prefix %q: must start with /", o.Prefix)
-	}
-	o.Prefix = strings.TrimRight(o.Prefix, "/")
+	// kube-apiserver's etcd3 store joins its prefix to "/": "registry", "/registry" and
+	// "/registry/" are the same keys.
+	o.Prefix = strings.TrimRight(path.Join("/", o.Prefix), "/")
 	if o.PageBytes <= 0 {
 		o.PageBytes = 1 << 20
 	}

@@ -173,9 +173,13 @@ func TestRunErrors(t *testing.T) {
 	if _, err := Run(context.Background(), m, testCfg(t), Options{Only: []GroupResource{{"batch", "jobs"}}}); err == nil || !strings.Contains(err.Error(), "--resource jobs.batch") {
 		t.Errorf("uncovered --resource: %v", err)
 	}
-	if _, err := Run(context.Background(), m, testCfg(t), Options{Prefix: "registry"}); err == nil || !strings.Contains(err.Error(), "--etcd-prefix") {
-		t.Errorf("relative prefix: %v", err)
+	for _, p := range []string{"registry", "/registry/", "//registry"} {
+		r, err := Run(context.Background(), m, testCfg(t), Options{Prefix: p})
+		if err != nil || r.Totals.Objects != 1 || r.EtcdPrefix != "/registry" {
+			t.Errorf("--etcd-prefix %q: %v %+v, want the keys under /registry", p, err, r)
+		}
 	}
+	m = newMem(map[string][]byte{"/registry/secrets/a": []byte("{}")})
 	m.failAt = 1
 	if _, err := Run(context.Background(), m, testCfg(t), Options{}); err == nil || !strings.Contains(err.Error(), "connection refused") {
 		t.Errorf("failing etcd: %v", err)
