@@ -123,6 +123,13 @@ func table() *command {
 				run: func(ctx context.Context, c cmdIO, args []string) error {
 					return cmdClusterCheck(ctx, args, c.stdout, c.stderr)
 				}},
+			{name: "storage", summary: "what etcd holds under each provider and key_id (read only)", sub: []*command{
+				{name: "audit", args: "--encryption-provider-config FILE --etcd-servers URLS [--etcd-cafile F --etcd-certfile F --etcd-keyfile F] [--etcd-prefix /registry] [--resource R,...] [--json]",
+					summary: "count the objects stored per resource, provider and KMS v2 key_id (Range requests only)",
+					run: func(ctx context.Context, c cmdIO, args []string) error {
+						return runStorageAudit(ctx, args, c.stdout, c.stderr)
+					}},
+			}},
 			{name: "version", summary: "print the version", noFlags: true,
 				run: func(_ context.Context, c cmdIO, _ []string) error {
 					_, err := fmt.Fprintln(c.stdout, "hwkms", version)

@@ -99,6 +99,7 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 	handle := fs.String("tpm-persistent-handle", "", "tpm: persistent handle of the key to destroy")
 	device := fs.String("tpm-device", "", "tpm: device (default: the device of the first tpm key in the config)")
 	confirm := fs.String("confirm", "", "the key_id again, to skip the interactive confirmation")
+	storageGuard := destroyGuard(fs) // storage.go: audit etcd, refuse while objects are stored under the key
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -139,6 +140,9 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 		if is {
 			return fmt.Errorf("key destroy: key_id %s is keys[%d] in %s; remove it from the config, let hwkms reload, and confirm no stored data uses it (docs/rotation.md) first", target, i, *path)
 		}
+	}
+	if err := storageGuard(ctx, target, stderr); err != nil {
+		return err
 	}
 	if *confirm == "" {
 		fmt.Fprintf(stderr, "About to destroy key_id %s (%s).\nEverything encrypted under it becomes unreadable, forever.\nType the key_id to confirm: ", target, where)

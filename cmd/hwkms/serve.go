@@ -87,6 +87,9 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	var m *metrics.Metrics
 	if cfg.Metrics.Address != "" {
 		m = metrics.New(version, devices)
+		if err := m.RegisterAPIServerKeyHash(); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
 		opts.Observer = m
 	}
 	svc := plugin.NewService(ring, opts)
