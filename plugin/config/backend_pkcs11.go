@@ -198,10 +198,7 @@ func (c *Config) RememberRefusedPINs(create bool) error {
 	if !uses {
 		return hsm.RememberRefusals("")
 	}
-	dir := c.StateDir
-	if dir == "" {
-		dir = filepath.Dir(c.Socket.Path)
-	}
+	dir := c.stateDir()
 	if !create {
 		if _, err := os.Stat(dir); err != nil {
 			return hsm.RememberRefusals("")

@@ -59,7 +59,16 @@ type History struct {
 }
 
 // HistoryPath returns the path of the primary-key history for c (in c.StateDir).
-func (c *Config) HistoryPath() string { return filepath.Join(c.StateDir, HistoryFile) }
+func (c *Config) HistoryPath() string { return filepath.Join(c.stateDir(), HistoryFile) }
+
+// stateDir is StateDir, or the socket's directory for a Config that was not parsed
+// (Parse applies that default).
+func (c *Config) stateDir() string {
+	if c.StateDir != "" {
+		return c.StateDir
+	}
+	return filepath.Dir(c.Socket.Path)
+}
 
 // OpenHistory reads the history at path; a missing file is an empty history (it is
 // created at the first Admit). A file that exists but cannot be read, is not of a known
