@@ -22,7 +22,7 @@ func TestPrimaryReuseAcrossRestarts(t *testing.T) {
 	d := startDev(t, "warn")
 	env := softhsmEnv(d.Dir)
 	cfgPath := filepath.Join(d.Dir, "hwkms.yaml")
-	history := filepath.Join(filepath.Dir(d.Socket), config.HistoryFile)
+	history := d.Socket + config.HistorySuffix
 	keyA := mustStatus(t, d.Socket).KeyId
 	configA, err := os.ReadFile(cfgPath)
 	if err != nil {

@@ -45,7 +45,7 @@ type Config struct {
 	// unless Metrics.Address is set.
 	Metrics Metrics `json:"metrics,omitempty"`
 	// StateDir is the directory where hwkms keeps what must survive a restart: the
-	// history of primary key_ids (HistoryFile) and the refused-PIN record. Default: the
+	// history of primary key_ids (HistoryPath) and the refused-PIN record. Default: the
 	// directory of Socket.Path.
 	StateDir string `json:"stateDir,omitempty"`
 	// Keys lists the KEKs: the first encrypts, the others only decrypt.

@@ -15,8 +15,11 @@ import (
 	"github.com/hwkms/hwkms/plugin/kek"
 )
 
-// HistoryFile is the name of the primary-key history in Config.StateDir.
-const HistoryFile = "primary-key-history.json"
+// HistorySuffix ends the name of the primary-key history in Config.StateDir: the file
+// is the socket's file name plus HistorySuffix ("kms.sock.primary-key-history.json"),
+// so two hwkms processes whose sockets share a directory (two plugins on one host)
+// keep separate histories.
+const HistorySuffix = ".primary-key-history.json"
 
 // historyVersion is the format version History writes. Every version it ever wrote
 // stays readable.
@@ -58,8 +61,11 @@ type History struct {
 	ids []string
 }
 
-// HistoryPath returns the path of the primary-key history for c (in c.StateDir).
-func (c *Config) HistoryPath() string { return filepath.Join(c.stateDir(), HistoryFile) }
+// HistoryPath returns the path of the primary-key history for c: in c.StateDir, named
+// after the socket (HistorySuffix).
+func (c *Config) HistoryPath() string {
+	return filepath.Join(c.stateDir(), filepath.Base(c.Socket.Path)+HistorySuffix)
+}
 
 // stateDir is StateDir, or the socket's directory for a Config that was not parsed
 // (Parse applies that default).

@@ -26,7 +26,7 @@ func TestHistoryGoldenV1(t *testing.T) {
 		t.Fatal(err)
 	}
 	// ReadSecret refuses files other users can read; the checked-out copy may be 0644.
-	path := filepath.Join(t.TempDir(), HistoryFile)
+	path := filepath.Join(t.TempDir(), "kms.sock"+HistorySuffix)
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func TestHistoryUnreadableRefuses(t *testing.T) {
 		{"other users may write", `{"version": 1, "primaries": ["a"]}`, 0o606},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), HistoryFile)
+			path := filepath.Join(t.TempDir(), "kms.sock"+HistorySuffix)
 			if err := os.WriteFile(path, []byte(tc.body), tc.mode); err != nil {
 				t.Fatal(err)
 			}
@@ -96,7 +96,7 @@ func TestHistoryUnreadableRefuses(t *testing.T) {
 		})
 	}
 	// A directory where the file should be cannot be read either.
-	dir := filepath.Join(t.TempDir(), HistoryFile)
+	dir := filepath.Join(t.TempDir(), "kms.sock"+HistorySuffix)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestHistoryUnreadableRefuses(t *testing.T) {
 // TestHistoryBounded: the history keeps the newest MaxHistory key_ids, reports the
 // one it drops, and the file it writes reads back.
 func TestHistoryBounded(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "state", HistoryFile)
+	path := filepath.Join(t.TempDir(), "state", "kms.sock"+HistorySuffix)
 	h, err := OpenHistory(path)
 	if err != nil {
 		t.Fatal(err)
@@ -162,7 +162,7 @@ func TestReloaderHistorySurvivesRestart(t *testing.T) {
 	a, b, c := mk("kek-a"), mk("kek-b"), mk("kek-c")
 	dir := t.TempDir()
 	path := filepath.Join(dir, "hwkms.yaml")
-	histPath := filepath.Join(dir, "state", HistoryFile)
+	histPath := filepath.Join(dir, "state", "kms.sock"+HistorySuffix)
 
 	// start opens the history and the keys and admits the primary, as serve does.
 	start := func(t *testing.T) (*Reloader, *plugin.Service, error) {
@@ -251,11 +251,11 @@ func TestStateDirDefault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.StateDir != "/run/hwkms" || c.HistoryPath() != "/run/hwkms/"+HistoryFile {
+	if c.StateDir != "/run/hwkms" || c.HistoryPath() != "/run/hwkms/kms.sock"+HistorySuffix {
 		t.Fatalf("stateDir %q, history %q", c.StateDir, c.HistoryPath())
 	}
 	c, err = Parse([]byte(validYAML + "stateDir: /var/lib/hwkms/state\n"))
-	if err != nil || c.HistoryPath() != "/var/lib/hwkms/state/"+HistoryFile {
+	if err != nil || c.HistoryPath() != "/var/lib/hwkms/state/kms.sock"+HistorySuffix {
 		t.Fatalf("stateDir set: %v %+v", err, c)
 	}
 	if _, err := Parse([]byte(validYAML + "stateDir: state\n")); err == nil || !strings.Contains(err.Error(), "stateDir: must be an absolute path") {
