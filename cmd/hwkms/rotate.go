@@ -127,7 +127,10 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 	if err != nil {
 		return fmt.Errorf("key destroy: %w", err)
 	}
-	target, where := d.KeyID, d.Where
+	target, where, effect := d.KeyID, d.Where, d.DestroyEffect
+	if effect == "" {
+		effect = "Everything encrypted under it becomes unreadable, forever."
+	}
 	destroy := func() error { return b.Destroy(ctx) }
 	if *keyID != "" && *keyID != target {
 		return fmt.Errorf("key destroy: the selected key has key_id %s, not %s", target, *keyID)
@@ -145,7 +148,7 @@ func cmdKeyDestroy(ctx context.Context, args []string, stdin io.Reader, stdout, 
 		return err
 	}
 	if *confirm == "" {
-		fmt.Fprintf(stderr, "About to destroy key_id %s (%s).\nEverything encrypted under it becomes unreadable, forever.\nType the key_id to confirm: ", target, where)
+		fmt.Fprintf(stderr, "About to destroy key_id %s (%s).\n%s\nType the key_id to confirm: ", target, where, effect)
 		line, _ := bufio.NewReader(stdin).ReadString('\n')
 		*confirm = strings.TrimSpace(line)
 	}

@@ -71,12 +71,29 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	if err := cfg.RememberRefusedPINs(true); err != nil {
 		return err
 	}
+	// Read before touching a device: an unreadable history refuses to start rather
+	// than forget which key_ids were replaced.
+	hist, err := config.OpenHistory(cfg.HistoryPath())
+	if err != nil {
+		return err
+	}
 	ring, err := config.OpenKeyringWithin(ctx, cfg, config.OpenTimeout)
 	if err != nil {
 		if config.PINRefused(err) {
 			return fmt.Errorf("open keys: %w (%w: not restarting with the same PIN)", err, exitPINRefused)
 		}
 		return fmt.Errorf("open keys: %w", err)
+	}
+	dropped, err := hist.Admit(ring.Primary().ID())
+	if err != nil {
+		closeKeys(log, ring, keyCloseTimeout)
+		if cfgPath != "" {
+			err = fmt.Errorf("config %s: %w", cfgPath, err)
+		}
+		return err
+	}
+	if dropped != "" {
+		log.Warn("primary-key history is full; its oldest key_id is no longer protected from reuse", "dropped_key_id", dropped, "history", hist.Path(), "max", config.MaxHistory)
 	}
 	opts := plugin.Options{
 		Logger:         log,
@@ -126,7 +143,7 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 	svc.ProbeNow(runCtx) // the first Status answers from a real probe
 	go svc.Run(runCtx)
 	if cfgPath != "" {
-		rl := config.NewReloader(svc, cfg, cfgPath, log)
+		rl := config.NewReloader(svc, cfg, cfgPath, log, hist)
 		if m != nil {
 			rl.OnReload = m.ObserveReload
 		}

@@ -61,6 +61,9 @@ type Description struct {
 	Detail string
 	// Where names device and key for a confirmation prompt (key destroy).
 	Where string
+	// DestroyEffect says what destroying this key does to the data encrypted under it
+	// (key destroy's prompt); "" means the data becomes unreadable, forever.
+	DestroyEffect string
 	// Err is the device's error when the key could not be looked up.
 	Err error
 }

@@ -187,7 +187,7 @@ const refusedPINsFile = "hwkms-refused-pins.json"
 
 // RememberRefusedPINs makes a PIN a token refused stay refused across restarts
 // (hsm.RememberRefusals), for configs with a pkcs11 key. With create (serve) the
-// record's directory (the socket's) is created at the first refusal; without it (the
+// record's directory (StateDir, by default the socket's) is created at the first refusal; without it (the
 // other commands) the record is used only where that directory already exists.
 func (c *Config) RememberRefusedPINs(create bool) error {
 	uses := false
@@ -198,7 +198,7 @@ func (c *Config) RememberRefusedPINs(create bool) error {
 	if !uses {
 		return hsm.RememberRefusals("")
 	}
-	dir := filepath.Dir(c.Socket.Path)
+	dir := c.stateDir()
 	if !create {
 		if _, err := os.Stat(dir); err != nil {
 			return hsm.RememberRefusals("")

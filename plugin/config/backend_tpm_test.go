@@ -1,9 +1,16 @@
 package config
 
 import (
+	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/hwkms/hwkms/tpm"
+	"github.com/hwkms/hwkms/tpm/provision"
+	"github.com/hwkms/hwkms/tpm/swtpm/swtpmtest"
 )
 
 // TestPermitsRW: the permission-bit check doctor uses to warn that only root's
@@ -44,5 +51,129 @@ func TestPermitsRW(t *testing.T) {
 		if ok, group := permitsRW(path); ok != tc.want || group == "" {
 			t.Errorf("uid %d gid %d mode %04o: permitsRW = %v (group %q), want %v", tc.uid, tc.gid, tc.mode, ok, group, tc.want)
 		}
+	}
+}
+
+// checkLog records doctor's checks.
+type checkLog struct{ lines []string }
+
+func (c *checkLog) OK(check, detail string) { c.lines = append(c.lines, "[ok] "+check+": "+detail) }
+func (c *checkLog) Warn(check, detail, fix string) {
+	c.lines = append(c.lines, "[warn] "+check+": "+detail)
+}
+func (c *checkLog) Fail(check, detail, fix string) {
+	c.lines = append(c.lines, "[FAIL] "+check+": "+detail)
+}
+func (c *checkLog) PINRefused() {}
+
+// line returns the line starting with prefix.
+func (c *checkLog) line(t *testing.T, prefix string) string {
+	t.Helper()
+	for _, l := range c.lines {
+		if strings.HasPrefix(l, prefix) {
+			return l
+		}
+	}
+	t.Fatalf("no %q line in:\n%s", prefix, strings.Join(c.lines, "\n"))
+	return ""
+}
+
+// TestTPMDestroyAndDoctorWording: key destroy's prompt and doctor's "key present"
+// say what is true for each kind of TPM KEK, read from its attributes: a blob made
+// here (fixedTPM) is gone only with every copy of its blob or the owner hierarchy; an
+// imported KEK (fixedTPM clear) also lives in the other TPMs that imported it and in
+// its escrow blob, so doctor must not say it cannot leave this TPM; a persistent
+// handle, whose attributes package tpm does not report, gets both cases.
+func TestTPMDestroyAndDoctorWording(t *testing.T) {
+	ctx := context.Background()
+	sim := swtpmtest.New(t)
+	dir := t.TempDir()
+
+	made := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "made.blob")}
+	if _, err := tpm.CreateKey(ctx, made); err != nil {
+		t.Fatal(err)
+	}
+	imported := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "imported.blob")}
+	m, err := provision.NewKEKMaterial(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Destroy)
+	srk, err := tpm.ExportSRK(ctx, sim.Device)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := m.ImportBlob(srk.EncodeSRKPEM())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tpm.ImportKey(ctx, imported, blob); err != nil {
+		t.Fatal(err)
+	}
+	persistent := tpm.Config{Device: sim.Device, PersistentHandle: "0x81010010"}
+	if _, err := tpm.CreateKey(ctx, persistent); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name              string
+		c                 tpm.Config
+		destroy, doctor   []string
+		notDestroy, notDr []string
+	}{
+		{
+			name:       "blob made here",
+			c:          made,
+			destroy:    []string{"deletes the blob file " + made.BlobFile, "removes this copy", "another copy of the blob", "owner SRK can still load it", "every copy of the blob is gone or the owner hierarchy is cleared"},
+			notDestroy: []string{"forever", "imported"},
+			doctor:     []string{"made in this TPM (fixedTPM|fixedParent)", "loads only under this TPM's owner SRK"},
+			notDr:      []string{"imported"},
+		},
+		{
+			name:       "imported blob",
+			c:          imported,
+			destroy:    []string{"deletes the blob file " + imported.BlobFile, "another copy of the blob", "imported KEK (fixedTPM clear)", "every other TPM that imported", "escrow blob"},
+			notDestroy: []string{"forever"},
+			doctor:     []string{"imported (fixedTPM clear)", "every TPM that imported its import blobs", "escrow blob"},
+			notDr:      []string{"cannot leave this TPM", "fixedTPM|fixedParent"},
+		},
+		{
+			name:    "persistent handle",
+			c:       persistent,
+			destroy: []string{"evicts persistent handle 0x81010010", "made here by hwkms key create (fixedTPM)", "unreadable, forever", "if it was imported"},
+			doctor:  []string{"persistent handle", "if made by hwkms key create", "if imported"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := tpmKey{tc.c}
+			d := b.Describe(ctx)
+			if d.Err != nil || !d.Present {
+				t.Fatalf("Describe: %+v", d)
+			}
+			for _, want := range tc.destroy {
+				if !strings.Contains(d.DestroyEffect, want) {
+					t.Errorf("destroy prompt does not say %q:\n%s", want, d.DestroyEffect)
+				}
+			}
+			for _, not := range tc.notDestroy {
+				if strings.Contains(d.DestroyEffect, not) {
+					t.Errorf("destroy prompt says %q:\n%s", not, d.DestroyEffect)
+				}
+			}
+			var log checkLog
+			b.Check(ctx, &log, CheckOptions{Name: "keys[0]", Timeout: 10 * time.Second})
+			present := log.line(t, "[ok] keys[0] key present")
+			for _, want := range append(tc.doctor, d.KeyID) {
+				if !strings.Contains(present, want) {
+					t.Errorf("doctor does not say %q:\n%s", want, present)
+				}
+			}
+			for _, not := range tc.notDr {
+				if strings.Contains(present, not) {
+					t.Errorf("doctor says %q:\n%s", not, present)
+				}
+			}
+			log.line(t, "[ok] keys[0] round trip")
+		})
 	}
 }

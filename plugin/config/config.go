@@ -44,6 +44,10 @@ type Config struct {
 	// Metrics configures the HTTP listener for /metrics, /healthz and /livez; off
 	// unless Metrics.Address is set.
 	Metrics Metrics `json:"metrics,omitempty"`
+	// StateDir is the directory where hwkms keeps what must survive a restart: the
+	// history of primary key_ids (HistoryPath) and the refused-PIN record. Default: the
+	// directory of Socket.Path.
+	StateDir string `json:"stateDir,omitempty"`
 	// Keys lists the KEKs: the first encrypts, the others only decrypt.
 	Keys []Key `json:"keys"`
 }
@@ -251,6 +255,9 @@ func (c *Config) applyDefaults() {
 	if c.Socket.Mode == "" {
 		c.Socket.Mode = "0600"
 	}
+	if c.StateDir == "" && c.Socket.Path != "" {
+		c.StateDir = filepath.Dir(c.Socket.Path)
+	}
 	for _, f := range []struct {
 		d   *Duration
 		def time.Duration
@@ -285,6 +292,9 @@ func (c *Config) Validate() error {
 		bad("socket.path", "must be an absolute path, got %q", c.Socket.Path)
 	case len(c.Socket.Path) > 107:
 		bad("socket.path", "is %d bytes; unix socket paths are limited to 107", len(c.Socket.Path))
+	}
+	if c.StateDir != "" && !filepath.IsAbs(c.StateDir) {
+		bad("stateDir", "must be an absolute path, got %q", c.StateDir)
 	}
 	if _, err := c.SocketMode(); err != nil {
 		bad("socket.mode", "%v", err)

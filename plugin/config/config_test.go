@@ -137,7 +137,7 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 	}
 	svc := plugin.NewService(ring, plugin.Options{})
 	t.Cleanup(func() { svc.Keyring().Close() })
-	rl := NewReloader(svc, cfg, path, discard())
+	rl := NewReloader(svc, cfg, path, discard(), nil)
 	idA := ring.Primary().ID()
 	encA, err := svc.Encrypt(ctx, "", []byte("0123456789abcdef0123456789abcdef"))
 	if err != nil {
@@ -218,7 +218,7 @@ func TestReloadOpenHangs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rl := NewReloader(svc, cfg, path, discard())
+	rl := NewReloader(svc, cfg, path, discard(), nil)
 	rl.openTimeout = 200 * time.Millisecond
 
 	release := make(chan struct{})

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"slices"
 	"sync"
 	"time"
 
@@ -17,9 +16,11 @@ import (
 )
 
 // Reloader reloads the keys of one config file into one running Service, one reload at
-// a time. It remembers every key_id that has been primary in this process, so a demoted
-// primary is never made primary again (kube-apiserver requires that a key_id is never
-// reused: A -> B -> A is refused; create a new key instead).
+// a time. It checks every new primary against the History of key_ids that have been
+// primary (kept in a file by serve, so it holds across restarts), so a demoted primary
+// is never made primary again (kube-apiserver requires that a key_id is never reused:
+// A -> B -> A is refused; create a new key instead), and records each new primary in
+// the History before it serves it.
 //
 // A reload builds the new keyring completely (opens every key, runs a real round trip
 // on the new primary) before it swaps it in; on any error the running keyring keeps
@@ -33,25 +34,31 @@ type Reloader struct {
 	// success), for metrics. Set it before Watch or Reload is first called.
 	OnReload func(err error)
 
-	mu        sync.Mutex
-	cfg       *Config
-	data      []byte   // bytes of the file that cfg came from
-	primaries []string // key_ids that have been primary, oldest first
-	failing   bool     // the latest reload attempt failed
+	mu      sync.Mutex
+	cfg     *Config
+	data    []byte   // bytes of the file that cfg came from
+	history *History // key_ids that have been primary, oldest first
+	failing bool     // the latest reload attempt failed
 	// openTimeout bounds opening the new keys (OpenTimeout; tests shorten it).
 	openTimeout time.Duration
 }
 
-// NewReloader returns a Reloader for svc, which is serving cfg loaded from path.
-func NewReloader(svc *plugin.Service, cfg *Config, path string, log *slog.Logger) *Reloader {
+// NewReloader returns a Reloader for svc, which is serving cfg loaded from path. hist
+// is the history the serving primary was admitted to (History.Admit); nil means an
+// in-memory history that starts with the serving primary, which protects this process
+// only.
+func NewReloader(svc *plugin.Service, cfg *Config, path string, log *slog.Logger, hist *History) *Reloader {
 	data, _ := readConfig(path)
+	if hist == nil {
+		hist = &History{ids: []string{svc.Keyring().Primary().ID()}}
+	}
 	return &Reloader{
 		svc:         svc,
 		path:        path,
 		log:         log,
 		cfg:         cfg,
 		data:        data,
-		primaries:   []string{svc.Keyring().Primary().ID()},
+		history:     hist,
 		openTimeout: OpenTimeout,
 	}
 }
@@ -113,9 +120,11 @@ func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
 	}
 	current := r.svc.Keyring().Primary().ID()
 	next := ring.Primary().ID()
-	if next != current && slices.Contains(r.primaries, next) {
-		ring.Close()
-		return fmt.Errorf("keys[0]: key_id %s was the primary before and was replaced; kube-apiserver requires that a key_id is never reused, so create a new key instead", next)
+	if next != current {
+		if err := r.history.Check(next); err != nil {
+			ring.Close()
+			return err
+		}
 	}
 	pctx, cancel := context.WithTimeout(ctx, cfg.Health.Timeout.D())
 	h := plugin.Probe(pctx, ring.Primary())
@@ -124,14 +133,23 @@ func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
 		ring.Close()
 		return fmt.Errorf("keys[0]: new primary key_id %s failed its health round trip: %w", next, h.Err)
 	}
-	if r.cfg.Socket != cfg.Socket || r.cfg.Log != cfg.Log || r.cfg.Timeout != cfg.Timeout || r.cfg.ShutdownTimeout != cfg.ShutdownTimeout || r.cfg.Metrics != cfg.Metrics || r.cfg.Health != cfg.Health {
-		r.log.Warn("config reload: only the keys are reloaded; socket, log, metrics, timeout and health interval changes take effect after a restart")
+	if next != current {
+		// Recorded before it serves: a primary that served but is missing from the
+		// file could come back after a restart.
+		dropped, err := r.history.Admit(next)
+		if err != nil {
+			ring.Close()
+			return err
+		}
+		if dropped != "" {
+			r.log.Warn("primary-key history is full; its oldest key_id is no longer protected from reuse", "dropped_key_id", dropped, "history", r.history.Path(), "max", MaxHistory)
+		}
+	}
+	if r.cfg.Socket != cfg.Socket || r.cfg.Log != cfg.Log || r.cfg.Timeout != cfg.Timeout || r.cfg.ShutdownTimeout != cfg.ShutdownTimeout || r.cfg.Metrics != cfg.Metrics || r.cfg.Health != cfg.Health || r.cfg.StateDir != cfg.StateDir {
+		r.log.Warn("config reload: only the keys are reloaded; socket, log, metrics, timeout, health and stateDir changes take effect after a restart")
 	}
 	old := r.svc.SwapKeyring(ring, h)
 	r.cfg, r.data = cfg, data
-	if next != current {
-		r.primaries = append(r.primaries, next)
-	}
 	r.log.Info("config reloaded", "primary_key_id", next, "previous_primary_key_id", current, "keys", len(cfg.Keys))
 	go func() {
 		if err := old.Close(); err != nil {
