@@ -32,17 +32,22 @@ fail() {
 }
 
 [ "$(id -u)" -eq 0 ] || fail "must run as root (dpkg -i, chroot)"
-for t in dpkg dpkg-deb softhsm2-util chroot ldd systemd-analyze sha256sum; do
+for t in dpkg dpkg-deb softhsm2-util chroot ldd systemd-analyze sha256sum tar; do
 	command -v "$t" >/dev/null || fail "$t is missing (Debian 12 host with softhsm2 and systemd, see .ci/deps.sh)"
 done
-if ! command -v rpm >/dev/null; then
-	echo "installing rpm (to inspect the .rpm)" >&2
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rpm >/dev/null
-fi
+# rpm inspects the .rpm; skopeo reads the image archive with containers/image, the
+# library podman load uses.
+for t in rpm skopeo; do
+	if ! command -v $t >/dev/null; then
+		echo "installing $t" >&2
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $t >/dev/null
+	fi
+done
 if dpkg-query -W -f='${Status}' hwkms 2>/dev/null | grep -q 'installed\|config-files'; then
 	fail "a hwkms package is already on this host; remove it first (dpkg -P hwkms)"
 fi
 [ ! -e /usr/bin/hwkms ] || fail "/usr/bin/hwkms exists and belongs to no hwkms package"
+CHROOT=$(command -v chroot) # env -i below clears PATH
 
 WORK=$(mktemp -d /tmp/hwkms-package-check.XXXXXX)
 installed=0
@@ -133,6 +138,17 @@ done
 grep -q '"name": "libc6"' "$TAR1.cdx.json" || fail "the image SBOM does not name the Debian libc6 package"
 echo "ok  sums verify; SBOMs name the modules, the artifacts' hashes and the image's libc6"
 
+step "image archive: docker-archive and oci-archive (skopeo, as podman load reads them)"
+for transport in docker-archive oci-archive; do
+	rm -rf "$WORK/copy"
+	skopeo copy -q "$transport:$TAR1" "dir:$WORK/copy" || fail "skopeo cannot read $TAR1 as $transport"
+	skopeo inspect --config "$transport:$TAR1" | grep -q '"/usr/bin/hwkms"' || fail "$transport: no /usr/bin/hwkms entrypoint"
+	echo "ok  $transport: $(ls "$WORK/copy" | wc -l) blobs copied, entrypoint /usr/bin/hwkms"
+done
+tar -xOf "$TAR1" index.json | grep -q "\"io.containerd.image.name\": *\"docker.io/library/hwkms:$V1\"" ||
+	fail "index.json does not name docker.io/library/hwkms:$V1 (the name ctr import gives it)"
+tar -xOf "$TAR1" manifest.json | grep -q "\"RepoTags\":\[\"hwkms:$V1\"\]" || fail "manifest.json does not tag hwkms:$V1 (docker load)"
+
 step "rpm contents (rpm -qp)"
 rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$RPM1" >"$WORK/rpm.txt"
 cat "$WORK/rpm.txt"
@@ -216,7 +232,7 @@ layers=$(tar -xOf "$TAR1" manifest.json | sed -e 's/.*"Layers":\[\([^]]*\)\].*/\
 for l in $layers; do
 	tar -xOf "$TAR1" "$l" | tar -xz -C "$ROOT"
 done
-out=$(env -i chroot "$ROOT" /usr/bin/hwkms version)
+out=$(env -i "$CHROOT" "$ROOT" /usr/bin/hwkms version)
 [ "$(head -1 <<<"$out")" = "hwkms $V1" ] || fail "chroot hwkms version: $out"
 echo "ok  chroot: $(head -1 <<<"$out")"
 # What the static pod mounts from the host: the PKCS#11 module at the path the config
@@ -233,7 +249,14 @@ mv "$WORK/chroot-hsm/tokens" "$ROOT/var/lib/softhsm/tokens"
 cp "$WORK/chroot-hsm/softhsm2.conf" "$ROOT/etc/softhsm/softhsm2.conf"
 install -m 0600 "$WORK/chroot-hsm/pin" "$ROOT/etc/hwkms/pin"
 write_config "$ROOT/etc/hwkms/hwkms.yaml" /var/run/hwkms/kms.sock /etc/hwkms/pin
-in_image() { env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH=/opt/pkcs11/lib chroot "$ROOT" /usr/bin/hwkms "$@"; }
+in_image() { env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH=/opt/pkcs11/lib "$CHROOT" "$ROOT" /usr/bin/hwkms "$@"; }
+# Without the library directory the module cannot load: the pod's pkcs11-lib mount is
+# what makes SoftHSM2 work in this image.
+if nolib=$(env -i PATH=/usr/bin:/bin "$CHROOT" "$ROOT" /usr/bin/hwkms doctor --config /etc/hwkms/hwkms.yaml 2>&1); then
+	fail "doctor passed without LD_LIBRARY_PATH: the image has more than libc"
+fi
+grep -q 'FAIL.*module' <<<"$nolib" || fail "doctor without the module's libraries: $nolib"
+echo "ok  without /opt/pkcs11/lib on LD_LIBRARY_PATH the module does not load"
 in_image key create --config /etc/hwkms/hwkms.yaml >/dev/null || fail "chroot hwkms key create"
 in_image doctor --config /etc/hwkms/hwkms.yaml || fail "chroot hwkms doctor"
 
