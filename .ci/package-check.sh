@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packaging check, run by .ci/run as root on a disposable Debian 12 host (CI=true).
 #
+#  0. cmd/mkimage's own tests (a module of its own: make test does not reach it).
 #  1. make package + make image for VERSION $V1, make package for $V2 (each in its own
 #     dist dir); SHA256SUMS verify; the SBOMs describe the artifacts they sit beside.
 #  2. The .rpm: modes, owners, %config(noreplace), scriptlets (rpm -qp; not installed).
@@ -106,6 +107,9 @@ EOF
 }
 
 start=$(date +%s)
+
+step "cmd/mkimage (its own module): vet and tests"
+(cd cmd/mkimage && go vet ./... && go test -race -count=1 ./...) || fail "cmd/mkimage"
 
 step "build $V1 (package, image) and $V2 (package)"
 make -s package image VERSION=$V1 DIST="$WORK/dist1" >"$WORK/make1.log" 2>&1 || { cat "$WORK/make1.log"; fail "make package image VERSION=$V1"; }

@@ -103,11 +103,11 @@ func cmdImage(args []string) error {
 	rt.file("/etc/group", []byte(s.Group), 0o644)
 	var copied []hostFile
 	for _, l := range libs {
-		fs, err := rt.copyHostPath(l)
+		files, err := rt.copyHostPath(l)
 		if err != nil {
 			return err
 		}
-		copied = append(copied, fs...)
+		copied = append(copied, files...)
 	}
 	bin, err := os.ReadFile(*binary)
 	if err != nil {
