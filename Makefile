@@ -3,10 +3,12 @@ GO      ?= go
 BACKEND ?= pkcs11
 SOCKET  ?= ./.dev/kms.sock
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 export CGO_ENABLED := 1
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all deps build run test test-unit test-api vet fmt-check bench clean fuzz-short soak e2e e2e-scale e2e-tools
+.PHONY: all deps build run test test-unit test-api vet fmt-check bench clean fuzz-short soak e2e e2e-scale e2e-tools \
+	tools package image dist sums
 
 all: build
 
@@ -14,7 +16,7 @@ deps:
 	@./.ci/deps.sh
 
 build:
-	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/hwkms ./cmd/hwkms
+	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION) -X main.commit=$(COMMIT)" -o bin/hwkms ./cmd/hwkms
 
 ## run: build and serve KMS v2 on a throwaway dev token (Ctrl-C to stop)
 run: deps build
@@ -100,6 +102,66 @@ e2e-tools:
 	  cd $(E2E_DIR) && CGO_ENABLED=0 $(GO) build $(E2E_GOFLAGS) -trimpath -ldflags "$(K8S_LDFLAGS)" \
 	    -o bin/kubectl-$(K8S_VERSION).tmp k8s.io/kubernetes/cmd/kubectl && \
 	  mv bin/kubectl-$(K8S_VERSION).tmp bin/kubectl-$(K8S_VERSION); }
+
+## Release artifacts, all in DIST (dist/), each with a CycloneDX SBOM (FILE.cdx.json),
+## and DIST/SHA256SUMS over every file there. The tools (nfpm, cyclonedx-gomod,
+## cmd/mkimage) are pinned in cmd/mkimage/go.mod, a module of their own so that none of
+## them enters hwkms's go.mod. No container daemon is needed.
+##   make package: DIST/hwkms_V_ARCH.deb and DIST/hwkms-V.RPMARCH.rpm (nfpm,
+##                 deploy/packaging/nfpm.yaml), and the bare binary DIST/hwkms-V-linux-ARCH
+##   make image:   the OCI image hwkms:VERSION (deploy/packaging/image.json) as an OCI
+##                 layout DIST/hwkms-image-VERSION/ and an archive DIST/hwkms-image-VERSION.tar
+##                 that docker load, podman load and ctr import read
+## VERSION=1.2.3 sets the version (default git describe); a version that does not start
+## with a digit is packaged as 0.0.0+git.VERSION.
+DIST              ?= dist
+PKG_VERSION       ?= $(shell echo '$(VERSION)' | sed -E 's/^v([0-9])/\1/; /^[0-9]/!{s/-/./g; s/^/0.0.0+git./;}')
+ARCH              ?= $(shell $(GO) env GOARCH)
+RPM_ARCH           = $(if $(filter amd64,$(ARCH)),x86_64,$(if $(filter arm64,$(ARCH)),aarch64,$(ARCH)))
+IMAGE_TAG         ?= $(VERSION)
+PKG_MAINTAINER    ?= hwkms maintainers <hwkms@localhost>
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+TOOLS             := bin/tools
+DEB                = $(DIST)/hwkms_$(PKG_VERSION)_$(ARCH).deb
+RPM                = $(DIST)/hwkms-$(PKG_VERSION).$(RPM_ARCH).rpm
+BIN_DIST           = $(DIST)/hwkms-$(PKG_VERSION)-linux-$(ARCH)
+IMAGE_DIR          = $(DIST)/hwkms-image-$(IMAGE_TAG)
+IMAGE_TAR          = $(IMAGE_DIR).tar
+BIN_SBOM           = $(BIN_DIST).cdx.json
+
+tools:
+	cd cmd/mkimage && CGO_ENABLED=0 $(GO) build -trimpath -o $(CURDIR)/$(TOOLS)/ tool
+	cd cmd/mkimage && CGO_ENABLED=0 $(GO) build -trimpath -o $(CURDIR)/$(TOOLS)/mkimage .
+
+# The binary's SBOM: cyclonedx-gomod bin reads the module list from the binary's build
+# info, so it names exactly the modules linked in (what hwkms version prints).
+$(BIN_SBOM): build tools
+	@mkdir -p $(DIST)
+	install -m 0755 bin/hwkms $(BIN_DIST)
+	$(TOOLS)/cyclonedx-gomod bin -json -version $(VERSION) -output $@ bin/hwkms
+
+package: build tools $(BIN_SBOM)
+	PKG_VERSION='$(PKG_VERSION)' ARCH='$(ARCH)' PKG_MAINTAINER='$(PKG_MAINTAINER)' SOURCE_DATE_EPOCH='$(SOURCE_DATE_EPOCH)' \
+	  $(TOOLS)/nfpm package --config deploy/packaging/nfpm.yaml --packager deb --target $(DEB)
+	PKG_VERSION='$(PKG_VERSION)' ARCH='$(ARCH)' PKG_MAINTAINER='$(PKG_MAINTAINER)' SOURCE_DATE_EPOCH='$(SOURCE_DATE_EPOCH)' \
+	  $(TOOLS)/nfpm package --config deploy/packaging/nfpm.yaml --packager rpm --target $(RPM)
+	$(TOOLS)/mkimage sbom -in $(BIN_SBOM) -artifact $(DEB) -out $(DEB).cdx.json -version '$(PKG_VERSION)' \
+	  -purl 'pkg:deb/hwkms@$(PKG_VERSION)?arch=$(ARCH)' -source-date-epoch $(SOURCE_DATE_EPOCH)
+	$(TOOLS)/mkimage sbom -in $(BIN_SBOM) -artifact $(RPM) -out $(RPM).cdx.json -version '$(PKG_VERSION)' \
+	  -purl 'pkg:rpm/hwkms@$(PKG_VERSION)?arch=$(RPM_ARCH)' -source-date-epoch $(SOURCE_DATE_EPOCH)
+	@$(MAKE) --no-print-directory sums DIST=$(DIST)
+
+image: build tools $(BIN_SBOM)
+	$(TOOLS)/mkimage image -spec deploy/packaging/image.json -binary bin/hwkms -version '$(IMAGE_TAG)' -commit '$(COMMIT)' \
+	  -source-date-epoch $(SOURCE_DATE_EPOCH) -out-dir $(IMAGE_DIR) -out-tar $(IMAGE_TAR) \
+	  -sbom-in $(BIN_SBOM) -sbom-out $(IMAGE_TAR).cdx.json
+	@$(MAKE) --no-print-directory sums DIST=$(DIST)
+
+dist: package image
+
+## sums: DIST/SHA256SUMS over every file in DIST (the OCI layout's files included)
+sums:
+	cd $(DIST) && find . -type f ! -name 'SHA256SUMS*' | sed 's|^\./||' | LC_ALL=C sort | xargs -d '\n' sha256sum > SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS
 
 clean:
 	rm -rf bin .dev .bench $(E2E_DIR)/bin

@@ -433,7 +433,7 @@ func TestSystemdUnitVerifies(t *testing.T) {
 		t.Fatal(err)
 	}
 	unit := filepath.Join(dir, "hwkms.service")
-	if err := os.WriteFile(unit, []byte(strings.ReplaceAll(string(data), "/usr/local/bin/hwkms", bin)), 0o644); err != nil {
+	if err := os.WriteFile(unit, []byte(strings.ReplaceAll(string(data), "/usr/bin/hwkms", bin)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	out, err := exec.Command(sa, "verify", unit).CombinedOutput()

@@ -130,11 +130,8 @@ func table() *command {
 						return runStorageAudit(ctx, args, c.stdout, c.stderr)
 					}},
 			}},
-			{name: "version", summary: "print the version", noFlags: true,
-				run: func(_ context.Context, c cmdIO, _ []string) error {
-					_, err := fmt.Fprintln(c.stdout, "hwkms", version)
-					return err
-				}},
+			{name: "version", summary: "print the version, commit, Go version and the modules built in", noFlags: true,
+				run: func(_ context.Context, c cmdIO, args []string) error { return cmdVersion(args, c.stdout, c.stderr) }},
 			{name: "help", args: "[COMMAND...]", summary: "print this usage, or a command's usage and flags", noFlags: true, run: cmdHelp},
 		},
 	}
