@@ -223,6 +223,12 @@ func (t tpmKey) Check(ctx context.Context, r Checker, o CheckOptions) {
 	case errors.Is(err, kek.ErrKeyNotFound):
 		r.Fail(name+" key present", err.Error(), fmt.Sprintf("hwkms key create --config %s --key %d", o.ConfigPath, o.Index))
 		return
+	case errors.Is(err, tpm.ErrKeyIDMismatch):
+		r.Fail(name+" key present", err.Error(), "another key is at "+field+"'s handle or blob file than "+field+".keyID pins: find out who put it there before changing keyID")
+		return
+	case errors.Is(err, tpm.ErrSRKMismatch):
+		r.Fail(name+" key present", err.Error(), "the TPM's owner SRK is not the one "+field+".srkName pins (or not an SRK at all): a cleared owner hierarchy, another TPM, or something answering in the TPM's place; compare with hwkms tpm export-srk run where the bus is trusted")
+		return
 	case errors.Is(err, tpm.ErrNotKEK):
 		r.Fail(name+" key present", err.Error(), "point "+field+" at a KEK made by hwkms key create (fixedTPM|fixedParent storage key)")
 		return

@@ -191,3 +191,40 @@ func TestTPMDestroyAndDoctorWording(t *testing.T) {
 		})
 	}
 }
+
+// TestTPMDoctorPins: doctor's "key present" fails, with advice naming the field,
+// when the KEK is not the one keyID pins or the owner SRK is not the one srkName pins.
+func TestTPMDoctorPins(t *testing.T) {
+	ctx := context.Background()
+	sim := swtpmtest.New(t)
+	dir := t.TempDir()
+	a := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "a.blob")}
+	b := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "b.blob")}
+	infoA, err := tpm.CreateKey(ctx, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tpm.CreateKey(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	wrongKey := b
+	wrongKey.KeyID = infoA.KeyID
+	wrongSRK := a
+	wrongSRK.SRKName = "000b" + strings.Repeat("00", 32)
+	for _, tc := range []struct {
+		name string
+		c    tpm.Config
+		want string
+	}{
+		{"keyID", wrongKey, "the config's keyID pins " + infoA.KeyID},
+		{"srkName", wrongSRK, "srkName pins 000b00"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var log checkLog
+			tpmKey{tc.c}.Check(ctx, &log, CheckOptions{Name: "keys[0]", Timeout: 10 * time.Second})
+			if l := log.line(t, "[FAIL] keys[0] key present"); !strings.Contains(l, tc.want) {
+				t.Errorf("doctor does not say %q:\n%s", tc.want, l)
+			}
+		})
+	}
+}
