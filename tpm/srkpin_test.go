@@ -366,7 +366,10 @@ func TestPinnedKeyIDBlob(t *testing.T) {
 	other := Config{Device: sim.Device, BlobFile: filepath.Join(dir, "b.blob")}
 	createKey(t, other)
 	other.KeyID = mine.KeyID
-	if _, err := Open(ctx, other); !errors.Is(err, ErrKeyIDMismatch) || !errors.Is(err, ErrNotKEK) {
+	if k, err := Open(ctx, other); !errors.Is(err, ErrKeyIDMismatch) || !errors.Is(err, ErrNotKEK) {
+		if err == nil {
+			k.Close()
+		}
 		t.Errorf("Open = %v, want ErrKeyIDMismatch", err)
 	}
 	if _, err := Probe(ctx, other); !errors.Is(err, ErrKeyIDMismatch) {
