@@ -64,6 +64,21 @@ type Config struct {
 	// PCRs (0-23, at most MaxPCRs) with their values at Wrap time. See doc.go for
 	// what a PCR change does and how to recover.
 	PCRs []int `json:"pcrs,omitempty"`
+	// AllowVolatilePCRs lets PCRs select PCRs that change while the system runs (10,
+	// 11, 15, 16-23; see doc.go), which are otherwise refused: data sealed to one
+	// becomes unreadable at its next change.
+	AllowVolatilePCRs bool `json:"allowVolatilePCRs,omitempty"`
+	// SRKName optionally pins the owner SRK: the srk_name `hwkms tpm export-srk`
+	// prints (hex, "000b" followed by 64 hex digits). CreateKey, ImportKey, Probe
+	// and the blob form of Open then refuse (ErrSRKMismatch) an SRK with another
+	// Name before any session is salted to it or any key loaded under it.
+	SRKName string `json:"srkName,omitempty"`
+	// KeyID optionally pins the KEK: its key_id ("tpm:000b" followed by 64 hex
+	// digits, as key create prints it). Open, Probe, DestroyKey and ImportKey refuse
+	// (ErrKeyIDMismatch) a KEK with another key_id at the persistent handle or in
+	// the blob file, before any session is salted to it. CreateKey refuses a config
+	// with KeyID set: a new key cannot have a given key_id.
+	KeyID string `json:"keyID,omitempty"`
 }
 
 // Validate checks the configuration without touching the TPM or the file system.
@@ -98,6 +113,20 @@ func (c Config) Validate(prefix string) error {
 	}
 	if _, err := pcrList(c.PCRs); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", field("pcrs"), err))
+	} else if !c.AllowVolatilePCRs {
+		if err := checkVolatilePCRs(c.PCRs, field("allowVolatilePCRs")); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", field("pcrs"), err))
+		}
+	}
+	if c.SRKName != "" {
+		if _, err := parseName(c.SRKName, "the srk_name hwkms tpm export-srk prints"); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", field("srkName"), err))
+		}
+	}
+	if c.KeyID != "" {
+		if _, err := parseKeyID(c.KeyID); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", field("keyID"), err))
+		}
 	}
 	return errors.Join(errs...)
 }

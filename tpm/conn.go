@@ -181,7 +181,11 @@ func (k *KEK) loadKEK() error {
 			return err
 		}
 		if k.name != nil && !bytes.Equal(name, k.name) {
-			return fmt.Errorf("%w: the object at 0x%08x has a different Name than at Open", ErrNotKEK, uint32(k.persistent))
+			by := "Open found"
+			if k.idPinned {
+				by = "the config's keyID pins"
+			}
+			return checkPinned(name, k.name, fmt.Sprintf("persistent handle 0x%08x", uint32(k.persistent)), by)
 		}
 		k.kek, k.kekPub, k.name = k.persistent, *pub, name
 		return nil
@@ -190,7 +194,7 @@ func (k *KEK) loadKEK() error {
 	if err != nil {
 		return err
 	}
-	h, err := loadUnderSRK(k.c, k.blobPub, k.blobPriv, k.name)
+	h, err := loadUnderSRK(k.c, k.blobPub, k.blobPriv, k.name, k.srkPin)
 	if err != nil {
 		return err
 	}

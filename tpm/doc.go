@@ -5,9 +5,10 @@
 //
 // It owns what runs on a node, against its TPM: the transport (/dev/tpmrm0,
 // /dev/tpm0, swtpm over TCP or a unix socket; transport.go, conn.go), the owner
-// SRK, creating, loading, probing and destroying the KEK (keys.go, blobfile.go),
-// sealing and unsealing (seal.go, body.go), the salted sessions, the optional PCR
-// policy (policy.go), handle hygiene (handles.go), the shared connection on a TPM
+// SRK and the checks of it and of the KEK before anything is salted to them
+// (srkpin.go), creating, loading, probing and destroying the KEK (keys.go,
+// blobfile.go), sealing and unsealing (seal.go, body.go), the salted sessions, the
+// optional PCR policy (policy.go; volatile PCRs refused, volatile.go), handle hygiene (handles.go), the shared connection on a TPM
 // without a resource manager (line.go), recovery after the TPM or swtpm restarts,
 // and the node side of the multi-node form: exporting the SRK and EK and importing
 // an import blob (import.go, ek.go). Its sentinels are in errors.go; Reason,
@@ -71,9 +72,10 @@
 // (72 bytes). The Name is computed by hwkms from the public area (never taken on
 // the TPM's word alone), depends only on the key, is the same on every restart of
 // hwkms or of the TPM, and is different for every created key (the public area
-// holds the TPM-generated public point). It is pinned at Open: if, after a
-// reconnect, the persistent handle holds an object with another Name, every call
-// fails with ErrNotKEK and kek.ErrUnavailable.
+// holds the TPM-generated public point). It is pinned at Open (or, with
+// Config.KeyID, by the config): if, after a reconnect, the persistent handle holds
+// an object with another Name, every call fails with ErrKeyIDMismatch, ErrNotKEK
+// and kek.ErrUnavailable. See "What is pinned, and what is not".
 //
 // # Body format v1 (stored in etcd: never change it, add a version instead)
 //
@@ -135,9 +137,58 @@
 // flushed and recreated after any failure.
 //
 // For a persistent KEK the public key used for salting is read with TPM2_ReadPublic
-// at Open, which is not authenticated: an active interposer present at the first
-// Open could substitute its own key. Its Name is pinned from then on. The blob form
-// has no such window: the public area comes from the file.
+// at Open, which is not authenticated; Config.KeyID closes that window (next
+// section). The blob form takes the public area from the file.
+//
+// # What is pinned, and what is not (srkpin.go)
+//
+// A salted session is only as private as the key it is salted to: whoever holds
+// that key's private half can derive the session key, decrypt the parameters
+// (CreateKey's inSensitive carries the new KEK's auth value) and, with the auth
+// value, everything after. Something on the bus between hwkms and the TPM (an
+// interposer) could answer TPM2_CreatePrimary or TPM2_ReadPublic with its own key.
+// So:
+//
+//   - The owner SRK, in every TPM2_CreatePrimary answer (CreateKey, ImportKey,
+//     Probe, ExportSRK, and Open and every reconnect of the blob form), is checked
+//     before a session is salted to it or a key loaded or imported under it: its
+//     Name, recomputed from the returned public area, must be the Name the TPM
+//     returned; the public area must be the TCG ECC P-256 SRK template (wire.SRKTemplate,
+//     every field but the point) with a point on the curve; and with
+//     Config.SRKName set, its Name must be that one. Otherwise the call fails with
+//     ErrSRKMismatch and kek.ErrUnavailable, and no StartAuthSession, Create, Load
+//     or Import follows (TestSubstitutedSRK, with a proxy that substitutes a flipped
+//     Name, a duplicable key, and an SRK-template key the TPM made in the NULL
+//     hierarchy).
+//   - Only the pin catches the last: a well-formed SRK-shaped key the interposer
+//     holds the private half of. Without srkName, CreateKey salts to it and the
+//     KEK is made under it (the test shows such a blob does not load under the real
+//     SRK, but the auth value has been exposed). Take srk_name from `hwkms tpm
+//     export-srk` where the bus can be trusted (at provisioning, before the node
+//     joins) and put it in srkName; ExportSRK itself is not pinned (it is where the
+//     pin comes from). The pin is a Name, not an attestation: hwkms does not check
+//     that the SRK belongs to a certified EK when creating a key. The EK-certified
+//     path exists only for import blobs (ExportEK, provision.VerifyNodeEK and
+//     TPM2_ActivateCredential in ImportKey; see "Imported KEK").
+//   - The KEK. Blob form: the public area and Name come from the file, the sessions
+//     are salted to that public key, and TPM2_Load under the checked SRK must
+//     return the same Name. Persistent form: the public area comes from
+//     TPM2_ReadPublic, which no session authenticates. Without Config.KeyID each
+//     process trusts the key it finds at its first connect and pins that for its
+//     reconnects; with Config.KeyID (the key_id key create printed) Open refuses
+//     any other object at the handle before a session is salted to it, with an
+//     error naming keyID and both key_ids (ErrKeyIDMismatch, ErrNotKEK), and a
+//     reconnect that finds another object fails every call with kek.ErrUnavailable
+//     (TestPinnedKeyID). KeyID also pins the blob file, Probe, DestroyKey and the
+//     import blob in ImportKey; CreateKey refuses a config with KeyID set.
+//   - Not pinned: the persistent form does not re-create the SRK, so srkName is not
+//     checked there (keyID is what protects it). Answers that no session HMAC
+//     covers (GetCapability, TPM2_PCR_Read at Wrap, the CreatePrimary and
+//     ReadPublic answers beyond the checks above) are taken at face value: a lie
+//     about PCR values gives a policy the real TPM will not satisfy at Unseal (lost
+//     availability, not a leak). An interposer that blocks or corrupts commands can
+//     always deny service; these checks keep it from learning the auth value or the
+//     seeds.
 //
 // # Connection, concurrency and recovery
 //
@@ -193,6 +244,35 @@
 // Objects sealed without a policy still unwrap when pcrs is added; objects sealed
 // with one need the same pcrs list in the config to unwrap (the list is not stored
 // in the body; change it only with a new key).
+//
+// Only PCRs that stay put while the system runs are useful: a PCR that changes after
+// Wrap makes everything sealed before the change unreadable. Config.Validate
+// therefore refuses these unless Config.AllowVolatilePCRs is set (volatile.go),
+// naming the field and the PCR:
+//
+//	10     IMA: extended at every measured file access (Linux IMA)
+//	11     systemd-stub measures the UKI into it, and systemd-pcrphase extends it at
+//	       boot milestones while the system runs: enter-initrd, leave-initrd,
+//	       sysinit, ready, then shutdown and final (systemd-pcrphase(8))
+//	15     systemd-pcrmachine, systemd-pcrfs and systemd-cryptsetup extend the machine
+//	       ID, file system identities and volume keys as they come up (same page,
+//	       and crypttab(5), tpm2-measure-pcr=)
+//	16     debug PCR, resettable from locality 0 (TCG PC Client Platform Firmware
+//	       Profile, PCR usage)
+//	17-22  DRTM (Intel TXT, AMD SKINIT, Secure Launch): reset and extended by a
+//	       dynamic launch, which can happen while the system runs (same profile)
+//	23     application support, resettable from locality 0 (same profile)
+//
+// Stable from one boot to the next until something is updated (same profile):
+// 0 firmware code, 1 firmware configuration, 2-3 option ROMs and their
+// configuration, 4 boot manager code (and what it loads, e.g. shim, GRUB, the
+// kernel under EFI), 5 boot manager configuration and the GPT, 6 platform events, 7
+// Secure Boot policy; 8-9 the boot loader (GRUB measures its commands into 8 and
+// the files it loads into 9; the kernel measures the initrd into 9); 12-14 systemd-stub
+// (kernel command line and credentials in 12, system extensions in 13) and shim
+// (MOK lists in 14). Recent systemd also extends a separator into PCR 9 once its
+// NV-index PCRs are set up during boot (systemd-pcrnvdone); seal to 9 only if hwkms
+// starts after that. PCR 7 with 0 or 4 is the usual choice.
 //
 // # Imported KEK (several nodes, one KEK; import.go, ek.go, docs/ha.md)
 //
@@ -255,8 +335,9 @@
 // malformed, tampered or foreign body or a wrong aad; kek.ErrInvalidInput for a
 // plaintext outside 1..96 bytes; kek.ErrUnavailable for an unreachable TPM, a
 // failed reconnect (also from Open, CreateKey, Probe and DestroyKey), a deadline
-// (also wrapping context.DeadlineExceeded), ErrPolicy, ErrNotKEK and kek.ErrKeyNotFound
-// after a reconnect; kek.ErrClosed after Close. No error carries a seed,
+// (also wrapping context.DeadlineExceeded), ErrPolicy, ErrSRKMismatch (always),
+// and ErrNotKEK, ErrKeyIDMismatch and kek.ErrKeyNotFound after a reconnect;
+// kek.ErrClosed after Close. No error carries a seed,
 // plaintext or auth value.
 //
 // # Other deviations and limits

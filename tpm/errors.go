@@ -25,6 +25,19 @@ var (
 	// ErrWrongTPM means an import blob was made for another TPM's SRK, or is bound
 	// to another TPM's EK.
 	ErrWrongTPM = errors.New("tpm: import blob was made for another TPM's SRK")
+	// ErrSRKMismatch means the key TPM2_CreatePrimary returned as the owner SRK is
+	// not one hwkms will salt a session to or load under: its Name does not match its
+	// public area, its public area is not the TCG ECC P-256 SRK template, or its
+	// Name is not Config.SRKName. An interposer on the bus answering in the TPM's
+	// place is one cause; a cleared owner hierarchy (a new SRK) with an old srkName
+	// is another. It is always wrapped together with kek.ErrUnavailable. See
+	// srkpin.go.
+	ErrSRKMismatch = errors.New("tpm: owner SRK is not the expected key")
+	// ErrKeyIDMismatch means the KEK found (at the persistent handle, or in the blob
+	// file or import blob) has another key_id than the one pinned by Config.KeyID,
+	// or, after a reconnect, than the one Open found. It is always wrapped together
+	// with ErrNotKEK, and on the request path with kek.ErrUnavailable.
+	ErrKeyIDMismatch = errors.New("tpm: KEK is not the pinned key_id")
 )
 
 // errDesync marks an error from go-tpm that is neither a TPM response code nor a

@@ -32,7 +32,7 @@ func ExportSRK(ctx context.Context, device string) (provision.SRKPublic, error) 
 		return provision.SRKPublic{}, err
 	}
 	defer c.Close()
-	srk, err := createSRK(c)
+	srk, err := createSRK(c, nil)
 	if err != nil {
 		return provision.SRKPublic{}, fmt.Errorf("tpm: export SRK: %w", err)
 	}
@@ -63,6 +63,9 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
 	}
+	if err := checkKeyID(ib.Name, cfg.pins().kek, "the import blob"); err != nil {
+		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
+	}
 	dev, _ := parseDevice(cfg.Device)
 	var handle tpm2.TPMHandle
 	if cfg.PersistentHandle != "" {
@@ -86,7 +89,7 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 			return KeyInfo{}, fmt.Errorf("tpm: import: TPM2_ReadPublic: %w", err)
 		}
 	}
-	srk, err := createSRK(c)
+	srk, err := createSRK(c, cfg.pins().srk)
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
 	}

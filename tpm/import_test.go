@@ -152,7 +152,7 @@ func TestImportedKEKThreeNodes(t *testing.T) {
 		t.Errorf("ImportKey on the outsider = %v, want ErrWrongTPM", err)
 	}
 	withConn(t, outsider.sim, func(c *conn) {
-		srk, err := createSRK(c)
+		srk, err := createSRK(c, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -198,7 +198,7 @@ func TestImportedKEKCannotBeDuplicated(t *testing.T) {
 	}
 	withConn(t, nodes[0].sim, func(c *conn) {
 		name, _ := wire.ObjectName(pub)
-		h, err := loadUnderSRK(c, pubBytes, priv, name)
+		h, err := loadUnderSRK(c, pubBytes, priv, name, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -41,7 +41,9 @@ type KEK struct {
 	persistent tpm2.TPMHandle // 0 for the blob form
 	blobPub    []byte         // TPMT_PUBLIC of the KEK (blob form)
 	blobPriv   []byte         // TPM2B_PRIVATE contents of the KEK (blob form)
-	name       []byte         // the KEK's TPM Name, pinned at Open
+	name       []byte         // the KEK's TPM Name, pinned at Open (or by Config.KeyID)
+	srkPin     []byte         // Config.SRKName, or nil (blob form: checked at every load)
+	idPinned   bool           // name was set from Config.KeyID
 	imported   bool           // an imported KEK (import.go): sealed objects have fixedTPM clear
 	id         string
 
@@ -74,7 +76,8 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, sem: make(chan struct{}, 1)}
+	pin := cfg.pins()
+	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, srkPin: pin.srk, name: pin.kek, idPinned: pin.kek != nil, sem: make(chan struct{}, 1)}
 	if !dev.rm {
 		k.line = acquireLine(dev)
 		k.sem = k.line.sem
@@ -87,6 +90,8 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 			k.blobPub, k.blobPriv = pubBytes, priv
 			if k.name, err = wire.ObjectName(pub); err != nil {
 				err = fmt.Errorf("tpm: blobFile %s: %w: %w", cfg.BlobFile, ErrNotKEK, err)
+			} else if err = checkKeyID(k.name, pin.kek, "blob file "+cfg.BlobFile); err != nil {
+				err = fmt.Errorf("tpm: open: %w", err)
 			}
 		}
 		if err != nil {

@@ -251,7 +251,7 @@ func TestPCRPolicy(t *testing.T) {
 	sim := swtpmtest.New(t)
 	plain := Config{Device: sim.Device, PersistentHandle: testHandle}
 	withPCR := plain
-	withPCR.PCRs = []int{16, 7}
+	withPCR.PCRs, withPCR.AllowVolatilePCRs = []int{16, 7}, true // 16, the debug PCR, can be extended by the test
 	createKey(t, plain)
 
 	// A body sealed without a policy.

@@ -23,6 +23,11 @@ type KeyInfo struct {
 	Handle string
 	// BlobFile is the blob file path, or "" for the persistent form.
 	BlobFile string
+	// FixedTPM is the KEK's fixedTPM attribute: set for a KEK made in this TPM by
+	// CreateKey (it cannot exist outside this TPM, except as its blob, which loads
+	// only here); clear for an imported KEK (ImportKey: the ceremony made it outside
+	// any TPM, and every TPM that imported it, and its escrow blob, hold it too).
+	FixedTPM bool
 }
 
 // CreateKey creates a new KEK under the owner-hierarchy SRK (created from the TCG
@@ -33,10 +38,15 @@ type KeyInfo struct {
 // makes it persistent at cfg.PersistentHandle (TPM2_EvictControl, section 28.5) or
 // writes cfg.BlobFile (format in doc.go, mode 0600, created atomically). It never
 // overwrites: an occupied handle or an existing file gives kek.ErrKeyExists.
-// The owner hierarchy's auth value must be empty.
+// The owner hierarchy's auth value must be empty. The SRK is checked (checkSRK:
+// Name, template, cfg.SRKName) before the session carrying the auth value is salted
+// to it. A cfg with KeyID set is refused: a new key cannot have a given key_id.
 func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err := cfg.Validate("tpm"); err != nil {
 		return KeyInfo{}, err
+	}
+	if cfg.KeyID != "" {
+		return KeyInfo{}, fmt.Errorf("tpm: create: keyID is set (%s): it pins an existing key; remove it to create a new one", cfg.KeyID)
 	}
 	dev, _ := parseDevice(cfg.Device)
 	auth, err := readAuth(cfg.AuthFile)
@@ -67,7 +77,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_ReadPublic: %w", err)
 		}
 	}
-	srk, err := createSRK(c)
+	srk, err := createSRK(c, cfg.pins().srk)
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
 	}
@@ -98,7 +108,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
 	}
-	info := KeyInfo{KeyID: wire.KeyID(name), Name: name}
+	info := KeyInfo{KeyID: wire.KeyID(name), Name: name, FixedTPM: pub.ObjectAttributes.FixedTPM}
 
 	if handle != 0 {
 		h, err := loadUnderSRKWith(c, srk, cr.OutPublic.Bytes(), cr.OutPrivate.Buffer, name)
@@ -134,7 +144,8 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 // Probe reports whether the KEK in cfg exists and is usable: the persistent object
 // exists and has the KEK's shape, or the blob file parses and loads under this TPM's
 // SRK. It changes nothing on the TPM (a blob is flushed after loading). A missing
-// key gives kek.ErrKeyNotFound.
+// key gives kek.ErrKeyNotFound; a KEK other than cfg.KeyID, ErrKeyIDMismatch; an
+// SRK other than cfg.SRKName (blob form), ErrSRKMismatch.
 func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err := cfg.Validate("tpm"); err != nil {
 		return KeyInfo{}, err
@@ -161,15 +172,22 @@ func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 		return KeyInfo{}, err
 	}
 	defer c.Close()
+	pin := cfg.pins()
 	if handle != 0 {
-		if _, info.Name, err = readKEKPublic(c, handle); err != nil {
+		if pub, info.Name, err = readKEKPublic(c, handle); err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
+		}
+		if err := checkKeyID(info.Name, pin.kek, "persistent handle "+info.Handle); err != nil {
 			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
 		}
 	} else {
 		if info.Name, err = wire.ObjectName(pub); err != nil {
 			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
 		}
-		h, err := loadUnderSRK(c, pubBytes, priv, info.Name)
+		if err := checkKeyID(info.Name, pin.kek, "blob file "+cfg.BlobFile); err != nil {
+			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
+		}
+		h, err := loadUnderSRK(c, pubBytes, priv, info.Name, pin.srk)
 		if err != nil {
 			return KeyInfo{}, fmt.Errorf("tpm: probe: %w", err)
 		}
@@ -178,19 +196,35 @@ func Probe(ctx context.Context, cfg Config) (KeyInfo, error) {
 		}
 	}
 	info.KeyID = wire.KeyID(info.Name)
+	info.FixedTPM = pub.ObjectAttributes.FixedTPM
 	return info, nil
 }
 
 // DestroyKey evicts the persistent KEK (TPM2_EvictControl) or removes the blob file,
-// after checking that the object is an hwkms KEK. Data wrapped by it can never be
-// unwrapped again. A missing key gives kek.ErrKeyNotFound.
+// after checking that the object is an hwkms KEK (and cfg.KeyID, if set). What that
+// ends depends on the copies left: removing a blob file removes one copy, and any
+// other copy of the blob (a backup, a restored disk) still loads under this TPM's
+// owner SRK until the owner hierarchy is cleared; an imported KEK (fixedTPM clear)
+// also lives in every other TPM that imported it and in its escrow blob, if one
+// was made. Only evicting a KEK made here at a persistent handle (fixedTPM, never
+// written out) leaves no copy, so that data wrapped by it can never be unwrapped
+// again. A missing key gives kek.ErrKeyNotFound.
 func DestroyKey(ctx context.Context, cfg Config) error {
 	if err := cfg.Validate("tpm"); err != nil {
 		return err
 	}
+	pin := cfg.pins()
 	if cfg.BlobFile != "" {
-		if _, _, _, err := readBlobFile(cfg.BlobFile); err != nil {
+		pub, _, _, err := readBlobFile(cfg.BlobFile)
+		if err != nil {
 			return err
+		}
+		name, err := wire.ObjectName(pub)
+		if err != nil {
+			return fmt.Errorf("tpm: destroy: %w", err)
+		}
+		if err := checkKeyID(name, pin.kek, "blob file "+cfg.BlobFile); err != nil {
+			return fmt.Errorf("tpm: destroy: %w", err)
 		}
 		if err := os.Remove(cfg.BlobFile); err != nil {
 			return fmt.Errorf("tpm: destroy: %w", err)
@@ -206,6 +240,9 @@ func DestroyKey(ctx context.Context, cfg Config) error {
 	defer c.Close()
 	_, name, err := readKEKPublic(c, handle)
 	if err != nil {
+		return fmt.Errorf("tpm: destroy: %w", err)
+	}
+	if err := checkKeyID(name, pin.kek, fmt.Sprintf("persistent handle 0x%08x", uint32(handle))); err != nil {
 		return fmt.Errorf("tpm: destroy: %w", err)
 	}
 	_, err = tpm2.EvictControl{
@@ -267,10 +304,19 @@ type primaryObject struct {
 	pub tpm2.TPMTPublic
 }
 
-// createSRK creates the owner SRK from the TCG ECC P-256 template. The caller
-// flushes it.
-func createSRK(c *conn) (primaryObject, error) {
-	return createPrimary(c, tpm2.TPMRHOwner, wire.SRKTemplate, "owner SRK")
+// createSRK creates the owner SRK from the TCG ECC P-256 template and checks it
+// (checkSRK: its Name, its template and, if pin is set, that its Name is pin). The
+// caller flushes it.
+func createSRK(c *conn, pin []byte) (primaryObject, error) {
+	srk, err := createPrimary(c, tpm2.TPMRHOwner, wire.SRKTemplate, "owner SRK")
+	if err != nil {
+		return primaryObject{}, err
+	}
+	if err := checkSRK(srk, pin); err != nil {
+		flushHandle(c, srk.Handle)
+		return primaryObject{}, err
+	}
+	return srk, nil
 }
 
 // createPrimary creates a primary key from tmpl under hierarchy (whose auth value
@@ -291,10 +337,11 @@ func createPrimary(c *conn, hierarchy tpm2.TPMHandle, tmpl tpm2.TPMTPublic, what
 	return primaryObject{NamedHandle: tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, pub: *pub}, nil
 }
 
-// loadUnderSRK creates the SRK, loads a KEK blob under it, flushes the SRK and
-// returns the KEK's transient handle. The loaded Name must equal name.
-func loadUnderSRK(c *conn, pubBytes, priv, name []byte) (tpm2.TPMHandle, error) {
-	srk, err := createSRK(c)
+// loadUnderSRK creates the SRK (checked against srkPin, if set), loads a KEK blob
+// under it, flushes the SRK and returns the KEK's transient handle. The loaded Name
+// must equal name.
+func loadUnderSRK(c *conn, pubBytes, priv, name, srkPin []byte) (tpm2.TPMHandle, error) {
+	srk, err := createSRK(c, srkPin)
 	if err != nil {
 		return 0, err
 	}

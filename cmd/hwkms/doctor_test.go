@@ -218,7 +218,7 @@ func TestDoctorTPM(t *testing.T) {
 	if err := os.WriteFile(auth, []byte("0123456789abcdef0123"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: auth, PCRs: []int{16}}
+	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: auth, PCRs: []int{16}, AllowVolatilePCRs: true}
 	info, err := tpm.CreateKey(ctx, key)
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package config
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -13,8 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-
-	"github.com/google/go-tpm/tpm2"
 
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm"
@@ -99,57 +96,28 @@ func (t tpmKey) Describe(ctx context.Context) Description {
 		return Description{KeyID: "-", Detail: err.Error(), Err: err}
 	}
 	return Description{KeyID: info.KeyID, Present: true, Detail: TPMLocation(info), Where: "TPM " + t.c.Device + " " + TPMLocation(info),
-		DestroyEffect: destroyEffect(info, formOf(t.c))}
+		DestroyEffect: destroyEffect(info, formOf(info))}
 }
 
 // kekForm is what a TPM KEK's attributes say about where else it can exist.
 type kekForm int
 
 const (
-	// formUnknown: a persistent handle, whose public area only the TPM can tell
-	// (package tpm does not report its attributes).
-	formUnknown kekForm = iota
 	// formMadeHere: fixedTPM set (hwkms key create): made in this TPM, its private
 	// part never left it in the clear; its blob loads only under this TPM's SRK.
-	formMadeHere
+	formMadeHere kekForm = iota
 	// formImported: fixedTPM clear (hwkms key import): made outside this TPM by a
 	// ceremony that wrote import blobs for several nodes' TPMs and maybe an escrow blob.
 	formImported
 )
 
-// formOf reads the KEK's attributes from its blob file (version 0x01 ||
-// TPM2B_PUBLIC || TPM2B_PRIVATE, tpm/doc.go). A persistent handle, or a file that
-// does not parse, is formUnknown.
-func formOf(c tpm.Config) kekForm {
-	if c.BlobFile == "" {
-		return formUnknown
-	}
-	b, err := os.ReadFile(c.BlobFile)
-	if err != nil || len(b) < 3 || b[0] != 0x01 {
-		return formUnknown
-	}
-	n := int(binary.BigEndian.Uint16(b[1:3]))
-	if len(b)-3 < n {
-		return formUnknown
-	}
-	pub, err := unmarshalPublic(b[3 : 3+n])
-	if err != nil {
-		return formUnknown
-	}
-	if pub.ObjectAttributes.FixedTPM {
+// formOf reads the form from the KEK's fixedTPM attribute, which tpm.Probe reports
+// for both a blob file and a persistent handle.
+func formOf(info tpm.KeyInfo) kekForm {
+	if info.FixedTPM {
 		return formMadeHere
 	}
 	return formImported
-}
-
-// unmarshalPublic is tpm2.Unmarshal without its panic on malformed input.
-func unmarshalPublic(b []byte) (pub *tpm2.TPMTPublic, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			pub, err = nil, errors.New("malformed public area")
-		}
-	}()
-	return tpm2.Unmarshal[tpm2.TPMTPublic](b)
 }
 
 // destroyEffect says what key destroy does for a KEK of this location and form.
@@ -157,12 +125,10 @@ func destroyEffect(info tpm.KeyInfo, form kekForm) string {
 	imported := " It is an imported KEK (fixedTPM clear): every other TPM that imported one of its import blobs holds the same KEK, and so does its escrow blob, if one was made; data encrypted under it stays readable wherever a copy is left."
 	if info.Handle != "" {
 		evict := "This evicts persistent handle " + info.Handle + " from this TPM."
-		switch form {
-		case formImported:
+		if form == formImported {
 			return evict + imported
-		default:
-			return evict + " If the KEK was made here by hwkms key create (fixedTPM), no other copy was written and everything encrypted under it becomes unreadable, forever; if it was imported (hwkms key import), the other TPMs that imported it, and its escrow blob, still hold it."
 		}
+		return evict + " The KEK was made here by hwkms key create (fixedTPM): no other copy was written, and everything encrypted under it becomes unreadable, forever."
 	}
 	del := "This deletes the blob file " + info.BlobFile + ", which removes this copy of the KEK. Anyone with another copy of the blob (a backup, a restored disk) and this TPM's owner SRK can still load it: the KEK is gone only when every copy of the blob is gone or the owner hierarchy is cleared (TPM2_Clear)."
 	if form == formImported {
@@ -174,13 +140,13 @@ func destroyEffect(info tpm.KeyInfo, form kekForm) string {
 // presentDetail is doctor's "key present" detail: what the KEK's attributes say
 // about where it can exist.
 func presentDetail(info tpm.KeyInfo, form kekForm) string {
-	switch form {
-	case formMadeHere:
+	switch {
+	case form == formMadeHere && info.Handle != "":
+		return "key_id " + info.KeyID + "; made in this TPM (fixedTPM|fixedParent) at persistent handle " + info.Handle + ": its private part cannot be exported, and no copy of it was written outside this TPM"
+	case form == formMadeHere:
 		return "key_id " + info.KeyID + "; made in this TPM (fixedTPM|fixedParent): its private part cannot be exported, and its blob loads only under this TPM's owner SRK"
-	case formImported:
+	default: // formImported
 		return "key_id " + info.KeyID + "; imported (fixedTPM clear): made outside this TPM for several nodes; the same KEK is in every TPM that imported its import blobs, and in its escrow blob if one was made; its no-duplication policy keeps this TPM from exporting it again"
-	default:
-		return "key_id " + info.KeyID + "; persistent handle: if made by hwkms key create it is fixedTPM|fixedParent and cannot leave this TPM; if imported (hwkms key import) the same KEK is in the other TPMs that imported it and in its escrow blob"
 	}
 }
 
@@ -197,6 +163,7 @@ func (t tpmKey) Is(ctx context.Context, keyID string) (bool, error) {
 
 func (t tpmKey) Rotate(ctx context.Context, o RotateOptions) (Created, error) {
 	c := t.c
+	c.KeyID = "" // pins the primary, not the new key; srkName (same TPM) stays
 	switch {
 	case c.PersistentHandle != "":
 		if o.PersistentHandle == "" {
@@ -256,6 +223,12 @@ func (t tpmKey) Check(ctx context.Context, r Checker, o CheckOptions) {
 	case errors.Is(err, kek.ErrKeyNotFound):
 		r.Fail(name+" key present", err.Error(), fmt.Sprintf("hwkms key create --config %s --key %d", o.ConfigPath, o.Index))
 		return
+	case errors.Is(err, tpm.ErrKeyIDMismatch):
+		r.Fail(name+" key present", err.Error(), "another key is at "+field+"'s handle or blob file than "+field+".keyID pins: find out who put it there before changing keyID")
+		return
+	case errors.Is(err, tpm.ErrSRKMismatch):
+		r.Fail(name+" key present", err.Error(), "the TPM's owner SRK is not the one "+field+".srkName pins (or not an SRK at all): a cleared owner hierarchy, another TPM, or something answering in the TPM's place; compare with hwkms tpm export-srk run where the bus is trusted")
+		return
 	case errors.Is(err, tpm.ErrNotKEK):
 		r.Fail(name+" key present", err.Error(), "point "+field+" at a KEK made by hwkms key create (fixedTPM|fixedParent storage key)")
 		return
@@ -263,7 +236,7 @@ func (t tpmKey) Check(ctx context.Context, r Checker, o CheckOptions) {
 		r.Fail(name+" key present", err.Error(), "")
 		return
 	}
-	r.OK(name+" key present", presentDetail(info, formOf(c)))
+	r.OK(name+" key present", presentDetail(info, formOf(info)))
 	if o.SocketServed && !strings.HasPrefix(filepath.Base(dev), "tpmrm") {
 		r.Warn(name+" round trip", "skipped: "+dev+" has no resource manager and another process serves the socket; opening the key would flush that process's TPM handles", "stop the running hwkms first")
 		return

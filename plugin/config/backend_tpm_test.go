@@ -82,8 +82,8 @@ func (c *checkLog) line(t *testing.T, prefix string) string {
 // say what is true for each kind of TPM KEK, read from its attributes: a blob made
 // here (fixedTPM) is gone only with every copy of its blob or the owner hierarchy; an
 // imported KEK (fixedTPM clear) also lives in the other TPMs that imported it and in
-// its escrow blob, so doctor must not say it cannot leave this TPM; a persistent
-// handle, whose attributes package tpm does not report, gets both cases.
+// its escrow blob, so doctor must not say it cannot leave this TPM. A persistent
+// handle states the one true case too, from the fixedTPM attribute tpm.Probe reports.
 func TestTPMDestroyAndDoctorWording(t *testing.T) {
 	ctx := context.Background()
 	sim := swtpmtest.New(t)
@@ -114,6 +114,10 @@ func TestTPMDestroyAndDoctorWording(t *testing.T) {
 	if _, err := tpm.CreateKey(ctx, persistent); err != nil {
 		t.Fatal(err)
 	}
+	importedPersistent := tpm.Config{Device: sim.Device, PersistentHandle: "0x81010011"}
+	if _, err := tpm.ImportKey(ctx, importedPersistent, blob); err != nil {
+		t.Fatal(err)
+	}
 
 	for _, tc := range []struct {
 		name              string
@@ -138,10 +142,20 @@ func TestTPMDestroyAndDoctorWording(t *testing.T) {
 			notDr:      []string{"cannot leave this TPM", "fixedTPM|fixedParent"},
 		},
 		{
-			name:    "persistent handle",
-			c:       persistent,
-			destroy: []string{"evicts persistent handle 0x81010010", "made here by hwkms key create (fixedTPM)", "unreadable, forever", "if it was imported"},
-			doctor:  []string{"persistent handle", "if made by hwkms key create", "if imported"},
+			name:       "persistent handle made here",
+			c:          persistent,
+			destroy:    []string{"evicts persistent handle 0x81010010", "made here by hwkms key create (fixedTPM)", "no other copy was written", "unreadable, forever"},
+			notDestroy: []string{"imported", "escrow"},
+			doctor:     []string{"made in this TPM (fixedTPM|fixedParent) at persistent handle 0x81010010", "no copy of it was written outside this TPM"},
+			notDr:      []string{"imported", "blob"},
+		},
+		{
+			name:       "persistent handle imported",
+			c:          importedPersistent,
+			destroy:    []string{"evicts persistent handle 0x81010011", "imported KEK (fixedTPM clear)", "every other TPM that imported", "escrow blob"},
+			notDestroy: []string{"forever", "made here"},
+			doctor:     []string{"imported (fixedTPM clear)", "every TPM that imported its import blobs", "escrow blob"},
+			notDr:      []string{"cannot leave this TPM", "fixedTPM|fixedParent"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -174,6 +188,43 @@ func TestTPMDestroyAndDoctorWording(t *testing.T) {
 				}
 			}
 			log.line(t, "[ok] keys[0] round trip")
+		})
+	}
+}
+
+// TestTPMDoctorPins: doctor's "key present" fails, with advice naming the field,
+// when the KEK is not the one keyID pins or the owner SRK is not the one srkName pins.
+func TestTPMDoctorPins(t *testing.T) {
+	ctx := context.Background()
+	sim := swtpmtest.New(t)
+	dir := t.TempDir()
+	a := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "a.blob")}
+	b := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "b.blob")}
+	infoA, err := tpm.CreateKey(ctx, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tpm.CreateKey(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	wrongKey := b
+	wrongKey.KeyID = infoA.KeyID
+	wrongSRK := a
+	wrongSRK.SRKName = "000b" + strings.Repeat("00", 32)
+	for _, tc := range []struct {
+		name string
+		c    tpm.Config
+		want string
+	}{
+		{"keyID", wrongKey, "the config's keyID pins " + infoA.KeyID},
+		{"srkName", wrongSRK, "srkName pins 000b00"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var log checkLog
+			tpmKey{tc.c}.Check(ctx, &log, CheckOptions{Name: "keys[0]", Timeout: 10 * time.Second})
+			if l := log.line(t, "[FAIL] keys[0] key present"); !strings.Contains(l, tc.want) {
+				t.Errorf("doctor does not say %q:\n%s", tc.want, l)
+			}
 		})
 	}
 }
