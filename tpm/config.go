@@ -64,6 +64,11 @@ type Config struct {
 	// PCRs (0-23, at most MaxPCRs) with their values at Wrap time. See doc.go for
 	// what a PCR change does and how to recover.
 	PCRs []int `json:"pcrs,omitempty"`
+	// DisableAdmission turns off the refusal at once (gRPC Unavailable) of a call that
+	// the calls queued before it on the TPM would keep from finishing before its
+	// deadline (see admission.go); such a call then waits and fails at its deadline.
+	// On a shared line the last KEK opened decides for all of them.
+	DisableAdmission bool `json:"disableAdmission,omitempty"`
 }
 
 // Validate checks the configuration without touching the TPM or the file system.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/hwkms/hwkms/plugin/kek"
@@ -18,17 +19,36 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 	if k.closed.Load() {
 		return fmt.Errorf("tpm: %s: %w", op, kek.ErrClosed)
 	}
+	ahead := k.adm.enter()
+	defer k.adm.leave()
+	if err := k.adm.check(ctx, ahead); err != nil {
+		return fmt.Errorf("tpm: %s: %w", op, err)
+	}
 	select {
 	case k.sem <- struct{}{}:
 	case <-ctx.Done():
 		return fmt.Errorf("tpm: %s: waiting for the TPM: %w: %w", op, kek.ErrUnavailable, ctx.Err())
 	}
-	defer func() { <-k.sem }()
+	// Checked again with the TPM held: a command cut off by its deadline drops the
+	// connection, and the reconnect costs every queued call far more than one call.
+	if err := k.adm.check(ctx, 0); err != nil {
+		<-k.sem
+		return fmt.Errorf("tpm: %s: %w", op, err)
+	}
+	held := time.Now()
+	reconnected := false
+	defer func() {
+		if !reconnected {
+			k.adm.observe(time.Since(held))
+		}
+		<-k.sem
+	}()
 	if k.closed.Load() {
 		return fmt.Errorf("tpm: %s: %w", op, kek.ErrClosed)
 	}
 	for attempt := 0; ; attempt++ {
 		if k.c == nil {
+			reconnected = true
 			dialed, err := k.connect(ctx)
 			if err != nil {
 				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, kek.ErrUnavailable, err)

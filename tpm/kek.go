@@ -49,6 +49,7 @@ type KEK struct {
 	reconnects atomic.Uint64 // successful connects after Open's
 	line       *line         // shared connection on a TPM without a resource manager (line.go); nil on /dev/tpmrm*
 	sem        chan struct{} // held while using the connection and the fields below; line.sem if line is set
+	adm        *admission    // refuses calls that cannot finish in time (admission.go); &line.adm if line is set
 
 	c            *conn
 	kek          tpm2.TPMHandle // loaded KEK: the persistent handle or a transient one
@@ -74,11 +75,12 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, sem: make(chan struct{}, 1)}
+	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, sem: make(chan struct{}, 1), adm: &admission{}}
 	if !dev.rm {
 		k.line = acquireLine(dev)
-		k.sem = k.line.sem
+		k.sem, k.adm = k.line.sem, &k.line.adm
 	}
+	k.adm.off.Store(cfg.DisableAdmission)
 	if cfg.PersistentHandle != "" {
 		k.persistent, _ = parseHandle(cfg.PersistentHandle)
 	} else {

@@ -111,6 +111,7 @@ type Proxy struct {
 	ln       net.Listener
 	dir      string
 	tpm      sync.Mutex // held while a command runs: one at a time, as in a TPM
+	up       net.Conn   // guarded by tpm
 	mu       sync.Mutex
 	counts   map[uint32]int
 	conns    map[net.Conn]struct{}
@@ -239,30 +240,16 @@ func (x *Proxy) accept() {
 	}
 }
 
-// serve forwards one client's commands over its own upstream connection (swtpm
-// serves one connection at a time; a client that reconnects closes its old one).
+// serve forwards one client's commands. All clients share one upstream connection,
+// as all users of a TPM device share the TPM: swtpm serves one connection at a time,
+// and the TPM's state does not belong to a connection.
 func (x *Proxy) serve(c net.Conn) {
-	var up net.Conn
-	defer func() {
-		if up != nil {
-			up.Close()
-		}
-	}()
 	for {
 		cmd, err := readFrame(c)
 		if err != nil {
 			return
 		}
-		if up == nil {
-			if up, err = x.upstream(); err != nil {
-				return
-			}
-			if !x.track(up, true) {
-				return
-			}
-			defer x.track(up, false)
-		}
-		rsp, err := x.run(up, cmd)
+		rsp, err := x.run(cmd)
 		if err != nil {
 			return
 		}
@@ -273,16 +260,28 @@ func (x *Proxy) serve(c net.Conn) {
 }
 
 // run sends one command upstream with the TPM held and returns its response no
-// earlier than the modelled device time after it started.
-func (x *Proxy) run(up net.Conn, cmd []byte) ([]byte, error) {
+// earlier than the modelled device time after it started. A command whose client
+// has gone still runs to its end, as in a TPM.
+func (x *Proxy) run(cmd []byte) ([]byte, error) {
 	x.tpm.Lock()
 	defer x.tpm.Unlock()
 	start := time.Now()
-	if _, err := up.Write(cmd); err != nil {
-		return nil, err
+	if x.up == nil {
+		up, err := x.upstream()
+		if err != nil {
+			return nil, err
+		}
+		if !x.track(up, true) {
+			up.Close()
+			return nil, net.ErrClosed
+		}
+		x.up = up
 	}
-	rsp, err := readFrame(up)
+	rsp, err := roundTrip(x.up, cmd)
 	if err != nil {
+		x.track(x.up, false)
+		x.up.Close()
+		x.up = nil
 		return nil, err
 	}
 	if wait := x.profile.Delay(cmd, len(rsp)) - time.Since(start); wait > 0 {
@@ -292,6 +291,13 @@ func (x *Proxy) run(up net.Conn, cmd []byte) ([]byte, error) {
 	x.counts[binary.BigEndian.Uint32(cmd[6:10])]++
 	x.mu.Unlock()
 	return rsp, nil
+}
+
+func roundTrip(up net.Conn, cmd []byte) ([]byte, error) {
+	if _, err := up.Write(cmd); err != nil {
+		return nil, err
+	}
+	return readFrame(up)
 }
 
 // readFrame reads one TPM command or response: a 10-byte header whose bytes 2..6
