@@ -42,22 +42,39 @@ func (a *admission) enter() int64 { return a.queued.Add(1) - 1 }
 func (a *admission) leave() { a.queued.Add(-1) }
 
 // check refuses the call if ahead calls of the observed duration, then this one,
-// cannot finish before ctx's deadline.
-func (a *admission) check(ctx context.Context, ahead int64) error {
-	if a.off.Load() {
-		return nil
+// cannot finish before ctx's deadline. A ctx already done gives its error (with
+// kek.ErrUnavailable), admission on or off. On arrival (atTurn false) a refusal wraps
+// ErrWouldMissDeadline and kek.ErrUnavailable: the client may retry at once,
+// elsewhere or later. At its turn, with the TPM held (atTurn true), the call has
+// spent its deadline waiting and a refusal also wraps context.DeadlineExceeded: it
+// is answered as the timeout it is, without sending a command the deadline would
+// cut off.
+func (a *admission) check(ctx context.Context, ahead int64, atTurn bool) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("waiting for the TPM: %w: %w", kek.ErrUnavailable, err)
 	}
 	deadline, ok := ctx.Deadline()
+	if !ok {
+		return nil
+	}
+	left := time.Until(deadline)
+	if left <= 0 {
+		return fmt.Errorf("waiting for the TPM: %w: %w", kek.ErrUnavailable, context.DeadlineExceeded)
+	}
 	mean := time.Duration(a.meanNs.Load())
-	if !ok || mean <= 0 {
+	if a.off.Load() || mean <= 0 {
 		return nil
 	}
 	est := time.Duration(ahead+1) * mean
-	if left := time.Until(deadline); est > left {
-		return fmt.Errorf("%w: %w: %d calls ahead at ~%v each, %v left",
-			kek.ErrUnavailable, ErrWouldMissDeadline, ahead, mean.Round(10*time.Microsecond), left.Round(time.Millisecond))
+	if est <= left {
+		return nil
 	}
-	return nil
+	err := fmt.Errorf("%w: %w: %d calls ahead at ~%v each, %v left",
+		kek.ErrUnavailable, ErrWouldMissDeadline, ahead, mean.Round(10*time.Microsecond), left.Round(time.Millisecond))
+	if atTurn {
+		err = fmt.Errorf("%w: %w", err, context.DeadlineExceeded)
+	}
+	return err
 }
 
 // observe folds the time one call held the semaphore into the mean.

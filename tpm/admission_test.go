@@ -27,7 +27,7 @@ func TestAdmissionCheck(t *testing.T) {
 		off    bool
 		refuse bool
 	}{
-		{"nothing observed yet", soon(time.Millisecond), 0, 1000, false, false},
+		{"nothing observed yet", soon(time.Second), 0, 1000, false, false},
 		{"no deadline", context.Background(), time.Second, 1000, false, false},
 		{"fits", soon(time.Second), 10 * time.Millisecond, 10, false, false},
 		{"does not fit", soon(time.Second), 10 * time.Millisecond, 200, false, true},
@@ -41,15 +41,18 @@ func TestAdmissionCheck(t *testing.T) {
 			if c.mean > 0 {
 				a.observe(c.mean)
 			}
-			err := a.check(c.ctx, c.ahead)
+			err := a.check(c.ctx, c.ahead, false)
 			if !c.refuse {
 				if err != nil {
 					t.Fatalf("check = %v, want admitted", err)
 				}
 				return
 			}
-			if !errors.Is(err, kek.ErrUnavailable) || !errors.Is(err, ErrWouldMissDeadline) {
+			if !errors.Is(err, kek.ErrUnavailable) || !errors.Is(err, ErrWouldMissDeadline) || errors.Is(err, context.DeadlineExceeded) {
 				t.Fatalf("check = %v, want ErrUnavailable and ErrWouldMissDeadline", err)
+			}
+			if err := a.check(c.ctx, c.ahead, true); !errors.Is(err, ErrWouldMissDeadline) || !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("check at turn = %v, want ErrWouldMissDeadline and DeadlineExceeded", err)
 			}
 		})
 	}
@@ -166,5 +169,19 @@ func TestAdmissionStorm(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+func TestAdmissionExpired(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Nanosecond)
+	defer cancel()
+	<-ctx.Done()
+	for _, off := range []bool{false, true} {
+		var a admission
+		a.off.Store(off)
+		err := a.check(ctx, 0, false)
+		if !errors.Is(err, kek.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrWouldMissDeadline) {
+			t.Fatalf("off=%v: check = %v, want ErrUnavailable and DeadlineExceeded", off, err)
+		}
 	}
 }

@@ -21,7 +21,7 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 	}
 	ahead := k.adm.enter()
 	defer k.adm.leave()
-	if err := k.adm.check(ctx, ahead); err != nil {
+	if err := k.adm.check(ctx, ahead, false); err != nil {
 		return fmt.Errorf("tpm: %s: %w", op, err)
 	}
 	select {
@@ -31,7 +31,7 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 	}
 	// Checked again with the TPM held: a command cut off by its deadline drops the
 	// connection, and the reconnect costs every queued call far more than one call.
-	if err := k.adm.check(ctx, 0); err != nil {
+	if err := k.adm.check(ctx, 0, true); err != nil {
 		<-k.sem
 		return fmt.Errorf("tpm: %s: %w", op, err)
 	}
