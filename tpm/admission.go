@@ -25,8 +25,9 @@ var ErrWouldMissDeadline = errors.New("tpm: call would not finish before its dea
 // once), the calls that can finish do, the others fail fast and are retried by their
 // client, and none spends its whole deadline waiting for nothing.
 //
-// The observed time is an exponentially weighted mean (weight 1/8) of the time the
-// semaphore was held by calls that did not reconnect. Until a call has been observed,
+// The observed time is an exponentially weighted mean (weight 1/8, each observation
+// capped at twice the mean) of the time the semaphore was held by calls that did not
+// reconnect. Until a call has been observed,
 // every call is admitted. One admission is shared by every KEK on one semaphore (a
 // line, or a KEK of its own on /dev/tpmrm*).
 type admission struct {
@@ -77,13 +78,17 @@ func (a *admission) check(ctx context.Context, ahead int64, atTurn bool) error {
 	return err
 }
 
-// observe folds the time one call held the semaphore into the mean.
+// observe folds the time one call held the semaphore into the mean. One
+// observation counts as at most twice the mean, so that a single stall (a GC pause,
+// a descheduled thread) raises the estimate by at most 1/8 rather than refusing a
+// deep queue that would have made it; a lasting slowdown still raises it within a
+// few dozen calls.
 func (a *admission) observe(d time.Duration) {
 	for {
 		old := a.meanNs.Load()
 		next := int64(d)
 		if old > 0 {
-			next = old + (int64(d)-old)/8
+			next = old + (min(int64(d), 2*old)-old)/8
 		}
 		if a.meanNs.CompareAndSwap(old, next) {
 			return

@@ -68,6 +68,10 @@ func TestAdmissionObserve(t *testing.T) {
 	if got := time.Duration(a.meanNs.Load()); got != 9*time.Millisecond {
 		t.Fatalf("mean %v, want 9ms (weight 1/8)", got)
 	}
+	a.observe(time.Second) // a stall counts as twice the mean
+	if got := time.Duration(a.meanNs.Load()); got != 9*time.Millisecond+9*time.Millisecond/8 {
+		t.Fatalf("mean after a stall %v, want 10.125ms", got)
+	}
 }
 
 // TestAdmissionStorm sends more concurrent Unwraps than a TPM at discrete-TPM speed

@@ -137,13 +137,23 @@ func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
 	if err := k.loadKEK(); err != nil {
 		return dialed, err
 	}
-	k.sIn, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptIn))
-	if err != nil {
-		return dialed, err
+	if err := checkKEKKind(&k.kekPub, map[bool]string{false: KindSealed, true: KindHMAC}[k.hmac]); err != nil {
+		return dialed, fmt.Errorf("%w: %w", ErrNotKEK, err)
 	}
-	k.sOut, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptOut))
-	if err != nil {
-		return dialed, err
+	if k.hmac {
+		// A keyed-hash key cannot salt a session: salt with the SRK (hmac.go).
+		if err := k.startHMACSessions(); err != nil {
+			return dialed, err
+		}
+	} else {
+		k.sIn, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptIn))
+		if err != nil {
+			return dialed, err
+		}
+		k.sOut, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptOut))
+		if err != nil {
+			return dialed, err
+		}
 	}
 	k.c.ctx = nil
 	return dialed, nil

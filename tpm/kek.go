@@ -43,6 +43,7 @@ type KEK struct {
 	blobPriv   []byte         // TPM2B_PRIVATE contents of the KEK (blob form)
 	name       []byte         // the KEK's TPM Name, pinned at Open
 	imported   bool           // an imported KEK (import.go): sealed objects have fixedTPM clear
+	hmac       bool           // Config.Kind hmac (hmac.go)
 	id         string
 
 	closed     atomic.Bool
@@ -75,7 +76,7 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, sem: make(chan struct{}, 1), adm: &admission{}}
+	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, sem: make(chan struct{}, 1), adm: &admission{}, hmac: cfg.Kind == KindHMAC}
 	if !dev.rm {
 		k.line = acquireLine(dev)
 		k.sem, k.adm = k.line.sem, &k.line.adm

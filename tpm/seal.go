@@ -21,6 +21,9 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	if len(plaintext) == 0 || len(plaintext) > kek.MaxPlaintext {
 		return nil, fmt.Errorf("tpm: wrap: %w: plaintext is %d bytes, want 1..%d", kek.ErrInvalidInput, len(plaintext), kek.MaxPlaintext)
 	}
+	if k.hmac {
+		return k.wrapHMAC(ctx, plaintext, aad)
+	}
 	digest := sha256.Sum256(aad)
 	sealed := make([]byte, 0, len(digest)+len(plaintext))
 	sealed = append(append(sealed, digest[:]...), plaintext...)
@@ -78,6 +81,9 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 // A malformed, tampered or foreign body or a wrong aad gives an error wrapping
 // kek.ErrInvalidCiphertext; an unsatisfied PCR policy gives ErrPolicy.
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
+	if k.hmac {
+		return k.unwrapHMAC(ctx, body, aad)
+	}
 	pubBytes, priv, name, userWithAuth, err := k.parseBody(body)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kek.ErrInvalidCiphertext, err)

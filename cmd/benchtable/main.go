@@ -171,15 +171,32 @@ func (r *runner) run(ctx context.Context, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// swtpm with a KEK of kind hmac (one TPM2_HMAC per call).
+	tpmHMAC := map[string]result{}
+	err = r.withDev(ctx, "tpm", []string{"--dev-tpm-kind", "hmac"}, func(sock string, pid int) error {
+		for _, op := range []string{"encrypt", "decrypt"} {
+			rs, err := r.bench(ctx, sock, pid, "tpm-hmac-"+op, "--op", op, "--concurrency", "1,8,64", "--duration", r.dur.String())
+			if err != nil {
+				return err
+			}
+			for _, x := range rs {
+				tpmHMAC[fmt.Sprintf("%s/%d", op, x.Concurrency)] = x
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
 
 	// 4. Restart storms at a discrete TPM's speed: swtpm behind the latency proxy,
 	// with and without admission.
 	storms := map[string]result{}
-	for _, adm := range []bool{true, false} {
-		args := []string{"--dev-tpm-latency", r.stormProfile}
-		name := "tpm-storm-admission"
-		if !adm {
-			args, name = append(args, "--dev-tpm-no-admission"), "tpm-storm-no-admission"
+	for _, sc := range stormConfigs {
+		args := []string{"--dev-tpm-latency", r.stormProfile, "--dev-tpm-kind", sc.kind}
+		name := "tpm-storm-" + sc.kind
+		if !sc.admission {
+			args, name = append(args, "--dev-tpm-no-admission"), name+"-no-admission"
 		}
 		err = r.withDev(ctx, "tpm", args, func(sock string, pid int) error {
 			for _, n := range stormSizes {
@@ -188,8 +205,14 @@ func (r *runner) run(ctx context.Context, stdout io.Writer) error {
 				if err != nil {
 					return err
 				}
-				storms[fmt.Sprintf("%v/%d", adm, n)] = rs[0]
+				storms[fmt.Sprintf("%s/%v/%d", sc.kind, sc.admission, n)] = rs[0]
 			}
+			// Deeper than the TPM can serve in 3 s at the sealed kind's speed.
+			rs, err := r.bench(ctx, sock, pid, name+"-1000-c256", "--op", "decrypt", "--distinct", "1000", "--ops", "1000", "--concurrency", "256", "--timeout", "3s")
+			if err != nil {
+				return err
+			}
+			storms[fmt.Sprintf("%s/%v/1000/c256", sc.kind, sc.admission)] = rs[0]
 			return nil
 		})
 		if err != nil {
@@ -197,7 +220,7 @@ func (r *runner) run(ctx context.Context, stdout io.Writer) error {
 		}
 	}
 
-	t := table(floors, hsm, tpm) + "\n" + ratioTable(floors, mem, hsm, tpm) + "\n" + stormTable(r.stormProfile, storms)
+	t := table(floors, hsm, tpm) + "\n" + ratioTable(floors, mem, hsm, tpm, tpmHMAC) + "\n" + stormTable(r.stormProfile, storms)
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "%s, %s; %s, %d cores; load average %s at start, %s at end; %s total\n\n",
 		strings.TrimSpace(r.output(ctx, r.hwkms, "version")), time.Now().UTC().Format("2006-01-02 15:04 UTC"),
@@ -228,7 +251,7 @@ func (r *runner) floors(ctx context.Context) (map[string]floor, error) {
 	defer logf.Close()
 	var out bytes.Buffer
 	cmd := exec.CommandContext(ctx, r.goBin, "test", "-p", "1", "-count", "1", "-run", "^$",
-		"-bench", "^(BenchmarkWrap|BenchmarkUnwrap|BenchmarkSeal|BenchmarkUnseal|BenchmarkGRPC|BenchmarkAESGCM)$",
+		"-bench", "^(BenchmarkWrap|BenchmarkUnwrap|BenchmarkSeal|BenchmarkUnseal|BenchmarkUnwrapHMAC|BenchmarkGRPC|BenchmarkAESGCM)$",
 		"-benchtime", "3000x", "./hsm/", "./tpm/", "./plugin/")
 	cmd.Stdout = io.MultiWriter(&out, logf)
 	cmd.Stderr = logf
@@ -257,7 +280,7 @@ func (r *runner) floors(ctx context.Context) (map[string]floor, error) {
 		}
 		fl[strings.TrimPrefix(m[1], "Benchmark")] = f
 	}
-	for _, n := range []string{"Wrap", "Unwrap", "Seal", "Unseal", "GRPC/Encrypt", "GRPC/Decrypt", "GRPC/Status", "AESGCM/Seal"} {
+	for _, n := range []string{"Wrap", "Unwrap", "Seal", "Unseal", "UnwrapHMAC", "GRPC/Encrypt", "GRPC/Decrypt", "GRPC/Status", "AESGCM/Seal"} {
 		if _, ok := fl[n]; !ok {
 			return nil, fmt.Errorf("floor benchmark %s missing from the output (see %s)", n, logf.Name())
 		}
@@ -548,6 +571,12 @@ func title(s string) string { return strings.ToUpper(s[:1]) + s[1:] }
 // stormSizes are the numbers of distinct seeds of the storm benchmark.
 var stormSizes = []int{50, 200, 1000}
 
+// stormConfigs are the KEK kinds and admission settings the storm runs with.
+var stormConfigs = []struct {
+	kind      string
+	admission bool
+}{{"sealed", true}, {"sealed", false}, {"hmac", true}, {"hmac", false}}
+
 // ratioTargets are the least ops/s ratio of a backend to the in-memory floor, at
 // concurrency 1, 8 and 64 (docs/contract.md).
 var ratioTargets = map[string][3]float64{
@@ -558,13 +587,13 @@ var ratioTargets = map[string][3]float64{
 // ratioTable renders each backend's Encrypt and Decrypt ops/s against the in-memory
 // AES-GCM floor at concurrency 1, 8 and 64, and the TPM Decrypt median at
 // concurrency 1 against the raw device op plus the bare gRPC round trip.
-func ratioTable(fl map[string]floor, mem, hsm, tpm map[string]result) string {
+func ratioTable(fl map[string]floor, mem, hsm, tpm, tpmHMAC map[string]result) string {
 	var b strings.Builder
 	b.WriteString("| backend | op | conc | hwkms ops/s | in-memory floor ops/s | ratio | target | |\n|---|---|---|---|---|---|---|---|\n")
 	for _, t := range []struct {
 		name string
 		m    map[string]result
-	}{{"SoftHSM2", hsm}, {"swtpm", tpm}} {
+	}{{"SoftHSM2", hsm}, {"swtpm", tpm}, {"swtpm (kind hmac)", tpmHMAC}} {
 		for _, op := range []string{"encrypt", "decrypt"} {
 			for i, c := range []int{1, 8, 64} {
 				k := fmt.Sprintf("%s/%d", op, c)
@@ -573,7 +602,7 @@ func ratioTable(fl map[string]floor, mem, hsm, tpm map[string]result) string {
 				if f.OpsPerSec > 0 {
 					ratio = x.OpsPerSec / f.OpsPerSec
 				}
-				want := ratioTargets[t.name][i]
+				want := ratioTargets[strings.Fields(t.name)[0]][i]
 				fmt.Fprintf(&b, "| %s | %s | %d | %.0f (%d errors) | %.0f | %.2f | >= %.2f | %s |\n", t.name, title(op), c,
 					x.OpsPerSec, x.Errors, f.OpsPerSec, ratio, want, verdict(ratio >= want && x.Errors == 0 && x.Count > 0))
 			}
@@ -583,6 +612,10 @@ func ratioTable(fl map[string]floor, mem, hsm, tpm map[string]result) string {
 	f := fl["Unseal"].p50 + fl["GRPC/Decrypt"].p50
 	fmt.Fprintf(&b, "| swtpm | Decrypt p50 | 1 | %s | raw Unseal %s + bare gRPC %s = %s | %.2f | <= 1.25 | %s |\n",
 		us(d1.P50us), us(fl["Unseal"].p50), us(fl["GRPC/Decrypt"].p50), us(f), d1.P50us/f, verdict(d1.P50us <= 1.25*f && d1.Count > 0))
+	h1 := tpmHMAC["decrypt/1"]
+	fh := fl["UnwrapHMAC"].p50 + fl["GRPC/Decrypt"].p50
+	fmt.Fprintf(&b, "| swtpm (kind hmac) | Decrypt p50 | 1 | %s | raw UnwrapHMAC %s + bare gRPC %s = %s | %.2f | <= 1.25 | %s |\n",
+		us(h1.P50us), us(fl["UnwrapHMAC"].p50), us(fl["GRPC/Decrypt"].p50), us(fh), h1.P50us/fh, verdict(h1.P50us <= 1.25*fh && h1.Count > 0))
 	return b.String()
 }
 
@@ -591,19 +624,24 @@ func ratioTable(fl map[string]floor, mem, hsm, tpm map[string]result) string {
 // without admission. Target: none missed its deadline at N = 200.
 func stormTable(profile string, storms map[string]result) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "| storm (TPM at %s speed, conc 32, 3 s deadline) | N | completed in | ok | missed deadline | refused at once (Unavailable) | p50 | p99 | target | |\n|---|---|---|---|---|---|---|---|---|---|\n", profile)
-	for _, adm := range []bool{true, false} {
-		name := "sealed kind, admission"
-		if !adm {
-			name = "sealed kind, no admission"
+	fmt.Fprintf(&b, "| storm (TPM at %s speed, 3 s deadline) | N, conc | completed in | ok | missed deadline | refused at once (Unavailable) | p50 | p99 | target | |\n|---|---|---|---|---|---|---|---|---|---|\n", profile)
+	for _, sc := range stormConfigs {
+		name := "kind " + sc.kind + ", admission"
+		if !sc.admission {
+			name = "kind " + sc.kind + ", no admission"
 		}
-		for _, n := range stormSizes {
-			x := storms[fmt.Sprintf("%v/%d", adm, n)]
+		for _, n := range []int{stormSizes[0], stormSizes[1], stormSizes[2], -1000} { // -1000: N 1000 at conc 256
+			key, conc := fmt.Sprintf("%s/%v/%d", sc.kind, sc.admission, n), 32
+			if n < 0 {
+				n, conc = -n, 256
+				key = fmt.Sprintf("%s/%v/%d/c256", sc.kind, sc.admission, n)
+			}
+			x := storms[key]
 			target, v := "-", ""
 			if n == 200 {
 				target, v = "0 missed", verdict(x.DeadlineExceeded == 0 && x.Count+x.Errors == n)
 			}
-			fmt.Fprintf(&b, "| %s | %d | %.2f s | %d | %d | %d | %s | %s | %s | %s |\n", name, n, x.Seconds, x.Count,
+			fmt.Fprintf(&b, "| %s | %d, %d | %.2f s | %d | %d | %d | %s | %s | %s | %s |\n", name, n, conc, x.Seconds, x.Count,
 				x.DeadlineExceeded, x.Unavailable, us(x.P50us), us(x.P99us), target, v)
 		}
 	}

@@ -34,6 +34,7 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	backend := fs.String("backend", "pkcs11", "backend of the throwaway KEK: pkcs11 (SoftHSM2) or tpm (swtpm)")
 	var dt devTPMOpts
 	fs.StringVar(&dt.latency, "dev-tpm-latency", "", "dev/bench only, with --backend tpm: give swtpm a discrete TPM's speed (slb9670: Infineon SLB 9670, docs/BENCHMARKS.md), one command at a time")
+	fs.StringVar(&dt.kind, "dev-tpm-kind", "", "with --backend tpm: kind of the throwaway KEK, sealed (default) or hmac (tpm.Config.Kind)")
 	fs.BoolVar(&dt.noAdmission, "dev-tpm-no-admission", false, "dev/bench only, with --backend tpm: let calls queue past their deadline instead of refusing them at once (tpm.Config.DisableAdmission)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -41,8 +42,8 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if *backend != "pkcs11" && *backend != "tpm" {
 		return fmt.Errorf("dev: --backend %q: supported backends are pkcs11 and tpm", *backend)
 	}
-	if (dt.latency != "" || dt.noAdmission) && *backend != "tpm" {
-		return fmt.Errorf("dev: --dev-tpm-latency and --dev-tpm-no-admission need --backend tpm")
+	if (dt.latency != "" || dt.noAdmission || dt.kind != "") && *backend != "tpm" {
+		return fmt.Errorf("dev: --dev-tpm-latency, --dev-tpm-kind and --dev-tpm-no-admission need --backend tpm")
 	}
 	if _, ok := latency.Profiles[dt.latency]; dt.latency != "" && !ok {
 		return fmt.Errorf("dev: --dev-tpm-latency %q: known profiles: slb9670", dt.latency)
@@ -123,6 +124,7 @@ func devPKCS11(ctx context.Context, dir string) (config.Key, error) {
 // devTPMOpts are the dev-only TPM flags.
 type devTPMOpts struct {
 	latency     string // a latency.Profiles name, or ""
+	kind        string // tpm.Config.Kind
 	noAdmission bool
 }
 
@@ -140,7 +142,7 @@ func devTPM(ctx context.Context, dir string, o devTPMOpts) (stop func(), _ confi
 	if err := files.WriteFile(authFile, []byte(randomHex(16)), files.WriteOptions{Mode: 0o600}); err != nil {
 		return stop, config.Key{}, err
 	}
-	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: authFile, DisableAdmission: o.noAdmission}
+	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: authFile, Kind: o.kind, DisableAdmission: o.noAdmission}
 	if _, err := tpm.CreateKey(ctx, key); err != nil {
 		return stop, config.Key{}, err
 	}
