@@ -578,7 +578,7 @@ var stormConfigs = []struct {
 }{{"sealed", true}, {"sealed", false}, {"hmac", true}, {"hmac", false}}
 
 // ratioTargets are the least ops/s ratio of a backend to the in-memory floor, at
-// concurrency 1, 8 and 64 (docs/contract.md).
+// concurrency 1, 8 and 64 (docs/BENCHMARKS.md; not yet in docs/contract.md).
 var ratioTargets = map[string][3]float64{
 	"SoftHSM2": {0.66, 0.66, 0.66},
 	"swtpm":    {0.50, 0.25, 0.15},
