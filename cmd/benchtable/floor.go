@@ -5,6 +5,8 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/hwkms/hwkms/plugin"
@@ -24,7 +27,11 @@ import (
 // kek.BackendTest. Body: nonce(12) | ciphertext || tag(16), aad bound as GCM
 // additional data. Everything hwkms adds on top of a KEK that costs nothing but
 // AES-GCM is the difference between this server and hwkms on a device.
-type memKEK struct{ aead cipher.AEAD }
+type memKEK struct {
+	aead   cipher.AEAD
+	id     string
+	closed atomic.Bool
+}
 
 func newMemKEK() (*memKEK, error) {
 	key := make([]byte, 32)
@@ -39,14 +46,31 @@ func newMemKEK() (*memKEK, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &memKEK{aead: aead}, nil
+	// key_id from the key itself, as every KEK's: a hash, never the key.
+	sum := sha256.Sum256(append([]byte("hwkms bench floor key_id\x00"), key...))
+	clear(key)
+	return &memKEK{aead: aead, id: "bench-floor:" + hex.EncodeToString(sum[:8])}, nil
 }
 
-func (m *memKEK) ID() string           { return "bench-floor-aes-gcm" }
+func (m *memKEK) ID() string           { return m.id }
 func (m *memKEK) Backend() kek.Backend { return kek.BackendTest }
-func (m *memKEK) Close() error         { return nil }
+func (m *memKEK) Close() error         { m.closed.Store(true); return nil }
 
-func (m *memKEK) Wrap(_ context.Context, plaintext, aad []byte) ([]byte, error) {
+// usable is what every KEK checks first: closed, or the caller gave up.
+func (m *memKEK) usable(ctx context.Context, op string) error {
+	if m.closed.Load() {
+		return fmt.Errorf("floor: %s: %w", op, kek.ErrClosed)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("floor: %s: %w: %w", op, kek.ErrUnavailable, err)
+	}
+	return nil
+}
+
+func (m *memKEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
+	if err := m.usable(ctx, "wrap"); err != nil {
+		return nil, err
+	}
 	if len(plaintext) == 0 || len(plaintext) > kek.MaxPlaintext {
 		return nil, fmt.Errorf("floor: wrap: %w", kek.ErrInvalidInput)
 	}
@@ -57,7 +81,10 @@ func (m *memKEK) Wrap(_ context.Context, plaintext, aad []byte) ([]byte, error) 
 	return m.aead.Seal(out, out, plaintext, aad), nil
 }
 
-func (m *memKEK) Unwrap(_ context.Context, body, aad []byte) ([]byte, error) {
+func (m *memKEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
+	if err := m.usable(ctx, "unwrap"); err != nil {
+		return nil, err
+	}
 	n := m.aead.NonceSize()
 	if len(body) < n+m.aead.Overhead() {
 		return nil, fmt.Errorf("floor: unwrap: %w", kek.ErrInvalidCiphertext)
