@@ -134,7 +134,23 @@ func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
 			k.teardown()
 		}
 	}()
-	if err := k.loadKEK(); err != nil {
+	// A KEK of kind hmac needs the SRK twice (its parent, and the salt of its
+	// session, hmac.go): create it once, flush it once the session is started, or
+	// here on failure (before the teardown above).
+	var srk *primaryObject
+	if k.hmac {
+		s, err := createSRK(k.c)
+		if err != nil {
+			return dialed, err
+		}
+		srk = &s
+		defer func() {
+			if srk != nil {
+				flushHandle(k.c, srk.Handle)
+			}
+		}()
+	}
+	if err := k.loadKEK(srk); err != nil {
 		return dialed, err
 	}
 	if err := checkKEKKind(&k.kekPub, map[bool]string{false: KindSealed, true: KindHMAC}[k.hmac]); err != nil {
@@ -142,8 +158,13 @@ func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
 	}
 	if k.hmac {
 		// A keyed-hash key cannot salt a session: salt with the SRK (hmac.go).
-		if err := k.startHMACSessions(); err != nil {
+		if err := k.startHMACSession(*srk); err != nil {
 			return dialed, err
+		}
+		h := srk.Handle
+		srk = nil
+		if err := flushHandle(k.c, h); err != nil {
+			return dialed, tpmCall(err)
 		}
 	} else {
 		k.sIn, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptIn))
@@ -203,8 +224,8 @@ func (k *KEK) startSession(encryption tpm2.AuthOption) (tpm2.Session, error) {
 }
 
 // loadKEK makes the KEK usable: reads and checks the persistent object, or loads the
-// blob under the SRK. The KEK's Name must equal the one pinned at Open.
-func (k *KEK) loadKEK() error {
+// blob under the SRK (srk if given, else one created and flushed here). The KEK's Name must equal the one pinned at Open.
+func (k *KEK) loadKEK(srk *primaryObject) error {
 	if k.persistent != 0 {
 		pub, name, err := readKEKPublic(k.c, k.persistent)
 		if err != nil {
@@ -220,7 +241,12 @@ func (k *KEK) loadKEK() error {
 	if err != nil {
 		return err
 	}
-	h, err := loadUnderSRK(k.c, k.blobPub, k.blobPriv, k.name)
+	var h tpm2.TPMHandle
+	if srk != nil {
+		h, err = loadUnderSRKWith(k.c, *srk, k.blobPub, k.blobPriv, k.name)
+	} else {
+		h, err = loadUnderSRK(k.c, k.blobPub, k.blobPriv, k.name)
+	}
 	if err != nil {
 		return err
 	}

@@ -55,26 +55,18 @@ func checkKEKKind(pub *tpm2.TPMTPublic, kind string) error {
 	return wire.CheckKEKPublic(pub)
 }
 
-// startHMACSessions starts the one session a KEK of kind hmac uses: an HMAC session
-// salted with the owner SRK (created for the purpose and flushed: a session keeps
+// startHMACSession starts the one session a KEK of kind hmac uses: an HMAC session
+// salted with the owner SRK (the caller created it and flushes it: a session keeps
 // its salt after its tpmKey is gone), with the KEK's auth value and AES-128-CFB
 // response encryption, so K crosses the bus encrypted. The caller holds the
 // connection; on error the caller tears down.
-func (k *KEK) startHMACSessions() error {
-	srk, err := createSRK(k.c)
-	if err != nil {
-		return err
-	}
+func (k *KEK) startHMACSession(srk primaryObject) error {
 	s, _, err := tpm2.HMACSession(k.c, tpm2.TPMAlgSHA256, nonceSize,
 		tpm2.Salted(srk.Handle, srk.pub), tpm2.AESEncryption(128, tpm2.EncryptOut), tpm2.Auth(k.auth))
-	ferr := flushHandle(k.c, srk.Handle)
 	if err != nil {
 		return fmt.Errorf("start salted session: %w", tpmCall(err))
 	}
 	k.sOut = s
-	if ferr != nil {
-		return tpmCall(ferr)
-	}
 	return nil
 }
 

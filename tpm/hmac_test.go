@@ -174,3 +174,35 @@ func TestKindMismatch(t *testing.T) {
 		t.Error("ImportKey with kind hmac succeeded")
 	}
 }
+
+// TestConnectCommands counts what Open sends: a KEK of kind hmac in blob form
+// creates the SRK once (parent and salt) and starts one session; the sealed kind two.
+func TestConnectCommands(t *testing.T) {
+	sim := swtpmtest.New(t)
+	for _, c := range []struct {
+		kind             string
+		primary, session int
+	}{{KindHMAC, 1, 1}, {KindSealed, 1, 2}} {
+		t.Run(c.kind, func(t *testing.T) {
+			cfg := Config{Device: sim.Device, BlobFile: filepath.Join(t.TempDir(), "kek.blob"), Kind: c.kind}
+			createKey(t, cfg)
+			x, err := latency.StartFor(sim.Device, latency.Profile{Name: "counting"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer x.Close()
+			cfg.Device = x.Device
+			k, err := Open(testCtx(t), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			counts := x.Counts()
+			if err := k.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if counts[0x131] != c.primary || counts[0x176] != c.session {
+				t.Errorf("Open sent CreatePrimary x%d, StartAuthSession x%d; want %d and %d", counts[0x131], counts[0x176], c.primary, c.session)
+			}
+		})
+	}
+}
