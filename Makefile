@@ -58,9 +58,10 @@ SOAK ?= 10m
 soak:
 	HWKMS_SOAK=$(SOAK) $(GO) test -race -count=1 -run '^TestSoak$$' -timeout 2h -v ./hsm/
 
-## bench: floors (raw PKCS#11, raw TPM, bare gRPC, AES-GCM) and hwkms on SoftHSM2 and
-## swtpm under load, side by side in one table with the targets of docs/contract.md;
-## raw outputs in .bench/ (docs/BENCHMARKS.md)
+## bench: floors (raw PKCS#11, raw TPM, bare gRPC, AES-GCM, an in-memory KEK behind the
+## real plugin) and hwkms on SoftHSM2 and swtpm (both TPM KEK kinds) under load, with the
+## targets of docs/contract.md; restart storms on swtpm at a discrete TPM's speed
+## (tpm/swtpm/latency); raw outputs in .bench/ (docs/BENCHMARKS.md)
 BENCH_DURATION ?= 3s
 bench: deps build
 	@$(GO) run ./cmd/benchtable --hwkms bin/hwkms --go $(GO) --out .bench --duration $(BENCH_DURATION)

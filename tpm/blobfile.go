@@ -26,7 +26,7 @@ func readBlobFile(path string) (pub *tpm2.TPMTPublic, pubBytes, priv []byte, err
 	}
 	pub, pubBytes, priv, err = decodeObject(blobV1, b)
 	if err == nil {
-		err = wire.CheckKEKPublic(pub)
+		err = wire.CheckAnyKEKPublic(pub)
 	}
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("tpm: blobFile %s: %w: %w", path, ErrNotKEK, err)

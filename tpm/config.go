@@ -79,7 +79,24 @@ type Config struct {
 	// the blob file, before any session is salted to it. CreateKey refuses a config
 	// with KeyID set: a new key cannot have a given key_id.
 	KeyID string `json:"keyID,omitempty"`
+	// DisableAdmission turns off the refusal at once (gRPC Unavailable) of a call that
+	// the calls queued before it on the TPM would keep from finishing before its
+	// deadline (see admission.go); such a call then waits and fails at its deadline.
+	// On a shared line the last KEK opened decides for all of them.
+	DisableAdmission bool `json:"disableAdmission,omitempty"`
+	// Kind is the kind of a KEK CreateKey makes and Open expects: "sealed" (the
+	// default, also when empty: an ECC storage key under which each seed is a sealed
+	// object, body version 1) or "hmac" (a keyed-hash key from which each body's
+	// one-time AES-256-GCM key is derived with one TPM2_HMAC, body version 2). See
+	// doc.go. A KEK's kind never changes; the kind hmac takes no PCRs.
+	Kind string `json:"kind,omitempty"`
 }
+
+// KEK kinds (Config.Kind).
+const (
+	KindSealed = "sealed"
+	KindHMAC   = "hmac"
+)
 
 // Validate checks the configuration without touching the TPM or the file system.
 // Every error names its field under prefix, e.g. "keys[0].tpm.device: ...".
@@ -127,6 +144,15 @@ func (c Config) Validate(prefix string) error {
 		if _, err := parseKeyID(c.KeyID); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", field("keyID"), err))
 		}
+	}
+	switch c.Kind {
+	case "", KindSealed:
+	case KindHMAC:
+		if len(c.PCRs) > 0 {
+			errs = append(errs, fmt.Errorf("%s: a KEK of kind %q takes no PCRs (use kind %q for a PCR policy)", field("pcrs"), KindHMAC, KindSealed))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("%s: %q: want %q (default) or %q", field("kind"), c.Kind, KindSealed, KindHMAC))
 	}
 	return errors.Join(errs...)
 }

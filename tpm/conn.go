@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/hwkms/hwkms/plugin/kek"
@@ -18,17 +19,36 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 	if k.closed.Load() {
 		return fmt.Errorf("tpm: %s: %w", op, kek.ErrClosed)
 	}
+	ahead := k.adm.enter()
+	defer k.adm.leave()
+	if err := k.adm.check(ctx, ahead, false); err != nil {
+		return fmt.Errorf("tpm: %s: %w", op, err)
+	}
 	select {
 	case k.sem <- struct{}{}:
 	case <-ctx.Done():
 		return fmt.Errorf("tpm: %s: waiting for the TPM: %w: %w", op, kek.ErrUnavailable, ctx.Err())
 	}
-	defer func() { <-k.sem }()
+	// Checked again with the TPM held: a command cut off by its deadline drops the
+	// connection, and the reconnect costs every queued call far more than one call.
+	if err := k.adm.check(ctx, 0, true); err != nil {
+		<-k.sem
+		return fmt.Errorf("tpm: %s: %w", op, err)
+	}
+	held := time.Now()
+	reconnected := false
+	defer func() {
+		if !reconnected {
+			k.adm.observe(time.Since(held))
+		}
+		<-k.sem
+	}()
 	if k.closed.Load() {
 		return fmt.Errorf("tpm: %s: %w", op, kek.ErrClosed)
 	}
 	for attempt := 0; ; attempt++ {
 		if k.c == nil {
+			reconnected = true
 			dialed, err := k.connect(ctx)
 			if err != nil {
 				return fmt.Errorf("tpm: %s: reconnect %s: %w: %w", op, k.dev, kek.ErrUnavailable, err)
@@ -114,16 +134,47 @@ func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
 			k.teardown()
 		}
 	}()
-	if err := k.loadKEK(); err != nil {
+	// A KEK of kind hmac needs the SRK twice (its parent, and the salt of its
+	// session, hmac.go): create it once, flush it once the session is started, or
+	// here on failure (before the teardown above).
+	var srk *primaryObject
+	if k.hmac {
+		s, err := createSRK(k.c, k.srkPin)
+		if err != nil {
+			return dialed, err
+		}
+		srk = &s
+		defer func() {
+			if srk != nil {
+				flushHandle(k.c, srk.Handle)
+			}
+		}()
+	}
+	if err := k.loadKEK(srk); err != nil {
 		return dialed, err
 	}
-	k.sIn, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptIn))
-	if err != nil {
-		return dialed, err
+	if err := checkKEKKind(&k.kekPub, map[bool]string{false: KindSealed, true: KindHMAC}[k.hmac]); err != nil {
+		return dialed, fmt.Errorf("%w: %w", ErrNotKEK, err)
 	}
-	k.sOut, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptOut))
-	if err != nil {
-		return dialed, err
+	if k.hmac {
+		// A keyed-hash key cannot salt a session: salt with the SRK (hmac.go).
+		if err := k.startHMACSession(*srk); err != nil {
+			return dialed, err
+		}
+		h := srk.Handle
+		srk = nil
+		if err := flushHandle(k.c, h); err != nil {
+			return dialed, tpmCall(err)
+		}
+	} else {
+		k.sIn, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptIn))
+		if err != nil {
+			return dialed, err
+		}
+		k.sOut, err = k.startSession(tpm2.AESEncryption(128, tpm2.EncryptOut))
+		if err != nil {
+			return dialed, err
+		}
 	}
 	k.c.ctx = nil
 	return dialed, nil
@@ -173,8 +224,8 @@ func (k *KEK) startSession(encryption tpm2.AuthOption) (tpm2.Session, error) {
 }
 
 // loadKEK makes the KEK usable: reads and checks the persistent object, or loads the
-// blob under the SRK. The KEK's Name must equal the one pinned at Open.
-func (k *KEK) loadKEK() error {
+// blob under the SRK (srk if given, else one created and flushed here). The KEK's Name must equal the one pinned at Open.
+func (k *KEK) loadKEK(srk *primaryObject) error {
 	if k.persistent != 0 {
 		pub, name, err := readKEKPublic(k.c, k.persistent)
 		if err != nil {
@@ -194,7 +245,12 @@ func (k *KEK) loadKEK() error {
 	if err != nil {
 		return err
 	}
-	h, err := loadUnderSRK(k.c, k.blobPub, k.blobPriv, k.name, k.srkPin)
+	var h tpm2.TPMHandle
+	if srk != nil { // created and checked (checkSRK, srkPin) by connect
+		h, err = loadUnderSRKWith(k.c, *srk, k.blobPub, k.blobPriv, k.name)
+	} else {
+		h, err = loadUnderSRK(k.c, k.blobPub, k.blobPriv, k.name, k.srkPin)
+	}
 	if err != nil {
 		return err
 	}

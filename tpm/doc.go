@@ -7,8 +7,10 @@
 // /dev/tpm0, swtpm over TCP or a unix socket; transport.go, conn.go), the owner
 // SRK and the checks of it and of the KEK before anything is salted to them
 // (srkpin.go), creating, loading, probing and destroying the KEK (keys.go,
-// blobfile.go), sealing and unsealing (seal.go, body.go), the salted sessions, the
-// optional PCR policy (policy.go; volatile PCRs refused, volatile.go), handle hygiene (handles.go), the shared connection on a TPM
+// blobfile.go), sealing and unsealing (seal.go, body.go, fastpath.go), the KEK of
+// kind hmac (hmac.go), admission control (admission.go), the salted sessions, the
+// optional PCR policy (policy.go; volatile PCRs refused, volatile.go), handle hygiene
+// (handles.go), the shared connection on a TPM
 // without a resource manager (line.go), recovery after the TPM or swtpm restarts,
 // and the node side of the multi-node form: exporting the SRK and EK and importing
 // an import blob (import.go, ek.go). Its sentinels are in errors.go; Reason,
@@ -22,7 +24,8 @@
 // Kubernetes, the plugin's ciphertext frame, the keyring, metrics or logging (it
 // logs nothing), nor the CLI (cmd/hwkms calls CreateKey, Probe, DestroyKey, Open,
 // ExportSRK, ExportEK and ImportKey). The swtpm fixture for tests and `hwkms dev`
-// is the subpackage tpm/swtpm. Secrets are read and blob files written with
+// is the subpackage tpm/swtpm; tpm/swtpm/latency gives it a discrete TPM's speed for
+// tests and `make bench`. Secrets are read and blob files written with
 // plugin/files.
 //
 // Commands follow TPM 2.0 Library Part 3 (Commands); structure names follow Part 2.
@@ -190,6 +193,80 @@
 //     always deny service; these checks keep it from learning the auth value or the
 //     seeds.
 //
+// # KEK of kind hmac and body format v2 (hmac.go; stored in etcd: never change it)
+//
+// Config.Kind "hmac" (config `tpm.kind: hmac`; the default, and every key made
+// before it existed, is kind "sealed" above) is a second kind of KEK, for which each
+// Wrap and each Unwrap is one TPM command instead of three (TPM2_Load, TPM2_Unseal,
+// TPM2_FlushContext): on a discrete TPM that is the difference between ~70 and
+// ~210 Decrypts per second (docs/BENCHMARKS.md). Its public area:
+//
+//	type      TPM_ALG_KEYEDHASH, scheme HMAC with SHA-256, unique 32 bytes
+//	nameAlg   SHA-256
+//	attrs     fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|sign
+//	authValue from Config.AuthFile, or empty; authPolicy empty
+//
+// made by CreateKey under the owner SRK like the sealed kind, kept the same two ways
+// (persistent handle, or blob file of the same format). It can never be duplicated
+// or leave the TPM; key_id is "tpm:" + hex of its Name, as for every KEK. Open
+// refuses (ErrNotKEK) a key whose kind is not the configured one, both ways. The
+// kind takes no PCR policy, and an imported KEK is always of kind sealed.
+//
+// Body version 2, for a plaintext of n bytes (1..kek.MaxPlaintext):
+//
+//	offset  size  field
+//	0       1     format version, 0x02
+//	1       32    nonce, from crypto/rand, fresh for every Wrap
+//	33      n     AES-256-GCM ciphertext of the plaintext under K
+//	33+n    16    GCM tag
+//
+// with K = TPM2_HMAC(KEK, "hwkms-kdf" || 0x00 || 0x02 || nonce || SHA-256(aad)),
+// the HMAC-SHA-256 of 75 bytes computed inside the TPM; the GCM nonce is 12 zero
+// bytes and the GCM additional data is version || nonce || aad. A 32-byte seed gives
+// an 81-byte body. Unwrap refuses with kek.ErrInvalidCiphertext, before the TPM, a
+// version other than 0x02 or a size outside 50..145 bytes, and after it any body
+// whose tag does not verify: tampered, made by another KEK, or given another aad.
+// A KEK of kind sealed refuses version 2 bodies and a KEK of kind hmac version 1
+// bodies, as foreign (kek.ErrInvalidCiphertext).
+//
+// Why this is as strong as the sealed kind:
+//
+//   - Forging or opening a body needs K, and K is an HMAC under a key that exists
+//     only inside the TPM and is used only with the KEK's auth value: as with the
+//     sealed kind (whose sealed objects only the TPM's KEK seed can make or read),
+//     doing either needs this TPM and the auth value. HMAC-SHA-256 is a PRF, so K
+//     of one body says nothing about the K of another.
+//   - K is never stored. It exists in hwkms's memory for the duration of one call
+//     (cleared after) and crosses the bus only inside TPM2_HMAC's response, which is
+//     encrypted (AES-128-CFB) by a salted session keyed with the session key and the
+//     KEK's auth value, and authenticated by the session's response HMAC. The seed
+//     itself never crosses the bus (with the sealed kind it does, encrypted the same
+//     way, both into TPM2_Create and out of TPM2_Unseal).
+//   - Each K seals exactly one body: the 256-bit random nonce makes two Wraps
+//     share K only with probability 2^-256 per pair (2^-128 after 2^64 bodies), so
+//     the fixed GCM nonce is never reused under one key. Integrity is GCM's 128-bit
+//     tag under a one-time key (forgery probability 2^-128 per attempt), against the
+//     TPM's SHA-256 integrity HMAC and the SHA-256(aad) check of version 1.
+//   - Domain separation: the HMAC key serves only this derivation, every input
+//     starts with the label and the body version, and the aad (which carries the
+//     frame version, backend and key_id) enters as its SHA-256, so the input has a
+//     fixed 75-byte length whatever the aad. The aad is bound twice, in K and as GCM
+//     additional data.
+//
+// The session (one: TPM2_HMAC's first parameter needs no encryption in) cannot be
+// salted with the KEK, which is not an asymmetric key. It is salted with the owner
+// SRK, created at each connect (CreatePrimary) and flushed once the session is
+// started (a session keeps its salt). The SRK's public area comes in an
+// unauthenticated CreatePrimary response: an active interposer on the bus could
+// substitute its own key and learn the session key, but the response encryption is
+// also keyed with the KEK's auth value (Part 1 section 21.1), so K then stays as
+// secret as that auth value, which must carry MinAuthLen random bytes. (With the
+// sealed kind the salt key is the KEK, whose public area comes from the blob file, or
+// from TPM2_ReadPublic at Open for a persistent KEK.)
+//
+// Golden vectors: testdata/golden/hmac-kek.blob, hmac-body-v2.bin and
+// hmac-vectors.json (TestGoldenHMAC).
+//
 // # Connection, concurrency and recovery
 //
 // On /dev/tpmrm* a KEK owns one connection. Every other device (/dev/tpm0, swtpm)
@@ -219,6 +296,19 @@
 // is unreachable every call fails with kek.ErrUnavailable; the first call after
 // it returns reconnects, without restarting hwkms. Open itself needs the TPM (the
 // key_id is read from it).
+//
+// Admission (admission.go): before queueing, a call whose deadline cannot be met by
+// the calls already queued before it (their number times the mean time of one call,
+// observed) is refused at once with ErrWouldMissDeadline and kek.ErrUnavailable
+// (gRPC Unavailable), and a call whose turn comes too late to finish is refused
+// with context.DeadlineExceeded too, without sending a command: a command cut off by
+// its deadline drops the connection, and the reconnect (CreatePrimary, salted
+// sessions: ~0.7 s on a discrete TPM) delays every queued call. Config.
+// DisableAdmission turns the first refusal off.
+//
+// Unwrap recognises the one body form Wrap makes without a PCR policy by its bytes
+// (fastpath.go) instead of unmarshalling it by reflection; any other body goes the
+// general way, which decides the same (TestFastPathAgrees).
 //
 // When the KEK is live it holds at most: the KEK (transient, blob form only), the
 // two HMAC sessions, the policy session (PCR mode, after the first PCR unseal), and

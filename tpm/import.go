@@ -59,6 +59,9 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 	if err := cfg.Validate("tpm"); err != nil {
 		return KeyInfo{}, err
 	}
+	if cfg.Kind == KindHMAC {
+		return KeyInfo{}, fmt.Errorf("tpm: import: an imported KEK is of kind %q, the configuration says %q", KindSealed, KindHMAC)
+	}
 	ib, err := provision.ParseBlob(blob)
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)

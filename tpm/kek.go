@@ -45,12 +45,14 @@ type KEK struct {
 	srkPin     []byte         // Config.SRKName, or nil (blob form: checked at every load)
 	idPinned   bool           // name was set from Config.KeyID
 	imported   bool           // an imported KEK (import.go): sealed objects have fixedTPM clear
+	hmac       bool           // Config.Kind hmac (hmac.go)
 	id         string
 
 	closed     atomic.Bool
 	reconnects atomic.Uint64 // successful connects after Open's
 	line       *line         // shared connection on a TPM without a resource manager (line.go); nil on /dev/tpmrm*
 	sem        chan struct{} // held while using the connection and the fields below; line.sem if line is set
+	adm        *admission    // refuses calls that cannot finish in time (admission.go); &line.adm if line is set
 
 	c            *conn
 	kek          tpm2.TPMHandle // loaded KEK: the persistent handle or a transient one
@@ -77,11 +79,13 @@ func Open(ctx context.Context, cfg Config) (*KEK, error) {
 		return nil, err
 	}
 	pin := cfg.pins()
-	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, srkPin: pin.srk, name: pin.kek, idPinned: pin.kek != nil, sem: make(chan struct{}, 1)}
+	k := &KEK{dev: dev, auth: auth, pcrs: pcrs, srkPin: pin.srk, name: pin.kek, idPinned: pin.kek != nil,
+		sem: make(chan struct{}, 1), adm: &admission{}, hmac: cfg.Kind == KindHMAC}
 	if !dev.rm {
 		k.line = acquireLine(dev)
-		k.sem = k.line.sem
+		k.sem, k.adm = k.line.sem, &k.line.adm
 	}
+	k.adm.off.Store(cfg.DisableAdmission)
 	if cfg.PersistentHandle != "" {
 		k.persistent, _ = parseHandle(cfg.PersistentHandle)
 	} else {

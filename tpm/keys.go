@@ -92,7 +92,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
 			UserAuth: tpm2.TPM2BAuth{Buffer: auth},
 		}},
-		InPublic: tpm2.New2B(wire.KEKTemplate()),
+		InPublic: tpm2.New2B(kekTemplate(cfg.Kind)),
 	}.Execute(c)
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_Create: %w", err)
@@ -101,7 +101,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
 	}
-	if err := wire.CheckKEKPublic(pub); err != nil {
+	if err := checkKEKKind(pub, cfg.Kind); err != nil {
 		return KeyInfo{}, fmt.Errorf("tpm: create: TPM returned an unexpected key: %w", err)
 	}
 	name, err := wire.ObjectName(pub)
@@ -285,7 +285,7 @@ func readKEKPublic(c *conn, h tpm2.TPMHandle) (*tpm2.TPMTPublic, []byte, error) 
 	if err != nil {
 		return nil, nil, fmt.Errorf("TPM2_ReadPublic(0x%08x): %w: %w", uint32(h), errDesync, err)
 	}
-	if err := wire.CheckKEKPublic(pub); err != nil {
+	if err := wire.CheckAnyKEKPublic(pub); err != nil {
 		return nil, nil, fmt.Errorf("persistent handle 0x%08x: %w: %w", uint32(h), ErrNotKEK, err)
 	}
 	name, err := wire.ObjectName(pub)

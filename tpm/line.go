@@ -23,6 +23,8 @@ type line struct {
 	key string
 	sem chan struct{} // held while using c and the owner's connection state
 
+	adm admission // shared by the KEKs on this line (admission.go)
+
 	// Guarded by sem.
 	c     *conn
 	owner *KEK

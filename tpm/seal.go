@@ -21,6 +21,9 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	if len(plaintext) == 0 || len(plaintext) > kek.MaxPlaintext {
 		return nil, fmt.Errorf("tpm: wrap: %w: plaintext is %d bytes, want 1..%d", kek.ErrInvalidInput, len(plaintext), kek.MaxPlaintext)
 	}
+	if k.hmac {
+		return k.wrapHMAC(ctx, plaintext, aad)
+	}
 	digest := sha256.Sum256(aad)
 	sealed := make([]byte, 0, len(digest)+len(plaintext))
 	sealed = append(append(sealed, digest[:]...), plaintext...)
@@ -78,21 +81,17 @@ func (k *KEK) wrapLocked(sealed []byte) ([]byte, error) {
 // A malformed, tampered or foreign body or a wrong aad gives an error wrapping
 // kek.ErrInvalidCiphertext; an unsatisfied PCR policy gives ErrPolicy.
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
-	pub, pubBytes, priv, err := decodeObject(bodyV1, body)
-	if err == nil {
-		err = checkSealedPublicFor(pub, k.imported)
+	if k.hmac {
+		return k.unwrapHMAC(ctx, body, aad)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kek.ErrInvalidCiphertext, err)
-	}
-	name, err := wire.ObjectName(pub)
+	pubBytes, priv, name, userWithAuth, err := k.parseBody(body)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kek.ErrInvalidCiphertext, err)
 	}
 	var data []byte
 	err = k.do(ctx, "unwrap", func() error {
 		var err error
-		data, err = k.unwrapLocked(pub, pubBytes, priv, name)
+		data, err = k.unwrapLocked(userWithAuth, pubBytes, priv, name)
 		return err
 	})
 	if err != nil {
@@ -107,7 +106,27 @@ func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 	return bytes.Clone(data[len(digest):]), nil
 }
 
-func (k *KEK) unwrapLocked(pub *tpm2.TPMTPublic, pubBytes, priv, name []byte) ([]byte, error) {
+// parseBody parses and checks a body (fastpath.go, else decodeObject and
+// checkSealedPublicFor) and returns its areas, the sealed object's Name and whether
+// the KEK's auth value (rather than a PCR policy) authorises its unseal.
+func (k *KEK) parseBody(body []byte) (pubBytes, priv, name []byte, userWithAuth bool, err error) {
+	if pubBytes, priv, name, ok := parseSealedFast(body, k.imported); ok {
+		return pubBytes, priv, name, true, nil
+	}
+	pub, pubBytes, priv, err := decodeObject(bodyV1, body)
+	if err == nil {
+		err = checkSealedPublicFor(pub, k.imported)
+	}
+	if err != nil {
+		return nil, nil, nil, false, err
+	}
+	if name, err = wire.ObjectName(pub); err != nil {
+		return nil, nil, nil, false, err
+	}
+	return pubBytes, priv, name, pub.ObjectAttributes.UserWithAuth, nil
+}
+
+func (k *KEK) unwrapLocked(userWithAuth bool, pubBytes, priv, name []byte) ([]byte, error) {
 	lr, err := tpm2.Load{
 		ParentHandle: tpm2.AuthHandle{Handle: k.kek, Name: tpm2.TPM2BName{Buffer: k.name}, Auth: k.sOut},
 		InPrivate:    tpm2.TPM2BPrivate{Buffer: priv},
@@ -127,7 +146,7 @@ func (k *KEK) unwrapLocked(pub *tpm2.TPMTPublic, pubBytes, priv, name []byte) ([
 	}
 	item := tpm2.TPM2BName{Buffer: name}
 	var rsp *tpm2.UnsealResponse
-	if pub.ObjectAttributes.UserWithAuth {
+	if userWithAuth {
 		rsp, err = tpm2.Unseal{ItemHandle: tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: item, Auth: k.sOut}}.Execute(k.c)
 	} else {
 		rsp, err = k.unsealPolicy(lr.ObjectHandle, item)

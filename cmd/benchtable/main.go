@@ -2,7 +2,9 @@
 // benchmarks in hsm, tpm and plugin), serves hwkms on a throwaway SoftHSM2 token and
 // on a throwaway swtpm (`hwkms dev`), loads each with `hwkms bench`, stops what it
 // started, and prints one Markdown table with every plugin figure next to its floor,
-// the ratio and the DESIGN.md section 6 target, marked PASS or MISS.
+// the ratio and the target of docs/contract.md, marked PASS or MISS; then the
+// ratio of every backend to an in-memory AES-GCM KEK served the same way, and the
+// restart-storm table at a discrete TPM's speed (docs/BENCHMARKS.md).
 //
 // Raw outputs (go test, hwkms bench JSON lines, server logs) go to --out. Progress goes
 // to stderr; the table alone goes to stdout.
@@ -44,6 +46,7 @@ type floor struct{ mean, p50, p99 float64 }
 type runner struct {
 	hwkms, goBin, out string
 	dur               time.Duration
+	stormProfile      string
 	log               io.Writer
 }
 
@@ -53,7 +56,16 @@ func main() {
 	flag.StringVar(&r.goBin, "go", "go", "go command, for the floor benchmarks")
 	flag.StringVar(&r.out, "out", ".bench", "directory for raw outputs")
 	flag.DurationVar(&r.dur, "duration", 3*time.Second, "time per concurrency level")
+	flag.StringVar(&r.stormProfile, "storm-latency", "slb9670", "TPM latency profile of the storm benchmark (hwkms dev --dev-tpm-latency)")
+	floorSock := flag.String("serve-floor", "", "internal: serve the in-memory AES-GCM floor on this socket (benchtable starts itself so)")
 	flag.Parse()
+	if *floorSock != "" {
+		if err := serveFloor(*floorSock); err != nil {
+			fmt.Fprintln(os.Stderr, "benchtable: floor server:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	r.log = os.Stderr
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -90,9 +102,28 @@ func (r *runner) run(ctx context.Context, stdout io.Writer) error {
 	}
 	defer stopNoop()
 
+	// The in-memory floor: an AES-GCM KEK behind the real plugin.Service and
+	// plugin.Serve in its own process, loaded exactly as hwkms is.
+	floorSock, floorPID, stopFloor, err := r.floorServer(ctx)
+	if err != nil {
+		return err
+	}
+	mem := map[string]result{}
+	for _, op := range []string{"encrypt", "decrypt"} {
+		rs, err := r.bench(ctx, floorSock, floorPID, "floor-"+op, "--op", op, "--concurrency", "1,8,64", "--duration", r.dur.String())
+		if err != nil {
+			stopFloor()
+			return err
+		}
+		for _, x := range rs {
+			mem[fmt.Sprintf("%s/%d", op, x.Concurrency)] = x
+		}
+	}
+	stopFloor()
+
 	// 2. SoftHSM2.
 	hsm := map[string]result{}
-	err = r.withDev(ctx, "pkcs11", func(sock string, pid int) error {
+	err = r.withDev(ctx, "pkcs11", nil, func(sock string, pid int) error {
 		for _, op := range []string{"encrypt", "decrypt"} {
 			rs, err := r.bench(ctx, sock, pid, "pkcs11-"+op, "--op", op, "--concurrency", "1,8,64", "--duration", r.dur.String())
 			if err != nil {
@@ -120,9 +151,9 @@ func (r *runner) run(ctx context.Context, stdout io.Writer) error {
 
 	// 3. swtpm.
 	tpm := map[string]result{}
-	err = r.withDev(ctx, "tpm", func(sock string, pid int) error {
+	err = r.withDev(ctx, "tpm", nil, func(sock string, pid int) error {
 		for _, op := range []string{"encrypt", "decrypt"} {
-			rs, err := r.bench(ctx, sock, pid, "tpm-"+op, "--op", op, "--concurrency", "1,8", "--duration", r.dur.String())
+			rs, err := r.bench(ctx, sock, pid, "tpm-"+op, "--op", op, "--concurrency", "1,8,64", "--duration", r.dur.String())
 			if err != nil {
 				return err
 			}
@@ -140,8 +171,56 @@ func (r *runner) run(ctx context.Context, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// swtpm with a KEK of kind hmac (one TPM2_HMAC per call).
+	tpmHMAC := map[string]result{}
+	err = r.withDev(ctx, "tpm", []string{"--dev-tpm-kind", "hmac"}, func(sock string, pid int) error {
+		for _, op := range []string{"encrypt", "decrypt"} {
+			rs, err := r.bench(ctx, sock, pid, "tpm-hmac-"+op, "--op", op, "--concurrency", "1,8,64", "--duration", r.dur.String())
+			if err != nil {
+				return err
+			}
+			for _, x := range rs {
+				tpmHMAC[fmt.Sprintf("%s/%d", op, x.Concurrency)] = x
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
 
-	t := table(floors, hsm, tpm)
+	// 4. Restart storms at a discrete TPM's speed: swtpm behind the latency proxy,
+	// with and without admission.
+	storms := map[string]result{}
+	for _, sc := range stormConfigs {
+		args := []string{"--dev-tpm-latency", r.stormProfile, "--dev-tpm-kind", sc.kind}
+		name := "tpm-storm-" + sc.kind
+		if !sc.admission {
+			args, name = append(args, "--dev-tpm-no-admission"), name+"-no-admission"
+		}
+		err = r.withDev(ctx, "tpm", args, func(sock string, pid int) error {
+			for _, n := range stormSizes {
+				ns := strconv.Itoa(n)
+				rs, err := r.bench(ctx, sock, pid, name+"-"+ns, "--op", "decrypt", "--distinct", ns, "--ops", ns, "--concurrency", "32", "--timeout", "3s")
+				if err != nil {
+					return err
+				}
+				storms[fmt.Sprintf("%s/%v/%d", sc.kind, sc.admission, n)] = rs[0]
+			}
+			// Deeper than the TPM can serve in 3 s at the sealed kind's speed.
+			rs, err := r.bench(ctx, sock, pid, name+"-1000-c256", "--op", "decrypt", "--distinct", "1000", "--ops", "1000", "--concurrency", "256", "--timeout", "3s")
+			if err != nil {
+				return err
+			}
+			storms[fmt.Sprintf("%s/%v/1000/c256", sc.kind, sc.admission)] = rs[0]
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+
+	t := table(floors, hsm, tpm) + "\n" + ratioTable(floors, mem, hsm, tpm, tpmHMAC) + "\n" + stormTable(r.stormProfile, storms)
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "%s, %s; %s, %d cores; load average %s at start, %s at end; %s total\n\n",
 		strings.TrimSpace(r.output(ctx, r.hwkms, "version")), time.Now().UTC().Format("2006-01-02 15:04 UTC"),
@@ -172,7 +251,7 @@ func (r *runner) floors(ctx context.Context) (map[string]floor, error) {
 	defer logf.Close()
 	var out bytes.Buffer
 	cmd := exec.CommandContext(ctx, r.goBin, "test", "-p", "1", "-count", "1", "-run", "^$",
-		"-bench", "^(BenchmarkWrap|BenchmarkUnwrap|BenchmarkSeal|BenchmarkUnseal|BenchmarkGRPC|BenchmarkAESGCM)$",
+		"-bench", "^(BenchmarkWrap|BenchmarkUnwrap|BenchmarkSeal|BenchmarkUnseal|BenchmarkUnwrapHMAC|BenchmarkGRPC|BenchmarkAESGCM)$",
 		"-benchtime", "3000x", "./hsm/", "./tpm/", "./plugin/")
 	cmd.Stdout = io.MultiWriter(&out, logf)
 	cmd.Stderr = logf
@@ -201,7 +280,7 @@ func (r *runner) floors(ctx context.Context) (map[string]floor, error) {
 		}
 		fl[strings.TrimPrefix(m[1], "Benchmark")] = f
 	}
-	for _, n := range []string{"Wrap", "Unwrap", "Seal", "Unseal", "GRPC/Encrypt", "GRPC/Decrypt", "GRPC/Status", "AESGCM/Seal"} {
+	for _, n := range []string{"Wrap", "Unwrap", "Seal", "Unseal", "UnwrapHMAC", "GRPC/Encrypt", "GRPC/Decrypt", "GRPC/Status", "AESGCM/Seal"} {
 		if _, ok := fl[n]; !ok {
 			return nil, fmt.Errorf("floor benchmark %s missing from the output (see %s)", n, logf.Name())
 		}
@@ -213,25 +292,30 @@ func atof(s string) float64 { v, _ := strconv.ParseFloat(s, 64); return v }
 
 // withDev serves a throwaway key with `hwkms dev --backend backend`, runs fn once the
 // socket answers Status with "ok", then stops the server by its PID and waits for it.
-func (r *runner) withDev(ctx context.Context, backend string, fn func(sock string, pid int) error) error {
+func (r *runner) withDev(ctx context.Context, backend string, extra []string, fn func(sock string, pid int) error) error {
 	dir, err := os.MkdirTemp("", "hwkms-bench-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
 	sock := filepath.Join(dir, "kms.sock")
-	logf, err := os.Create(filepath.Join(r.out, "serve-"+backend+".log"))
+	logName := "serve-" + backend
+	for _, a := range extra {
+		logName += "_" + strings.TrimLeft(a, "-")
+	}
+	logf, err := os.Create(filepath.Join(r.out, logName+".log"))
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(r.hwkms, "dev", "--backend", backend, "--socket", sock, "--dir", filepath.Join(dir, "work"), "--log-level", "warn")
+	args := append([]string{"dev", "--backend", backend, "--socket", sock, "--dir", filepath.Join(dir, "work"), "--log-level", "warn"}, extra...)
+	cmd := exec.Command(r.hwkms, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		return err
 	}
 	pid := cmd.Process.Pid
-	r.progress("started hwkms dev --backend %s, pid %d", backend, pid)
+	r.progress("started hwkms dev --backend %s %s, pid %d", backend, strings.Join(extra, " "), pid)
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	defer func() {
@@ -483,3 +567,83 @@ func table(fl map[string]floor, hsm, tpm map[string]result) string {
 }
 
 func title(s string) string { return strings.ToUpper(s[:1]) + s[1:] }
+
+// stormSizes are the numbers of distinct seeds of the storm benchmark.
+var stormSizes = []int{50, 200, 1000}
+
+// stormConfigs are the KEK kinds and admission settings the storm runs with.
+var stormConfigs = []struct {
+	kind      string
+	admission bool
+}{{"sealed", true}, {"sealed", false}, {"hmac", true}, {"hmac", false}}
+
+// ratioTargets are the least ops/s ratio of a backend to the in-memory floor, at
+// concurrency 1, 8 and 64 (docs/BENCHMARKS.md; not yet in docs/contract.md).
+var ratioTargets = map[string][3]float64{
+	"SoftHSM2": {0.66, 0.66, 0.66},
+	"swtpm":    {0.50, 0.25, 0.15},
+}
+
+// ratioTable renders each backend's Encrypt and Decrypt ops/s against the in-memory
+// AES-GCM floor at concurrency 1, 8 and 64, and the TPM Decrypt median at
+// concurrency 1 against the raw device op plus the bare gRPC round trip.
+func ratioTable(fl map[string]floor, mem, hsm, tpm, tpmHMAC map[string]result) string {
+	var b strings.Builder
+	b.WriteString("| backend | op | conc | hwkms ops/s | in-memory floor ops/s | ratio | target | |\n|---|---|---|---|---|---|---|---|\n")
+	for _, t := range []struct {
+		name string
+		m    map[string]result
+	}{{"SoftHSM2", hsm}, {"swtpm", tpm}, {"swtpm (kind hmac)", tpmHMAC}} {
+		for _, op := range []string{"encrypt", "decrypt"} {
+			for i, c := range []int{1, 8, 64} {
+				k := fmt.Sprintf("%s/%d", op, c)
+				x, f := t.m[k], mem[k]
+				ratio := 0.0
+				if f.OpsPerSec > 0 {
+					ratio = x.OpsPerSec / f.OpsPerSec
+				}
+				want := ratioTargets[strings.Fields(t.name)[0]][i]
+				fmt.Fprintf(&b, "| %s | %s | %d | %.0f (%d errors) | %.0f | %.2f | >= %.2f | %s |\n", t.name, title(op), c,
+					x.OpsPerSec, x.Errors, f.OpsPerSec, ratio, want, verdict(ratio >= want && x.Errors == 0 && x.Count > 0))
+			}
+		}
+	}
+	d1 := tpm["decrypt/1"]
+	f := fl["Unseal"].p50 + fl["GRPC/Decrypt"].p50
+	fmt.Fprintf(&b, "| swtpm | Decrypt p50 | 1 | %s | raw Unseal %s + bare gRPC %s = %s | %.2f | <= 1.25 | %s |\n",
+		us(d1.P50us), us(fl["Unseal"].p50), us(fl["GRPC/Decrypt"].p50), us(f), d1.P50us/f, verdict(d1.P50us <= 1.25*f && d1.Count > 0))
+	h1 := tpmHMAC["decrypt/1"]
+	fh := fl["UnwrapHMAC"].p50 + fl["GRPC/Decrypt"].p50
+	fmt.Fprintf(&b, "| swtpm (kind hmac) | Decrypt p50 | 1 | %s | raw UnwrapHMAC %s + bare gRPC %s = %s | %.2f | <= 1.25 | %s |\n",
+		us(h1.P50us), us(fl["UnwrapHMAC"].p50), us(fl["GRPC/Decrypt"].p50), us(fh), h1.P50us/fh, verdict(h1.P50us <= 1.25*fh && h1.Count > 0))
+	return b.String()
+}
+
+// stormTable renders the restart storms: N distinct seeds decrypted at concurrency
+// 32, each call with a 3 s deadline, on swtpm at the profile's speed, with and
+// without admission. Target: none missed its deadline at N = 200.
+func stormTable(profile string, storms map[string]result) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "| storm (TPM at %s speed, 3 s deadline) | N, conc | completed in | ok | missed deadline | refused at once (Unavailable) | p50 | p99 | target | |\n|---|---|---|---|---|---|---|---|---|---|\n", profile)
+	for _, sc := range stormConfigs {
+		name := "kind " + sc.kind + ", admission"
+		if !sc.admission {
+			name = "kind " + sc.kind + ", no admission"
+		}
+		for _, n := range []int{stormSizes[0], stormSizes[1], stormSizes[2], -1000} { // -1000: N 1000 at conc 256
+			key, conc := fmt.Sprintf("%s/%v/%d", sc.kind, sc.admission, n), 32
+			if n < 0 {
+				n, conc = -n, 256
+				key = fmt.Sprintf("%s/%v/%d/c256", sc.kind, sc.admission, n)
+			}
+			x := storms[key]
+			target, v := "-", ""
+			if n == 200 {
+				target, v = "0 missed", verdict(x.DeadlineExceeded == 0 && x.Count+x.Errors == n)
+			}
+			fmt.Fprintf(&b, "| %s | %d, %d | %.2f s | %d | %d | %d | %s | %s | %s | %s |\n", name, n, conc, x.Seconds, x.Count,
+				x.DeadlineExceeded, x.Unavailable, us(x.P50us), us(x.P99us), target, v)
+		}
+	}
+	return b.String()
+}

@@ -20,7 +20,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/hwkms/hwkms/cmd/internal/benchrow"
@@ -180,6 +182,8 @@ func benchLevel(ctx context.Context, o benchOpts, conc int) (benchResult, error)
 		mu       sync.Mutex
 		lat      []time.Duration
 		errs     int
+		deadline int // errs answered DeadlineExceeded
+		unavail  int // errs answered Unavailable
 		firstErr string
 		next     int // next sample index, for decrypt
 		done     int
@@ -233,6 +237,12 @@ func benchLevel(ctx context.Context, o benchOpts, conc int) (benchResult, error)
 				if err != nil {
 					mu.Lock()
 					errs++
+					switch status.Code(err) {
+					case codes.DeadlineExceeded:
+						deadline++
+					case codes.Unavailable:
+						unavail++
+					}
 					if firstErr == "" {
 						firstErr = fmt.Sprintf("%s: %v", op, err)
 					}
@@ -250,6 +260,7 @@ func benchLevel(ctx context.Context, o benchOpts, conc int) (benchResult, error)
 	elapsed := time.Since(start)
 	slices.Sort(lat)
 	res.Count, res.Errors, res.FirstError = len(lat), errs, firstErr
+	res.DeadlineExceeded, res.Unavailable = deadline, unavail
 	res.Seconds = elapsed.Seconds()
 	res.OpsPerSec = float64(len(lat)) / elapsed.Seconds()
 	res.P50us, res.P90us, res.P99us = pct(lat, 0.50), pct(lat, 0.90), pct(lat, 0.99)

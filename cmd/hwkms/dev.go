@@ -17,6 +17,7 @@ import (
 	"github.com/hwkms/hwkms/softhsm"
 	"github.com/hwkms/hwkms/tpm"
 	"github.com/hwkms/hwkms/tpm/swtpm"
+	"github.com/hwkms/hwkms/tpm/swtpm/latency"
 )
 
 // devTokenLabel and devKeyLabel name what dev mode creates in its throwaway token.
@@ -31,11 +32,21 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	dir := fs.String("dir", "", "directory for the throwaway token and config (default: a new temp dir, removed on exit)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	backend := fs.String("backend", "pkcs11", "backend of the throwaway KEK: pkcs11 (SoftHSM2) or tpm (swtpm)")
+	var dt devTPMOpts
+	fs.StringVar(&dt.latency, "dev-tpm-latency", "", "dev/bench only, with --backend tpm: give swtpm a discrete TPM's speed (slb9670: Infineon SLB 9670, docs/BENCHMARKS.md), one command at a time")
+	fs.StringVar(&dt.kind, "dev-tpm-kind", "", "with --backend tpm: kind of the throwaway KEK, sealed (default) or hmac (tpm.Config.Kind)")
+	fs.BoolVar(&dt.noAdmission, "dev-tpm-no-admission", false, "dev/bench only, with --backend tpm: let calls queue past their deadline instead of refusing them at once (tpm.Config.DisableAdmission)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *backend != "pkcs11" && *backend != "tpm" {
 		return fmt.Errorf("dev: --backend %q: supported backends are pkcs11 and tpm", *backend)
+	}
+	if (dt.latency != "" || dt.noAdmission || dt.kind != "") && *backend != "tpm" {
+		return fmt.Errorf("dev: --dev-tpm-latency, --dev-tpm-kind and --dev-tpm-no-admission need --backend tpm")
+	}
+	if _, ok := latency.Profiles[dt.latency]; dt.latency != "" && !ok {
+		return fmt.Errorf("dev: --dev-tpm-latency %q: known profiles: slb9670", dt.latency)
 	}
 	sock, err := filepath.Abs(*socket)
 	if err != nil {
@@ -56,10 +67,10 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	case "pkcs11":
 		key, err = devPKCS11(ctx, work)
 	case "tpm":
-		var sim *swtpm.Sim
-		sim, key, err = devTPM(ctx, work)
-		if sim != nil {
-			defer sim.Close()
+		var stop func()
+		stop, key, err = devTPM(ctx, work, dt)
+		if stop != nil {
+			defer stop()
 		}
 	}
 	if err != nil {
@@ -110,22 +121,40 @@ func devPKCS11(ctx context.Context, dir string) (config.Key, error) {
 	return config.Key{PKCS11: &key}, nil
 }
 
+// devTPMOpts are the dev-only TPM flags.
+type devTPMOpts struct {
+	latency     string // a latency.Profiles name, or ""
+	kind        string // tpm.Config.Kind
+	noAdmission bool
+}
+
 // devTPM starts a throwaway swtpm with its state in dir and creates a KEK in it, kept
-// as a blob file with a random auth value. The caller stops the returned swtpm.
-func devTPM(ctx context.Context, dir string) (*swtpm.Sim, config.Key, error) {
+// as a blob file with a random auth value. With o.latency the KEK is served through a
+// latency proxy (package tpm/swtpm/latency) at that TPM's speed; the key is created
+// directly on swtpm. The caller calls stop.
+func devTPM(ctx context.Context, dir string, o devTPMOpts) (stop func(), _ config.Key, _ error) {
 	sim, err := swtpm.Start(ctx, filepath.Join(dir, "swtpm"))
 	if err != nil {
 		return nil, config.Key{}, err
 	}
+	stop = func() { sim.Close() }
 	authFile := filepath.Join(dir, "kek.auth")
 	if err := files.WriteFile(authFile, []byte(randomHex(16)), files.WriteOptions{Mode: 0o600}); err != nil {
-		return sim, config.Key{}, err
+		return stop, config.Key{}, err
 	}
-	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: authFile}
+	key := tpm.Config{Device: sim.Device, BlobFile: filepath.Join(dir, "kek.blob"), AuthFile: authFile, Kind: o.kind, DisableAdmission: o.noAdmission}
 	if _, err := tpm.CreateKey(ctx, key); err != nil {
-		return sim, config.Key{}, err
+		return stop, config.Key{}, err
 	}
-	return sim, config.Key{TPM: &key}, nil
+	if o.latency != "" {
+		x, err := latency.StartFor(sim.Device, latency.Profiles[o.latency])
+		if err != nil {
+			return stop, config.Key{}, err
+		}
+		stop = func() { x.Close(); sim.Close() }
+		key.Device = x.Device
+	}
+	return stop, config.Key{TPM: &key}, nil
 }
 
 // devConfig writes the config that serves key on sock into dir and loads it back, so

@@ -27,6 +27,12 @@ type Row struct {
 	P90us float64 `json:"p90_us"`
 	P99us float64 `json:"p99_us"`
 	MaxUs float64 `json:"max_us"`
+	// DeadlineExceeded and Unavailable count the failures (among Errors) answered
+	// with those gRPC codes: a call that ran out of time, and one the plugin refused
+	// (a device down, or a TPM call refused at once because it could not finish
+	// before its deadline).
+	DeadlineExceeded int `json:"deadline_exceeded,omitempty"`
+	Unavailable      int `json:"unavailable,omitempty"`
 	// FirstError is the first failure's message, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// ServerPeakRSSKiB is VmHWM of the plugin's --pid after the level (0 without --pid).

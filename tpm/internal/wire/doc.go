@@ -1,7 +1,8 @@
 // Package wire holds what the node side (package tpm) and the offline ceremony
 // (package tpm/provision) both need to agree on, byte for byte: TPM2B framing,
 // panic-free go-tpm marshalling of hostile input, TPM Names and key_ids, and the
-// public areas (templates) of the SRK, the KEK and the imported KEK with the checks
+// public areas (templates) of the SRK, the KEK, the imported KEK and the KEK of kind
+// hmac (hmac.go) with the checks
 // that accept exactly those shapes.
 //
 // It owns no stored format of its own and never talks to a TPM: the KEK blob file
