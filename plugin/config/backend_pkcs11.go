@@ -180,9 +180,9 @@ func FindKey(ctx context.Context, cfg *Config, keyID string) (Key, Description, 
 	return Key{}, Description{}, fmt.Errorf("no key with key_id %s on the tokens this config uses", keyID)
 }
 
-// refusedPINsFile is where refused PINs are recorded, in the socket's directory: the
-// one directory hwkms always writes (systemd ReadWritePaths=, the static pod's
-// hostPath), kept across restarts of the process (a tmpfs /run forgets it at reboot).
+// refusedPINsFile is where refused PINs are recorded, in StateDir (by default the
+// socket's directory), kept across restarts of the process; a tmpfs StateDir forgets
+// it at reboot.
 const refusedPINsFile = "hwkms-refused-pins.json"
 
 // RememberRefusedPINs makes a PIN a token refused stay refused across restarts
