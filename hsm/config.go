@@ -55,6 +55,12 @@ type Config struct {
 	// copy whose CKA_NEVER_EXTRACTABLE is false, or a replicable source key with
 	// CKA_WRAP_WITH_TRUSTED. Default false.
 	AllowReplicated bool `json:"allowReplicated,omitempty"`
+	// URI names module, token, key and PIN file as an RFC 7512 pkcs11: URI instead
+	// of the separate fields (uri.go); a field the URI sets must not be set too.
+	URI string `json:"uri,omitempty"`
+	// InitArgs is passed to C_Initialize as CK_C_INITIALIZE_ARGS.pReserved, for a
+	// module that needs it (the NSS softoken: its database); not secret (initargs.go).
+	InitArgs string `json:"initArgs,omitempty"`
 }
 
 // Validate checks c without touching the module or the PIN source. Every error names the
@@ -71,6 +77,8 @@ func (c Config) Validate(prefix string) error {
 	bad := func(name, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field(name), fmt.Sprintf(format, args...)))
 	}
+	c = c.validateURI(bad)
+	c.validateInitArgs(bad)
 
 	switch {
 	case c.Module == "":

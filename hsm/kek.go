@@ -70,6 +70,7 @@ var _ kek.KEK = (*KEK)(nil)
 // (and with CKA_ID cfg.KeyCKAID if set), checks that its attributes keep it inside the
 // token unless cfg.AllowExtractable, and caches its handle.
 func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
+	cfg = cfg.Resolved()
 	if err := cfg.Validate(""); err != nil {
 		return nil, fmt.Errorf("hsm: invalid config: %w", err)
 	}

@@ -260,11 +260,14 @@ func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) e
 // CKA_SIGN, CKA_VERIFY, CKA_DERIVE false; CKA_LABEL cfg.KeyLabel; a random 16-byte
 // CKA_ID. It refuses (kek.ErrKeyExists) if any object labelled cfg.KeyLabel exists, and
 // refuses a cfg with KeyCKAID set (the CKA_ID must be fresh and random). It reads the
-// attributes back and destroys the key again if the token did not honour them.
+// attributes back and destroys the key again if the token did not honour them, and
+// finds it again from a new session once the creating one is gone, failing with
+// ErrNotStored if the token did not store it (persist.go).
 //
 // The existence check and the creation are not atomic: two concurrent CreateKey calls
 // with the same label on different hosts may both succeed; Open then reports ambiguity.
 func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyCKAID != "" {
 		return KeyInfo{}, errors.New("hsm: keyCKAID must not be set when creating a key: a random CKA_ID is generated")
 	}
@@ -314,6 +317,10 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		}
 		return nil
 	})
+	if err == nil {
+		id, _ := hex.DecodeString(ki.CKAID)
+		err = verifyStored(ctx, cfg, id, 1)
+	}
 	if err != nil {
 		return KeyInfo{}, err
 	}
@@ -323,6 +330,7 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 // ListKeys lists the AES secret token keys on the token selected by cfg (KeyLabel and
 // KeyCKAID are ignored), sorted by label then CKA_ID. It logs in to see private keys.
 func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyLabel == "" {
 		cfg.KeyLabel = "-" // not used; keeps Validate from complaining
 	}
@@ -357,6 +365,7 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 // cfg.KeyLabel and (if set) cfg.KeyCKAID. It refuses when the selection is ambiguous.
 // Data wrapped by the key can never be unwrapped again.
 func DestroyKey(ctx context.Context, cfg Config) error {
+	cfg = cfg.Resolved()
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
 		h, _, _, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
 		if err != nil {
