@@ -26,7 +26,8 @@ const maxPINFileSize = 4096
 // The token is chosen by exactly one of TokenLabel, TokenSerial or Slot, and the user
 // PIN comes from exactly one of PINFile or PINEnv (never from the command line). The key
 // is the AES secret key whose CKA_LABEL is KeyLabel and, if KeyCKAID is set, whose CKA_ID
-// is the hex-decoded KeyCKAID.
+// is the hex-decoded KeyCKAID. URI may name module, token, key and PIN file instead
+// (uri.go).
 type Config struct {
 	// Module is the absolute path of the PKCS#11 module (.so).
 	Module string `json:"module"`
