@@ -36,14 +36,27 @@ func (m *module) sameInitArgs(initArgs string) error {
 }
 
 // initialize calls C_Initialize with CKF_OS_LOCKING_OK and, when the module was loaded
-// with initArgs, a NUL-terminated copy of them as CK_C_INITIALIZE_ARGS.pReserved. The
-// copy lives in C memory for the duration of the call: PKCS#11 does not let the module
-// keep pReserved (the NSS softoken parses the string during C_Initialize).
+// with initArgs, a NUL-terminated copy of them in C memory as
+// CK_C_INITIALIZE_ARGS.pReserved. The NSS softoken parses the string into copies of
+// its own during C_Initialize, but pReserved is outside the PKCS#11 standard and
+// another module might keep the pointer, so the copy is made once and lives until the
+// module is unloaded (freeInitArgs, after its last C_Finalize), across
+// re-initialisations. The caller holds registry or m.gate exclusively.
 func (m *module) initialize() error {
 	if m.initArgs == "" {
 		return m.ctx.Initialize()
 	}
-	cs := C.CString(m.initArgs)
-	defer C.free(unsafe.Pointer(cs))
-	return m.ctx.Initialize(pkcs11.InitializeWithReserved(unsafe.Pointer(cs)))
+	if m.cArgs == nil {
+		m.cArgs = unsafe.Pointer(C.CString(m.initArgs))
+	}
+	return m.ctx.Initialize(pkcs11.InitializeWithReserved(m.cArgs))
+}
+
+// freeInitArgs frees the C copy of initArgs; called when the module is unloaded,
+// after C_Finalize, or when its first C_Initialize failed.
+func (m *module) freeInitArgs() {
+	if m.cArgs != nil {
+		C.free(m.cArgs)
+		m.cArgs = nil
+	}
 }

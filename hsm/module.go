@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
@@ -75,7 +76,8 @@ type module struct {
 	refs     int  // token references and running re-inits; guarded by registry
 	ownsInit bool // false if C_Initialize said CKR_CRYPTOKI_ALREADY_INITIALIZED
 	tokens   map[uint]*token
-	initArgs string // Config.InitArgs of every config that shares the module
+	initArgs string         // Config.InitArgs of every config that shares the module
+	cArgs    unsafe.Pointer // initArgs as a C string while the module is loaded (initargs.go)
 
 	// gate is held shared by every device call and exclusively by re-initialisation,
 	// token login and logout, so that C_Finalize never runs under another call.
@@ -266,6 +268,7 @@ func acquireModuleLocked(path, initArgs string) (*module, error) {
 	if err := m.initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			c.Destroy()
+			m.freeInitArgs()
 			return nil, mark(fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, kek.ErrUnavailable, err), ErrModule)
 		}
 		// Someone else in this process initialised it (another path to the same
@@ -289,6 +292,7 @@ func releaseModuleLocked(m *module) error {
 		}
 	}
 	m.ctx.Destroy() // dlclose drops only our reference to the library
+	m.freeInitArgs()
 	return err
 }
 
