@@ -257,3 +257,30 @@ func TestOnceTPM2PKCS11(t *testing.T) {
 		t.Fatalf("DecryptOnce CBC-PAD on tpm2-pkcs11 = %q, %v; want the plaintext", got, err)
 	}
 }
+
+// TestOnceThroughSeam: the fault-injection wrapper intercepts EncryptOnce and
+// DecryptOnce with the faults of Encrypt and Decrypt, before (no module call) and
+// after the real call.
+func TestOnceThroughSeam(t *testing.T) {
+	fx, toks := newTokens(t, 1)
+	c := newChaos()
+	seam(t, func(p p11) p11 { c.p11 = p; return c })
+	tok := rawToken(t, cfgFor(fx, toks[0], "unused"))
+	key := sessionAESKey(t, tok)
+	m := cbcPad(random(t, 16))
+	pt := []byte("plaintext")
+
+	c.set(func(c *chaos) { c.once["Encrypt"] = []error{pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)} })
+	_, err := once(t, tok, key, m, false, pt, len(pt)+16)
+	wantRV(t, "EncryptOnce with an injected fault", err, pkcs11.CKR_DEVICE_ERROR)
+	ct, err := once(t, tok, key, m, false, pt, len(pt)+16)
+	if err != nil {
+		t.Fatalf("EncryptOnce after the one-shot fault: %v", err)
+	}
+	c.set(func(c *chaos) { c.onceAfter["Decrypt"] = []uint{pkcs11.CKR_DEVICE_REMOVED} })
+	_, err = once(t, tok, key, m, true, ct, len(ct))
+	wantRV(t, "DecryptOnce with a fault after the call", err, pkcs11.CKR_DEVICE_REMOVED)
+	if n := c.count("Encrypt"); n != 2 {
+		t.Fatalf("the seam saw %d C_Encrypt calls, want 2", n)
+	}
+}
