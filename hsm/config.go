@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/miekg/pkcs11"
 )
 
 // Session pool bounds for Config.Sessions.
@@ -62,6 +64,20 @@ type Config struct {
 	// InitArgs is passed to C_Initialize as CK_C_INITIALIZE_ARGS.pReserved, for a
 	// module that needs it (the NSS softoken: its database); not secret (initargs.go).
 	InitArgs string `json:"initArgs,omitempty"`
+	// Mechanism is how the key wraps (doc.go, "Mechanisms"): MechanismAuto ("auto",
+	// also when empty), MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC or
+	// MechanismRSAOAEP (opt-in only: auto never picks it).
+	// auto picks, at Open and at CreateKey, the first of aes-gcm, aes-gcm-token-iv
+	// and aes-cbc-hmac that the token offers (C_GetMechanismInfo) and that passes a
+	// wrap/unwrap round trip. Every body records its own mechanism, so a change of
+	// this field never makes stored bodies unreadable.
+	Mechanism string `json:"mechanism,omitempty"`
+	// GCMMechanism is the CK_MECHANISM_TYPE used by aes-gcm-token-iv instead of
+	// CKM_AES_GCM, for a token that offers only a vendor-defined GCM mechanism. It
+	// must be CKM_VENDOR_DEFINED (0x80000000) or above and fit in 32 bits; 0 means
+	// CKM_AES_GCM. Bodies record the mechanism number they were made with, and Unwrap
+	// accepts only CKM_AES_GCM or this value.
+	GCMMechanism uint `json:"gcmMechanism,omitempty"`
 }
 
 // Validate checks c without touching the module or the PIN source. Every error names the
@@ -131,6 +147,19 @@ func (c Config) Validate(prefix string) error {
 	if c.KeyCKAID != "" {
 		if _, err := hex.DecodeString(c.KeyCKAID); err != nil {
 			bad("keyCKAID", "not an even-length hex string")
+		}
+	}
+	switch c.Mechanism {
+	case "", MechanismAuto, MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC, MechanismRSAOAEP:
+	default:
+		bad("mechanism", "must be one of %s, got %q", strings.Join(mechanismNames, ", "), c.Mechanism)
+	}
+	if c.GCMMechanism != 0 {
+		switch {
+		case c.GCMMechanism < pkcs11.CKM_VENDOR_DEFINED || c.GCMMechanism > 0xffffffff:
+			bad("gcmMechanism", "must be a vendor-defined mechanism number (0x80000000..0xffffffff), got 0x%x", c.GCMMechanism)
+		case c.Mechanism != MechanismAESGCMTokenIV:
+			bad("gcmMechanism", "applies only to mechanism %q", MechanismAESGCMTokenIV)
 		}
 	}
 	if c.Sessions < 0 || c.Sessions > MaxSessions {

@@ -26,8 +26,9 @@ const (
 	maxBody    = headerSize + kek.MaxPlaintext + gcmTagSize
 )
 
-// KEK is an AES key on a PKCS#11 token, used with CKM_AES_GCM to wrap and unwrap
-// kube-apiserver DEK seeds. Its value never leaves the token.
+// KEK is a key on a PKCS#11 token (an AES key; with an HMAC key for aes-cbc-hmac; an
+// RSA key pair for rsa-oaep) used with the mechanism chosen at Open (Mechanism) to
+// wrap and unwrap kube-apiserver DEK seeds. Its value never leaves the token.
 //
 // A KEK is safe for concurrent use: each operation takes a session from a pool of
 // Config.Sessions sessions and waits for one at most until its context is done. Close
@@ -50,9 +51,16 @@ type KEK struct {
 	tok         *token
 	pool        *pool
 
-	keyMu  sync.Mutex // guards keyH and keyGen; held while finding the key again
-	keyH   pkcs11.ObjectHandle
-	keyGen uint64 // module generation keyH belongs to
+	macUnsafe bool      // Config.AllowExtractable, for the HMAC key (never copied by ReplicateKey)
+	hasMAC    bool      // the key has an HMAC partner key (aes-cbc-hmac); found at Open
+	gcmVendor uint      // Config.GCMMechanism: a vendor GCM mechanism Unwrap accepts in 0x02 bodies
+	mech      mechanism // chosen at Open; fixed afterwards
+	rsa       bool      // an rsa-oaep key: keys.enc is the public key, keys.priv the private key
+	oaepHash  byte      // rsa-oaep: oaepSHA256 or oaepSHA1, chosen at Open
+
+	keyMu  sync.Mutex // guards keys and keyGen; held while finding the key again
+	keys   keyHandles
+	keyGen uint64 // module generation keys belong to
 
 	mu       sync.RWMutex   // held shared by operations, exclusively by Close
 	inflight sync.WaitGroup // device-call goroutines, which may outlive their operation
@@ -67,8 +75,11 @@ var _ kek.KEK = (*KEK)(nil)
 // other KEK on it), selects the token, logs in as CKU_USER unless this process already
 // is (C_Login is attempted at most once: a refused PIN is returned as *PINError and never
 // retried), opens the session pool, finds the one AES secret key labelled cfg.KeyLabel
-// (and with CKA_ID cfg.KeyCKAID if set), checks that its attributes keep it inside the
-// token unless cfg.AllowExtractable, and caches its handle.
+// (and with CKA_ID cfg.KeyCKAID if set; for rsa-oaep the RSA private key and its public
+// key; for an aes-cbc-hmac key also its HMAC key), checks that its attributes keep it
+// inside the token unless cfg.AllowExtractable, caches the handles, and chooses the
+// mechanism (cfg.Mechanism; doc.go, "Mechanisms"): C_GetMechanismInfo and a
+// wrap/unwrap round trip, failing with ErrNoMechanism if none is usable.
 func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	cfg = cfg.Resolved()
 	if err := cfg.Validate(""); err != nil {
@@ -94,19 +105,45 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	}
 	defer func() {
 		if err != nil {
+			k.inflight.Wait() // self-test calls that outlived ctx
 			err = errors.Join(err, k.pool.closeAll(), releaseToken(tok))
 		}
 	}()
+	if err := k.findAtOpen(ctx, cfg); err != nil {
+		return nil, err
+	}
+	k.gcmVendor = cfg.GCMMechanism
+	if err := k.choose(ctx, cfg); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+// findAtOpen finds and checks the key (and its HMAC partner key, if any) on a pooled
+// session and caches the handles. It releases the session and the module gate before
+// it returns, so that the mechanism self-test can run on the pool.
+func (k *KEK) findAtOpen(ctx context.Context, cfg Config) error {
+	tok := k.tok
 	s, err := k.pool.acquire(ctx)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	tok.mod.gate.RLock()
 	defer tok.mod.gate.RUnlock()
 	gen := tok.mod.gen.Load()
 	defer k.pool.release(s, gen)
 	if err := k.pool.ready(s, gen); err != nil {
-		return nil, asTokenError(tok, err)
+		return asTokenError(tok, err)
+	}
+	if cfg.Mechanism == MechanismRSAOAEP {
+		priv, pub, ki, id, err := selectRSAKeys(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), cfg.AllowExtractable)
+		if err != nil {
+			return asTokenError(tok, err)
+		}
+		k.id, k.ckaID, k.rsa, k.oaepHash = ki.KeyID, id, true, oaepSHA256
+		k.macUnsafe = cfg.AllowExtractable
+		k.keys, k.keyGen = keyHandles{enc: pub, priv: priv}, gen
+		return nil
 	}
 	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), k.allowUnsafe)
 	if err == nil && !cfg.AllowExtractable && !ki.Safe() {
@@ -116,15 +153,21 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 				cfg.KeyLabel, tok.label, ki.unsafeReason(), ErrUnsafeKey)
 		}
 	}
+	var mh pkcs11.ObjectHandle
+	if err == nil {
+		k.macUnsafe = cfg.AllowExtractable
+		mh, err = selectMACKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, id, k.macUnsafe)
+	}
 	if err != nil {
 		if oe, ok := err.(opError); ok {
-			return nil, tokenError(tok, oe)
+			return tokenError(tok, oe)
 		}
-		return nil, err
+		return err
 	}
 	k.id, k.ckaID = ki.KeyID, id
-	k.keyH, k.keyGen = h, gen
-	return k, nil
+	k.keys, k.keyGen = keyHandles{enc: h, mac: mh}, gen
+	k.hasMAC = mh != 0
+	return nil
 }
 
 // ID returns the key_id: KeyID(CKA_LABEL, CKA_ID) of the key. It is valid after Close.
@@ -133,9 +176,10 @@ func (k *KEK) ID() string { return k.id }
 // Backend returns kek.BackendPKCS11.
 func (k *KEK) Backend() kek.Backend { return kek.BackendPKCS11 }
 
-// Wrap encrypts plaintext (1..kek.MaxPlaintext bytes) with C_EncryptInit/C_Encrypt,
-// CKM_AES_GCM, a fresh random 12-byte IV, aad as GCM additional data and a 128-bit tag,
-// and returns a version 1 body: 0x01 | IV | ciphertext || tag (doc.go).
+// Wrap encrypts plaintext (1..kek.MaxPlaintext bytes) on the token with the KEK's
+// mechanism (Mechanism) and aad as additional authenticated data, and returns a body
+// whose first byte names its version and mechanism (doc.go, "Body formats"):
+// 0x01 for aes-gcm, 0x02 for aes-gcm-token-iv, 0x03 for aes-cbc-hmac.
 func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	if n := len(plaintext); n == 0 || n > kek.MaxPlaintext {
 		return nil, fmt.Errorf("hsm: plaintext is %d bytes, want 1..%d: %w", n, kek.MaxPlaintext, kek.ErrInvalidInput)
@@ -145,16 +189,31 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 		return nil, err
 	}
 	defer leave()
+	switch k.mech.name {
+	case MechanismAESGCM:
+		return k.wrapGCM(ctx, plaintext, aad)
+	case MechanismAESGCMTokenIV:
+		return k.wrapGCMTokenIV(ctx, plaintext, aad)
+	case MechanismAESCBCHMAC:
+		return k.wrapCBCHMAC(ctx, plaintext, aad)
+	case MechanismRSAOAEP:
+		return k.wrapRSAOAEP(ctx, plaintext, aad)
+	}
+	return nil, fmt.Errorf("hsm: key %q has no mechanism chosen: %w", k.keyLabel, ErrNoMechanism)
+}
 
+// wrapGCM makes a version 0x01 body: CKM_AES_GCM, a fresh random 12-byte IV from
+// crypto/rand, aad as GCM additional data, a 128-bit tag: 0x01 | IV | ciphertext || tag.
+func (k *KEK) wrapGCM(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	iv := make([]byte, gcmIVSize)
 	if _, err := rand.Read(iv); err != nil {
 		return nil, fmt.Errorf("hsm: generating IV: %w", err)
 	}
 	var ct []byte
-	err = k.run(ctx, func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error {
+	err := k.run(ctx, func(c p11, sh pkcs11.SessionHandle, keys keyHandles) error {
 		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
 		defer params.Free()
-		if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, key); err != nil {
+		if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, keys.enc); err != nil {
 			return opError{op: "C_EncryptInit", err: err}
 		}
 		out, err := c.Encrypt(sh, plaintext)
@@ -164,7 +223,7 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 		// Some tokens ignore the caller's IV and write their own back into the
 		// parameters; a body carrying our IV would then never decrypt.
 		if !bytes.Equal(params.IV(), iv) {
-			return fmt.Errorf("hsm: token %q replaced the GCM IV; it needs a token-generated-IV mechanism, which body version 1 does not have", k.tok.label)
+			return fmt.Errorf("hsm: token %q replaced the GCM IV; it needs mechanism %s (body version 0x02): %w", k.tok.label, MechanismAESGCMTokenIV, ErrIVNotKept)
 		}
 		ct = out
 		return nil
@@ -182,11 +241,13 @@ func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	return append(body, ct...), nil
 }
 
-// Unwrap checks that body is a version 1 body of a valid length and mechanism, then
-// decrypts it with C_DecryptInit/C_Decrypt, CKM_AES_GCM and aad. A body that fails
-// authentication (wrong key, aad or any changed bit) returns an error wrapping
-// kek.ErrInvalidCiphertext; tokens report that as CKR_ENCRYPTED_DATA_INVALID,
-// CKR_ENCRYPTED_DATA_LEN_RANGE, or (SoftHSM2) CKR_GENERAL_ERROR.
+// Unwrap checks that body is a well-formed body of a known version (0x01, 0x02 or
+// 0x03, whatever the KEK's own mechanism: every version stays readable), then decrypts
+// it on the token with aad. A body that fails authentication (wrong key, aad or any
+// changed bit; a bad GCM tag, a bad HMAC, bad CBC padding) returns an error wrapping
+// kek.ErrInvalidCiphertext; tokens report a bad GCM tag as CKR_ENCRYPTED_DATA_INVALID,
+// CKR_ENCRYPTED_DATA_LEN_RANGE, or (SoftHSM2) CKR_GENERAL_ERROR, which a round trip
+// on the same key tells apart from a failing token.
 func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 	pt, err := k.unwrapOnce(ctx, body, aad)
 	if err != nil && isRV(err, pkcs11.CKR_GENERAL_ERROR) && errors.Is(err, kek.ErrInvalidCiphertext) {
@@ -202,25 +263,57 @@ func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 
 // unwrapOnce is Unwrap without the CKR_GENERAL_ERROR self-check.
 func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) {
-	if len(body) < minBody || len(body) > maxBody {
-		return nil, fmt.Errorf("hsm: body is %d bytes, want %d..%d: %w", len(body), minBody, maxBody, kek.ErrInvalidCiphertext)
+	if len(body) == 0 {
+		return nil, fmt.Errorf("hsm: body is empty: %w", kek.ErrInvalidCiphertext)
 	}
-	if body[0] != mechAESGCM {
-		return nil, fmt.Errorf("hsm: unknown body mechanism 0x%02x: %w", body[0], kek.ErrInvalidCiphertext)
+	// Parse before touching the token: a malformed body never reaches it.
+	if k.rsa && body[0] != mechRSAOAEP && body[0] <= mechAESCBCHMAC && body[0] != 0 {
+		return nil, fmt.Errorf("hsm: body version 0x%02x needs an AES key, and key %q is an RSA key: %w", body[0], k.keyLabel, kek.ErrInvalidCiphertext)
+	}
+	var do func() ([]byte, error)
+	switch body[0] {
+	case mechAESGCM:
+		if len(body) < minBody || len(body) > maxBody {
+			return nil, fmt.Errorf("hsm: body version 0x01 is %d bytes, want %d..%d: %w", len(body), minBody, maxBody, kek.ErrInvalidCiphertext)
+		}
+		do = func() ([]byte, error) {
+			return k.decryptGCM(ctx, pkcs11.CKM_AES_GCM, body[1:headerSize], body[headerSize:], aad)
+		}
+	case mechAESGCMTokenIV:
+		mt, iv, ct, err := k.parseTokenIVBody(body)
+		if err != nil {
+			return nil, err
+		}
+		do = func() ([]byte, error) { return k.decryptGCM(ctx, mt, iv, ct, aad) }
+	case mechAESCBCHMAC:
+		if err := k.checkCBCBody(body); err != nil {
+			return nil, err
+		}
+		do = func() ([]byte, error) { return k.unwrapCBCHMAC(ctx, body, aad) }
+	case mechRSAOAEP:
+		if err := k.checkRSABody(body); err != nil {
+			return nil, err
+		}
+		do = func() ([]byte, error) { return k.unwrapRSAOAEP(ctx, body, aad) }
+	default:
+		return nil, fmt.Errorf("hsm: unknown body version 0x%02x: %w", body[0], kek.ErrInvalidCiphertext)
 	}
 	leave, err := k.enter()
 	if err != nil {
 		return nil, err
 	}
 	defer leave()
+	return do()
+}
 
-	iv, ct := body[1:headerSize], body[headerSize:]
+// decryptGCM decrypts ct (ciphertext || 16-byte tag) with GCM mechanism mt, iv and aad.
+func (k *KEK) decryptGCM(ctx context.Context, mt uint, iv, ct, aad []byte) ([]byte, error) {
 	var pt []byte
-	err = k.run(ctx, func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error {
+	err := k.run(ctx, func(c p11, sh pkcs11.SessionHandle, keys keyHandles) error {
 		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
 		defer params.Free()
-		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, key); err != nil {
-			return opError{op: "C_DecryptInit", err: err}
+		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mt, params)}, keys.enc); err != nil {
+			return decryptInitError(k.tok, err)
 		}
 		out, err := c.Decrypt(sh, ct)
 		if err != nil {
@@ -250,20 +343,31 @@ func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) 
 // so, wrapping kek.ErrUnavailable and quoting the round trip's own failure (which
 // went through the usual recovery).
 func (k *KEK) generalError(ctx context.Context, err error) error {
-	check := []byte("hwkms: CKR_GENERAL_ERROR self-check, 32B")
-	aad := []byte("hwkms self-check")
-	body, werr := k.Wrap(ctx, check, aad)
+	werr := k.selfTest(ctx)
 	if werr == nil {
-		var got []byte
-		if got, werr = k.unwrapOnce(ctx, body, aad); werr == nil && bytes.Equal(got, check) {
-			return err
-		}
-		if werr == nil {
-			werr = errors.New("the self-check round trip returned other bytes")
-		}
+		return err
 	}
 	// werr as text only: it may wrap ErrInvalidCiphertext, which is not the verdict.
 	return fmt.Errorf("hsm: C_Decrypt on token %q answered CKR_GENERAL_ERROR and a round trip on the same key then failed too, so the token is at fault, not the ciphertext: %w (%v)", k.tok.label, kek.ErrUnavailable, werr)
+}
+
+// selfTest wraps and unwraps a fixed plaintext with the KEK's mechanism and checks
+// the result: nil means the token and the mechanism work with this key.
+func (k *KEK) selfTest(ctx context.Context) error {
+	check := []byte("hwkms: CKR_GENERAL_ERROR self-check, 32B")
+	aad := []byte("hwkms self-check")
+	body, err := k.Wrap(ctx, check, aad)
+	if err != nil {
+		return err
+	}
+	got, err := k.unwrapOnce(ctx, body, aad)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, check) {
+		return errors.New("the self-check round trip returned other bytes")
+	}
+	return nil
 }
 
 // Close closes the KEK's sessions and releases its module and token references. It is
@@ -291,8 +395,16 @@ func (k *KEK) enter() (func(), error) {
 	return k.mu.RUnlock, nil
 }
 
-// opFunc runs one operation on a session with the key handle.
-type opFunc func(c p11, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle) error
+// keyHandles are the handles of the KEK's key objects: enc, the AES key, and, for
+// aes-cbc-hmac keys, mac, the HMAC key (0 when the key has none); for rsa-oaep keys
+// enc is the public and priv the private key.
+type keyHandles struct {
+	enc, mac pkcs11.ObjectHandle
+	priv     pkcs11.ObjectHandle // rsa-oaep: the private key (enc is then the public key)
+}
+
+// opFunc runs one operation on a session with the key handles.
+type opFunc func(c p11, sh pkcs11.SessionHandle, keys keyHandles) error
 
 // run runs op on a pooled session, with the recovery described in doc.go: a lost
 // session is dropped and op retried once on a fresh one; a stale key handle is refreshed
@@ -376,41 +488,61 @@ func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
 	if err := k.pool.ready(s, gen); err != nil {
 		return attemptResult{err: err, class: classify(err), gen: gen}
 	}
-	key, err := k.keyFor(s.h, gen, 0)
+	keys, err := k.keyFor(s.h, gen, keyHandles{})
 	if err != nil {
 		return attemptResult{err: err, class: classify(err), gen: gen}
 	}
-	err = op(k.tok.ctx, s.h, key)
+	err = op(k.tok.ctx, s.h, keys)
 	class := classify(err)
 	switch class {
 	case rvSession, rvDevice:
 		s.broken = true
 	case rvObject:
-		if _, ferr := k.keyFor(s.h, gen, key); ferr != nil {
+		if _, ferr := k.keyFor(s.h, gen, keys); ferr != nil {
 			return attemptResult{err: ferr, class: classify(ferr), gen: gen}
 		}
 	}
 	return attemptResult{err: err, class: class, gen: gen}
 }
 
-// keyFor returns the key handle for generation gen, finding the key again when the
-// cached handle is from an older generation or equals stale (CKR_OBJECT_HANDLE_INVALID;
-// 0 means none is known stale). The search matches the label and the exact CKA_ID found
-// at Open, so it can only find the same key (and key_id) again. Holding gate.
-func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
+// keyFor returns the key handles for generation gen, finding the key (and its HMAC
+// partner key) again when the cached handles are from an older generation or equal
+// stale (after CKR_OBJECT_HANDLE_INVALID; the zero keyHandles means none is known
+// stale). The search matches the label and the exact CKA_ID found at Open, so it can
+// only find the same key (and key_id) again. Holding gate.
+func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale keyHandles) (keyHandles, error) {
 	k.keyMu.Lock()
 	defer k.keyMu.Unlock()
-	if k.keyGen == gen && (stale == 0 || k.keyH != stale) {
-		return k.keyH, nil
+	if k.keyGen == gen && (stale == keyHandles{} || k.keys != stale) {
+		return k.keys, nil
+	}
+	if k.rsa {
+		priv, pub, _, _, err := selectRSAKeys(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.macUnsafe)
+		if err != nil {
+			if classify(err) != rvOther {
+				return keyHandles{}, err
+			}
+			return keyHandles{}, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
+				k.keyLabel, k.tok.label, kek.ErrUnavailable, k.wrapErr(err))
+		}
+		k.keys, k.keyGen = keyHandles{enc: pub, priv: priv}, gen
+		return k.keys, nil
 	}
 	h, _, _, err := selectKey(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.allowUnsafe)
+	var mh pkcs11.ObjectHandle
+	if err == nil && k.hasMAC {
+		mh, err = selectMACKey(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.macUnsafe)
+		if err == nil && mh == 0 {
+			err = fmt.Errorf("hsm: HMAC key labelled %q with CKA_ID %x: %w", k.keyLabel, k.ckaID, kek.ErrKeyNotFound)
+		}
+	}
 	if err != nil {
 		if classify(err) != rvOther {
-			return 0, err // a device or session error: recover as for any call
+			return keyHandles{}, err // a device or session error: recover as for any call
 		}
-		return 0, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
+		return keyHandles{}, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
 			k.keyLabel, k.tok.label, kek.ErrUnavailable, k.wrapErr(err))
 	}
-	k.keyH, k.keyGen = h, gen
-	return h, nil
+	k.keys, k.keyGen = keyHandles{enc: h, mac: mh}, gen
+	return k.keys, nil
 }

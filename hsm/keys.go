@@ -62,6 +62,12 @@ type KeyInfo struct {
 	NeverExtractable bool
 	// Private is CKA_PRIVATE: the key can be used only in a logged-in session.
 	Private bool
+	// Mechanism is MechanismAESCBCHMAC for a key with an HMAC partner key and
+	// MechanismRSAOAEP for an RSA key pair (set by CreateKey and ListKeys alike), and
+	// empty for an AES key alone, whose mechanism
+	// (aes-gcm or aes-gcm-token-iv) Open decides from the token; KEK.Mechanism
+	// reports the choice.
+	Mechanism string
 }
 
 // Safe reports whether the key's value can never have left the token and only a
@@ -205,6 +211,43 @@ func selectKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID [
 	return hs[0], ki, id, nil
 }
 
+// macKeyTemplate is the search template of the HMAC partner key of an aes-cbc-hmac
+// KEK: a token generic secret key with the same label and the same CKA_ID.
+func macKeyTemplate(label string, ckaID []byte) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, ckaID),
+	}
+}
+
+// selectMACKey finds the HMAC partner key of the AES key (label, ckaID): 0 if there is
+// none, an error if there are several or its attributes are unsafe (the same rules as
+// for the AES key, with allowUnsafe standing for Config.AllowExtractable).
+func selectMACKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID []byte, allowUnsafe bool) (pkcs11.ObjectHandle, error) {
+	hs, err := findObjects(c, sh, macKeyTemplate(label, ckaID))
+	if err != nil {
+		return 0, err
+	}
+	switch len(hs) {
+	case 0:
+		return 0, nil
+	case 1:
+	default:
+		return 0, fmt.Errorf("hsm: %d HMAC keys labelled %q with CKA_ID %x on token %q: %w", len(hs), label, ckaID, tokenLabel, ErrKeyAmbiguous)
+	}
+	ki, _, err := readKeyInfo(c, sh, hs[0])
+	if err != nil {
+		return 0, err
+	}
+	if reason := ki.unsafeReason(); reason != "" && (!allowUnsafe || !ki.acceptableWithOverride()) {
+		return 0, fmt.Errorf("hsm: HMAC key labelled %q with CKA_ID %x on token %q refused: %s: %w", label, ckaID, tokenLabel, reason, ErrUnsafeKey)
+	}
+	return hs[0], nil
+}
+
 // adminSession opens the token cfg selects, logs in, opens a session (read-write if rw)
 // and runs fn. It is the common part of CreateKey, ListKeys and DestroyKey.
 func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh pkcs11.SessionHandle) error) (err error) {
@@ -254,15 +297,21 @@ func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) e
 	return nil
 }
 
-// CreateKey generates an AES-256 KEK on the token selected by cfg with C_GenerateKey
-// (CKM_AES_KEY_GEN) and the template: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true;
-// CKA_EXTRACTABLE false; CKA_ENCRYPT and CKA_DECRYPT true; CKA_WRAP, CKA_UNWRAP,
-// CKA_SIGN, CKA_VERIFY, CKA_DERIVE false; CKA_LABEL cfg.KeyLabel; a random 16-byte
-// CKA_ID. It refuses (kek.ErrKeyExists) if any object labelled cfg.KeyLabel exists, and
-// refuses a cfg with KeyCKAID set (the CKA_ID must be fresh and random). It reads the
-// attributes back and destroys the key again if the token did not honour them, and
-// finds it again from a new session once the creating one is gone, failing with
-// ErrNotStored if the token did not store it (persist.go).
+// CreateKey generates a KEK on the token selected by cfg for cfg.Mechanism (doc.go,
+// "Mechanisms"): an AES-256 key with C_GenerateKey (CKM_AES_KEY_GEN) and the template
+// CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true; CKA_EXTRACTABLE false; CKA_ENCRYPT and
+// CKA_DECRYPT true; CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE false;
+// CKA_LABEL cfg.KeyLabel; a random 16-byte CKA_ID. For aes-cbc-hmac (named, or chosen
+// by auto on a token without a usable GCM) it also makes the HMAC key: a 32-byte
+// CKK_GENERIC_SECRET (CKM_GENERIC_SECRET_KEY_GEN) with the same label and CKA_ID,
+// CKA_SIGN and CKA_VERIFY true and every other usage false. It then opens the key as
+// Open would, which probes the mechanism and runs a round trip, and destroys what it
+// made if that fails. It refuses (kek.ErrKeyExists) if any object labelled
+// cfg.KeyLabel exists, and refuses a cfg with KeyCKAID set (the CKA_ID must be fresh
+// and random). It reads the attributes back and destroys the key again if the token
+// did not honour them.
+// Once the creating session is gone it finds the key objects again from a new
+// session and fails with ErrNotStored if the token did not store them (persist.go).
 //
 // The existence check and the creation are not atomic: two concurrent CreateKey calls
 // with the same label on different hosts may both succeed; Open then reports ambiguity.
@@ -271,8 +320,18 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	if cfg.KeyCKAID != "" {
 		return KeyInfo{}, errors.New("hsm: keyCKAID must not be set when creating a key: a random CKA_ID is generated")
 	}
-	var ki KeyInfo
+	auto := cfg.Mechanism == "" || cfg.Mechanism == MechanismAuto
+	withMAC := cfg.Mechanism == MechanismAESCBCHMAC
+	rsa := cfg.Mechanism == MechanismRSAOAEP
+	var (
+		ki      KeyInfo
+		id      []byte
+		cbcOK   bool
+		made    []pkcs11.ObjectHandle
+		tokName string
+	)
 	err := adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
+		tokName = t.label
 		existing, err := findObjects(t.ctx, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel)})
 		if err != nil {
 			return err
@@ -280,51 +339,170 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		if len(existing) > 0 {
 			return fmt.Errorf("hsm: token %q already has %d object(s) labelled %q: %w", t.label, len(existing), cfg.KeyLabel, kek.ErrKeyExists)
 		}
-		id := make([]byte, 16)
+		if auto {
+			gcm, err := mechanismProblems(t, MechanismAESGCM, pkcs11.CKM_AES_GCM)
+			if err != nil {
+				return err
+			}
+			cbc, err := mechanismProblems(t, MechanismAESCBCHMAC, 0)
+			if err != nil {
+				return err
+			}
+			cbcOK = cbc == ""
+			withMAC = gcm != "" && cbcOK
+		} else {
+			gcmType := uint(pkcs11.CKM_AES_GCM)
+			if cfg.GCMMechanism != 0 {
+				gcmType = cfg.GCMMechanism
+			}
+			problem, err := mechanismProblems(t, cfg.Mechanism, gcmType)
+			if err != nil {
+				return err
+			}
+			if problem != "" {
+				return fmt.Errorf("hsm: token %q has no usable mechanism for key %q: %s: %s: %w", t.label, cfg.KeyLabel, cfg.Mechanism, problem, ErrNoMechanism)
+			}
+		}
+		id = make([]byte, 16)
 		if _, err := rand.Read(id); err != nil {
 			return fmt.Errorf("hsm: generating CKA_ID: %w", err)
 		}
-		h, err := t.ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-		})
-		if err != nil {
-			return opError{op: "C_GenerateKey", err: err}
-		}
-		ki, _, err = readKeyInfo(t.ctx, sh, h)
-		if err == nil && !ki.Safe() {
-			err = fmt.Errorf("hsm: token %q did not honour the key template: %s: %w", t.label, ki.unsafeReason(), ErrUnsafeKey)
-		}
-		if err != nil {
-			if derr := t.ctx.DestroyObject(sh, h); derr != nil {
-				return errors.Join(err, fmt.Errorf("hsm: C_DestroyObject of the new key failed; destroy it by hand: %w", derr))
+		if rsa {
+			if err := generateRSAPair(t, sh, cfg.KeyLabel, id); err != nil {
+				return err
 			}
+			made = append(made, 0) // destroyed by label and CKA_ID if the probe fails
+			_, _, ki, _, err = selectRSAKeys(t.ctx, sh, t.label, cfg.KeyLabel, id, false)
 			return err
+		}
+		h, err := generateKEKPart(t, sh, cfg.KeyLabel, id, false)
+		if err != nil {
+			return err
+		}
+		made = append(made, h)
+		if ki, _, err = readKeyInfo(t.ctx, sh, h); err != nil {
+			return err
+		}
+		if withMAC {
+			mh, err := generateKEKPart(t, sh, cfg.KeyLabel, id, true)
+			if err != nil {
+				return err
+			}
+			made = append(made, mh)
 		}
 		return nil
 	})
 	if err == nil {
-		id, _ := hex.DecodeString(ki.CKAID)
-		err = verifyStored(ctx, cfg, id, 1)
+		want := len(made) // the AES key, and its HMAC key for aes-cbc-hmac
+		if rsa {
+			want = 2 // the private and the public key
+		}
+		err = verifyStored(ctx, cfg, id, want)
+	}
+	if err == nil {
+		var mech string
+		mech, err = probeCreated(ctx, cfg, id)
+		if errors.Is(err, ErrNoMechanism) && auto && !withMAC && cbcOK {
+			// GCM is offered but failed its round trip: fall back to aes-cbc-hmac.
+			err = adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
+				mh, err := generateKEKPart(t, sh, cfg.KeyLabel, id, true)
+				if err == nil {
+					made = append(made, mh)
+				}
+				return err
+			})
+			if err == nil {
+				mech, err = probeCreated(ctx, cfg, id)
+			}
+		}
+		if mech == MechanismAESCBCHMAC || mech == MechanismRSAOAEP {
+			ki.Mechanism = mech
+		}
+	}
+	if err != nil && len(made) > 0 {
+		if derr := destroyByID(ctx, cfg, id); derr != nil {
+			return KeyInfo{}, errors.Join(err, fmt.Errorf("hsm: destroying the new key objects labelled %q (CKA_ID %x) on token %q failed; destroy them by hand: %w", cfg.KeyLabel, id, tokName, derr))
+		}
 	}
 	if err != nil {
 		return KeyInfo{}, err
 	}
 	return ki, nil
+}
+
+// generateKEKPart generates one token key of a KEK: the AES-256 key, or (mac) the
+// 32-byte generic secret HMAC key, with label and id, reads its attributes back and
+// destroys it again if the token did not honour the template.
+func generateKEKPart(t *token, sh pkcs11.SessionHandle, label string, id []byte, mac bool) (pkcs11.ObjectHandle, error) {
+	gen, kt, enc, sig := uint(pkcs11.CKM_AES_KEY_GEN), uint(pkcs11.CKK_AES), true, false
+	if mac {
+		gen, kt, enc, sig = pkcs11.CKM_GENERIC_SECRET_KEY_GEN, pkcs11.CKK_GENERIC_SECRET, false, true
+	}
+	h, err := t.ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(gen, nil)}, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, kt),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, enc),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, enc),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, sig),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, sig),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	})
+	if err != nil {
+		return 0, opError{op: "C_GenerateKey", err: err}
+	}
+	ki, _, err := readKeyInfo(t.ctx, sh, h)
+	if err == nil && !ki.Safe() {
+		err = fmt.Errorf("hsm: token %q did not honour the key template: %s: %w", t.label, ki.unsafeReason(), ErrUnsafeKey)
+	}
+	if err != nil {
+		if derr := t.ctx.DestroyObject(sh, h); derr != nil {
+			return 0, errors.Join(err, fmt.Errorf("hsm: C_DestroyObject of the new key failed; destroy it by hand: %w", derr))
+		}
+		return 0, err
+	}
+	return h, nil
+}
+
+// probeCreated opens the key just created (label and id) as Open would, which
+// chooses the mechanism and runs a round trip, and returns the mechanism's name.
+func probeCreated(ctx context.Context, cfg Config, id []byte) (string, error) {
+	cfg.KeyCKAID = hex.EncodeToString(id)
+	k, err := Open(ctx, cfg)
+	if err != nil {
+		return "", err
+	}
+	name := k.Mechanism()
+	return name, k.Close()
+}
+
+// destroyByID destroys every object labelled cfg.KeyLabel with CKA_ID id: the key
+// objects a failed CreateKey made (the CKA_ID is fresh and random, so nothing else).
+func destroyByID(ctx context.Context, cfg Config, id []byte) error {
+	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
+		hs, err := findObjects(t.ctx, sh, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel),
+			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+		})
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, h := range hs {
+			if err := t.ctx.DestroyObject(sh, h); err != nil {
+				errs = append(errs, opError{op: "C_DestroyObject", err: err})
+			}
+		}
+		return errors.Join(errs...)
+	})
 }
 
 // ListKeys lists the AES secret token keys on the token selected by cfg (KeyLabel and
@@ -341,10 +519,29 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 			return err
 		}
 		for _, h := range hs {
+			ki, id, err := readKeyInfo(t.ctx, sh, h)
+			if err != nil {
+				return err
+			}
+			macs, err := findObjects(t.ctx, sh, macKeyTemplate(ki.Label, id))
+			if err != nil {
+				return err
+			}
+			if len(macs) > 0 {
+				ki.Mechanism = MechanismAESCBCHMAC
+			}
+			out = append(out, ki)
+		}
+		rs, err := findObjects(t.ctx, sh, rsaKeyTemplate(pkcs11.CKO_PRIVATE_KEY, "", nil))
+		if err != nil {
+			return err
+		}
+		for _, h := range rs {
 			ki, _, err := readKeyInfo(t.ctx, sh, h)
 			if err != nil {
 				return err
 			}
+			ki.Mechanism = MechanismRSAOAEP
 			out = append(out, ki)
 		}
 		return nil
@@ -362,17 +559,37 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 }
 
 // DestroyKey destroys, with C_DestroyObject, the one AES secret key selected by
-// cfg.KeyLabel and (if set) cfg.KeyCKAID. It refuses when the selection is ambiguous.
+// cfg.KeyLabel and (if set) cfg.KeyCKAID, and its HMAC partner keys (same label and
+// CKA_ID) if it is an aes-cbc-hmac key. It refuses when the selection is ambiguous.
 // Data wrapped by the key can never be unwrapped again.
 func DestroyKey(ctx context.Context, cfg Config) error {
 	cfg = cfg.Resolved()
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
-		h, _, _, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
+		h, _, id, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
+		if errors.Is(err, kek.ErrKeyNotFound) {
+			// An rsa-oaep key: the private and the public key.
+			priv, pub, _, _, rerr := selectRSAKeys(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
+			if rerr == nil {
+				return destroyQuiet(t, sh, priv, pub)
+			}
+			if !errors.Is(rerr, kek.ErrKeyNotFound) {
+				return rerr
+			}
+		}
+		if err != nil {
+			return err
+		}
+		macs, err := findObjects(t.ctx, sh, macKeyTemplate(cfg.KeyLabel, id))
 		if err != nil {
 			return err
 		}
 		if err := t.ctx.DestroyObject(sh, h); err != nil {
 			return opError{op: "C_DestroyObject", err: err}
+		}
+		for _, mh := range macs {
+			if err := t.ctx.DestroyObject(sh, mh); err != nil {
+				return fmt.Errorf("hsm: the AES key is destroyed but its HMAC key is not; destroy it by hand: %w", opError{op: "C_DestroyObject", err: err})
+			}
 		}
 		return nil
 	})

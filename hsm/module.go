@@ -43,6 +43,10 @@ type p11 interface {
 	// of outLen bytes and no length query (rawcall.go).
 	EncryptOnce(sh pkcs11.SessionHandle, in []byte, outLen int) ([]byte, error)
 	DecryptOnce(sh pkcs11.SessionHandle, in []byte, outLen int) ([]byte, error)
+	GetMechanismInfo(slotID uint, m []*pkcs11.Mechanism) (pkcs11.MechanismInfo, error)
+	SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
+	Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
+	GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error)
 }
 
 // loadModule dlopens a PKCS#11 module. Tests replace it to wrap the real module.

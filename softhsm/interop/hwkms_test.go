@@ -62,6 +62,7 @@ func runHWKMS(t *testing.T, tk *Token, label string) hwkmsResult {
 		return res
 	}
 	defer k.Close()
+	res.open = "ok (" + k.Mechanism() + ")"
 	body, err := k.Wrap(ctx, []byte("a DEK seed of thirty-two bytes!!"), []byte("aad"))
 	if err == nil {
 		_, err = k.Unwrap(ctx, body, []byte("aad"))
@@ -80,8 +81,10 @@ func TestHWKMS(t *testing.T) {
 			tk := st.Start(t)
 			r := runHWKMS(t, tk, "kek-interop")
 			rows = append(rows, r)
-			if tk.Impl == "SoftHSM2" && (r.create != "ok" || r.open != "ok" || r.wrap != "ok") {
-				t.Errorf("SoftHSM2: create %s, open %s, wrap %s; want ok", r.create, r.open, r.wrap)
+			// SoftHSM2 is the reference; opencryptoki (aes-cbc-hmac) and the NSS softoken
+			// (aes-gcm through a single C_Encrypt, initArgs) work since hsm handles them.
+			if tk.Impl != "tpm2-pkcs11" && (r.create != "ok" || !strings.HasPrefix(r.open, "ok") || r.wrap != "ok") {
+				t.Errorf("%s: create %s, open %s, wrap %s; want ok", tk.Impl, r.create, r.open, r.wrap)
 			}
 		})
 	}
@@ -181,14 +184,20 @@ func TestTPM2PKCS11PtoolAESKey(t *testing.T) {
 	if !keys[0].Safe() {
 		t.Errorf("the tpm2_ptool key is not one hsm accepts without allowExtractable: %+v", keys[0])
 	}
+	// hsm.Open chooses a mechanism by a round trip: the token has no CKM_AES_GCM,
+	// and aes-cbc-hmac needs an HMAC key, which tpm2_ptool did not make.
 	k, err := hsm.Open(context.Background(), cfg)
-	if err != nil {
-		t.Fatalf("hsm.Open: %v", err)
-	}
-	_, err = k.Wrap(context.Background(), []byte("a DEK seed of thirty-two bytes!!"), []byte("aad"))
-	t.Logf("hsm Wrap (CKM_AES_GCM): %v", err)
-	if err := k.Close(); err != nil {
-		t.Fatal(err)
+	if err == nil {
+		_, err = k.Wrap(context.Background(), []byte("a DEK seed of thirty-two bytes!!"), []byte("aad"))
+		t.Logf("hsm Open ok, mechanism %s; Wrap: %v", k.Mechanism(), err)
+		if err := k.Close(); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		t.Logf("hsm.Open: %v", err)
+		if !errors.Is(err, hsm.ErrNoMechanism) {
+			t.Errorf("hsm.Open of the tpm2_ptool key: %v, want hsm.ErrNoMechanism", err)
+		}
 	}
 
 	// The mechanism the token does have for it, each operation in a session of its
