@@ -186,6 +186,38 @@ func importRSAKeys(t *testing.T, cfg Config, priv *rsa.PrivateKey, label string,
 	})
 }
 
+// checkImported asserts that the token kept the attributes the golden key objects were
+// imported with: want objects labelled label, every one but a public key private,
+// sensitive and not extractable (and, being imported, not CKA_NEVER_EXTRACTABLE).
+func checkImported(t *testing.T, cfg Config, label string, want int) {
+	t.Helper()
+	c, sh := rawSession(t, cfg)
+	hs, err := findObjects(c, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hs) != want {
+		t.Fatalf("%d objects labelled %q on the token, want %d", len(hs), label, want)
+	}
+	for _, h := range hs {
+		a, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Equal(a[0].Value, pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY).Value) {
+			continue
+		}
+		ki, _, err := readKeyInfo(c, sh, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ki.Private || !ki.Sensitive || ki.Extractable || ki.NeverExtractable {
+			t.Errorf("imported object %d labelled %q: private %v, sensitive %v, extractable %v, never extractable %v; want true, true, false, false",
+				h, label, ki.Private, ki.Sensitive, ki.Extractable, ki.NeverExtractable)
+		}
+	}
+}
+
 func bigEndianInt(v int) []byte {
 	b := binary.BigEndian.AppendUint32(nil, uint32(v))
 	for len(b) > 1 && b[0] == 0 {
@@ -316,6 +348,7 @@ func TestGoldenPKCS11BodyV2(t *testing.T) {
 	base.AllowExtractable = true // imported keys are not CKA_NEVER_EXTRACTABLE
 	// The AES key and an HMAC partner, so that aes-cbc-hmac opens too.
 	importCBCHMACKeys(t, base, in.KeyValue, bytes.Repeat([]byte{0x5c}, 32), in.KeyLabel, in.KeyCKAID)
+	checkImported(t, base, in.KeyLabel, 2)
 	for _, tc := range []struct{ mech, wraps string }{
 		{MechanismAuto, MechanismAESGCM},
 		{MechanismAESGCM, MechanismAESGCM},
@@ -367,6 +400,7 @@ func TestGoldenPKCS11BodyV3(t *testing.T) {
 	base.KeyCKAID = hex.EncodeToString(in.KeyCKAID)
 	base.AllowExtractable = true
 	importCBCHMACKeys(t, base, in.KeyValue, in.MACKeyValue, in.KeyLabel, in.KeyCKAID)
+	checkImported(t, base, in.KeyLabel, 2)
 	cbc := base
 	cbc.Mechanism = MechanismAESCBCHMAC
 	k := openKEK(t, cbc)
@@ -482,6 +516,7 @@ func TestGoldenPKCS11BodyV4(t *testing.T) {
 	cfg.AllowExtractable = true
 	cfg.Mechanism = MechanismRSAOAEP
 	importRSAKeys(t, cfg, priv, in.KeyLabel, in.KeyCKAID)
+	checkImported(t, cfg, in.KeyLabel, 2)
 	k := openKEK(t, cfg)
 	if k.Mechanism() != MechanismRSAOAEP {
 		t.Fatalf("KEK wraps with %s, want %s", k.Mechanism(), MechanismRSAOAEP)
