@@ -558,13 +558,12 @@ func TestGoldenPKCS11BodyV4(t *testing.T) {
 	}
 
 	checkGoldenMech(t, svc, k, g, 0x04, len(body)-1) // last ciphertext byte
-	// The other hash recorded must fail. (SoftHSM2 2.6.1 refuses SHA-256 OAEP at
-	// C_DecryptInit with CKR_ARGUMENTS_BAD, which decryptInitError does not map to
-	// kek.ErrInvalidCiphertext; so only failure is asserted here.)
+	// The other hash recorded must fail as bad data (SoftHSM2 2.6.1 refuses SHA-256
+	// OAEP at C_DecryptInit with CKR_ARGUMENTS_BAD: the body named it).
 	bad := bytes.Clone(body)
 	bad[1] = 0x02 + 0x01 - bad[1]
-	if _, err := k.Unwrap(ctx, bad, goldenFrameAAD(g.KeyID)); err == nil {
-		t.Error("Unwrap with the other OAEP hash recorded succeeded")
+	if _, err := k.Unwrap(ctx, bad, goldenFrameAAD(g.KeyID)); !errors.Is(err, kek.ErrInvalidCiphertext) {
+		t.Errorf("Unwrap with the other OAEP hash recorded: %v, want ErrInvalidCiphertext", err)
 	}
 }
 

@@ -179,7 +179,8 @@ func (k *KEK) Backend() kek.Backend { return kek.BackendPKCS11 }
 // Wrap encrypts plaintext (1..kek.MaxPlaintext bytes) on the token with the KEK's
 // mechanism (Mechanism) and aad as additional authenticated data, and returns a body
 // whose first byte names its version and mechanism (doc.go, "Body formats"):
-// 0x01 for aes-gcm, 0x02 for aes-gcm-token-iv, 0x03 for aes-cbc-hmac.
+// 0x01 for aes-gcm, 0x02 for aes-gcm-token-iv, 0x03 for aes-cbc-hmac, 0x04 for
+// rsa-oaep.
 func (k *KEK) Wrap(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	if n := len(plaintext); n == 0 || n > kek.MaxPlaintext {
 		return nil, fmt.Errorf("hsm: plaintext is %d bytes, want 1..%d: %w", n, kek.MaxPlaintext, kek.ErrInvalidInput)
@@ -243,8 +244,9 @@ func (k *KEK) wrapGCM(ctx context.Context, plaintext, aad []byte) ([]byte, error
 	return append(body, ct...), nil
 }
 
-// Unwrap checks that body is a well-formed body of a known version (0x01, 0x02 or
-// 0x03, whatever the KEK's own mechanism: every version stays readable), then decrypts
+// Unwrap checks that body is a well-formed body of a known version (0x01, 0x02, 0x03
+// or 0x04; the AES versions whatever the KEK's own AES mechanism: every version stays
+// readable; 0x04 needs the KEK's RSA key), then decrypts
 // it on the token with aad. A body that fails authentication (wrong key, aad or any
 // changed bit; a bad GCM tag, a bad HMAC, bad CBC padding) returns an error wrapping
 // kek.ErrInvalidCiphertext; tokens report a bad GCM tag as CKR_ENCRYPTED_DATA_INVALID,

@@ -266,7 +266,9 @@ func splitTokenIV(written, out []byte, n int) (iv, ct []byte, err error) {
 // body is not one this key made here (kek.ErrInvalidCiphertext). Other errors take
 // the usual path.
 func decryptInitError(t *token, err error) error {
-	if isRV(err, pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_MECHANISM_PARAM_INVALID, pkcs11.CKR_KEY_TYPE_INCONSISTENT, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED) {
+	// CKR_ARGUMENTS_BAD too: the parameters come from the body (SoftHSM2 2.6.1 answers it
+	// for SHA-256 OAEP, which it lacks), so a token refusing them is refusing the body.
+	if isRV(err, pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_MECHANISM_PARAM_INVALID, pkcs11.CKR_ARGUMENTS_BAD, pkcs11.CKR_KEY_TYPE_INCONSISTENT, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED) {
 		return fmt.Errorf("hsm: C_DecryptInit on token %q refused the body's mechanism for this key: %w: %w", t.label, kek.ErrInvalidCiphertext, err)
 	}
 	return opError{op: "C_DecryptInit", err: err}
