@@ -66,7 +66,7 @@ func (k *KEK) do(ctx context.Context, op string, fn func() error) error {
 		if !reset {
 			return err
 		}
-		k.teardown()
+		k.teardown(ctx)
 		if err == nil || attempt > 0 || ctx.Err() != nil {
 			return err
 		}
@@ -131,7 +131,7 @@ func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
 	}
 	defer func() {
 		if err != nil {
-			k.teardown()
+			k.teardown(ctx)
 		}
 	}()
 	// A KEK of kind hmac needs the SRK twice (its parent, and the salt of its
@@ -184,7 +184,7 @@ func (k *KEK) connect(ctx context.Context) (dialed bool, err error) {
 // line's (after evicting its owner), or a new one.
 func (k *KEK) attach(ctx context.Context) (c *conn, dialed bool, err error) {
 	if k.line != nil {
-		k.line.evict(k)
+		k.line.evict(ctx, k)
 		if k.line.c != nil && k.line.c.dead {
 			k.line.drop()
 		}
@@ -258,15 +258,15 @@ func (k *KEK) loadKEK(srk *primaryObject) error {
 	return nil
 }
 
-// teardown flushes what this KEK created (best effort, bounded by cleanupTimeout)
-// and closes the connection (on a shared line, the line's: the TPM's state is in
-// doubt and the next user redials and flushes leftovers).
-func (k *KEK) teardown() error {
+// teardown flushes what this KEK created (best effort, bounded by cleanupTimeout and
+// ctx) and closes the connection (on a shared line, the line's: the TPM's state is in
+// doubt and the next user redials, which flushes whatever the flush here left).
+func (k *KEK) teardown(ctx context.Context) error {
 	c := k.c
 	if c == nil {
 		return nil
 	}
-	err := k.flushOwn()
+	err := k.flushOwn(ctx)
 	if k.line != nil {
 		return errors.Join(err, k.line.drop())
 	}

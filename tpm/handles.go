@@ -9,13 +9,15 @@ import (
 )
 
 // flushOwn flushes the sessions and the transient KEK this KEK loaded, best effort
-// and bounded by cleanupTimeout; the connection stays open.
-func (k *KEK) flushOwn() error {
+// and bounded by cleanupTimeout and by parent (a request's deadline: a flush that a
+// busy TPM keeps answering with TPM_RC_RETRY must not hold the TPM, and the request,
+// past it); the connection stays open.
+func (k *KEK) flushOwn(parent context.Context) error {
 	c := k.c
 	if c == nil || c.dead {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	ctx, cancel := context.WithTimeout(parent, cleanupTimeout)
 	defer cancel()
 	c.ctx = ctx
 	defer func() { c.ctx = nil }()

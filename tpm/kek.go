@@ -179,10 +179,10 @@ func (k *KEK) Close() error {
 	}
 	var err error
 	if k.line == nil {
-		err = k.teardown()
+		err = k.teardown(context.Background())
 	} else {
 		if k.line.owner == k {
-			if err = k.flushOwn(); err != nil {
+			if err = k.flushOwn(context.Background()); err != nil {
 				k.line.drop()
 			} else {
 				k.forget()

@@ -798,7 +798,7 @@ func TestKeyReplaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	k.sem <- struct{}{}
-	k.teardown()
+	k.teardown(context.Background())
 	<-k.sem
 	if _, err := k.Unwrap(ctx, body, nil); !errors.Is(err, kek.ErrKeyNotFound) || !errors.Is(err, kek.ErrUnavailable) {
 		t.Fatalf("Unwrap with the key evicted = %v, want kek.ErrKeyNotFound and ErrUnavailable", err)

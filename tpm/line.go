@@ -1,6 +1,9 @@
 package tpm
 
-import "sync"
+import (
+	"context"
+	"sync"
+)
 
 // line is the single connection this process keeps to a TPM that has no resource
 // manager (/dev/tpm0, swtpm). Such a TPM accepts one connection at a time (the kernel
@@ -72,12 +75,12 @@ func releaseLine(l *line) error {
 // evict flushes the sessions and transient KEK of the line's owner, if another KEK
 // than k owns it, so k can load its own. If a flush fails, the connection is closed
 // instead: the next dial flushes every leftover. The caller holds l.sem.
-func (l *line) evict(k *KEK) {
+func (l *line) evict(ctx context.Context, k *KEK) {
 	o := l.owner
 	if o == nil || o == k {
 		return
 	}
-	if err := o.flushOwn(); err != nil {
+	if err := o.flushOwn(ctx); err != nil {
 		l.drop()
 		return
 	}
