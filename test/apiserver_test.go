@@ -180,6 +180,13 @@ func decryptCalls(p *proc) int { return len(decryptOK.FindAllString(p.Stderr.Str
 // EncryptionConfiguration loader, the envelope transformer and the health check.
 func TestAPIServerTransformer(t *testing.T) {
 	p := startDev(t, "debug")
+	apiserverSuite(t, p, func(t *testing.T) *proc { return serveDevConfig(t, p) })
+}
+
+// apiserverSuite is TestAPIServerTransformer on any hwkms process p serving at log
+// level debug; restart starts it again (same config and key) after p was stopped. The
+// interop matrix runs it on every PKCS#11 implementation.
+func apiserverSuite(t *testing.T, p *proc, restart func(t *testing.T) *proc) {
 	keyID := mustStatus(t, p.Socket).KeyId
 	cfg := writeEncryptionConfig(t, p.Socket)
 
@@ -236,7 +243,7 @@ func TestAPIServerTransformer(t *testing.T) {
 
 	t.Run("plugin restart", func(t *testing.T) {
 		p.stop(t)
-		p2 := serveDevConfig(t, p)
+		p2 := restart(t)
 		if got := mustStatus(t, p2.Socket).KeyId; got != keyID {
 			t.Fatalf("key_id after restart = %q, want %q (same key)", got, keyID)
 		}
@@ -255,7 +262,12 @@ func TestAPIServerTransformer(t *testing.T) {
 // could, and checks that a fresh apiserver gets an error from hwkms, never wrong data,
 // while the untouched values still read.
 func TestTamperedEtcdValue(t *testing.T) {
-	p := startDev(t, "info")
+	tamperSuite(t, startDev(t, "info"))
+}
+
+// tamperSuite is TestTamperedEtcdValue on any hwkms process p (log level info or
+// debug).
+func tamperSuite(t *testing.T, p *proc) {
 	cfg := writeEncryptionConfig(t, p.Socket)
 	writer := loadAPIServer(t, cfg)
 
