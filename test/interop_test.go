@@ -289,3 +289,39 @@ func checkOneError(t *testing.T, what, out, want string) {
 		t.Errorf("%s: the error is not one hwkms error line: %q", what, lines)
 	}
 }
+
+// TestNoMechanismAutoWithoutHMACKey: on tpm2-pkcs11 (no CKM_AES_GCM) an AES key made
+// by tpm2_ptool without its HMAC key has no usable mechanism under auto. `hwkms key
+// list` shows the key with the reason and `hwkms serve` fails with one error naming
+// every candidate and what it lacks, including the missing HMAC key.
+func TestNoMechanismAutoWithoutHMACKey(t *testing.T) {
+	tk := interop.StartTPM2PKCS11(t)
+	var env []string
+	for k, v := range tk.Env {
+		env = append(env, k+"="+v)
+	}
+	key := hsm.Config{Module: tk.Module, TokenLabel: tk.TokenLabel, PINFile: tk.PINFile, KeyLabel: "kek-aes-only"}
+	sh := exec.Command("tpm2_ptool", "addkey", "--label", tk.TokenLabel, "--key-label", key.KeyLabel,
+		"--algorithm", "aes256", "--userpin", tk.PIN)
+	sh.Env = append(append(os.Environ(), env...), "TPM2TOOLS_TCTI="+tk.Env["TPM2_PKCS11_TCTI"])
+	if out, err := sh.CombinedOutput(); err != nil {
+		t.Fatalf("tpm2_ptool addkey: %v\n%s", err, out)
+	}
+	sock := socketPath(t)
+	cfgPath := writeServeConfig(t, sock, key)
+	want := `has no usable mechanism for key "kek-aes-only": aes-gcm: CKM_AES_GCM missing; aes-gcm-token-iv: CKM_AES_GCM missing; aes-cbc-hmac: no HMAC key`
+
+	out, err := hwkmsCmd(env, "key", "list", "--config", cfgPath)
+	if err != nil || !strings.Contains(out, "mechanism: none: ") || !strings.Contains(out, want) {
+		t.Errorf("hwkms key list: %v; want the key present with %q:\n%s", err, want, out)
+	}
+	p := launch(t, env, "serve", "--config", cfgPath)
+	p.Socket = sock
+	if code := p.wait(t, readyTimeout); code == 0 {
+		t.Fatalf("hwkms serve on a key without a usable mechanism exited 0:\n%s", p.Stderr.String())
+	}
+	checkOneError(t, "serve", p.Stderr.String(), want)
+	if strings.Contains(out+p.Stderr.String(), tk.PIN) {
+		t.Fatal("hwkms printed the PIN")
+	}
+}
