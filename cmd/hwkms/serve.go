@@ -84,11 +84,7 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 		}
 		return fmt.Errorf("open keys: %w", err)
 	}
-	for i, k := range ring.Keys() {
-		if mech := config.DeviceStats(k).Mechanism; mech != "" {
-			log.Info("key opened", "index", i, "key_id", k.ID(), "backend", k.Backend().String(), "mechanism", mech)
-		}
-	}
+	config.LogMechanisms(log, ring)
 	dropped, err := hist.Admit(ring.Primary().ID())
 	if err != nil {
 		closeKeys(log, ring, keyCloseTimeout)

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/miekg/pkcs11"
 
 	"github.com/hwkms/hwkms/hsm"
+	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/kek"
 )
 
@@ -457,4 +459,15 @@ func partsDesc(k hsm.KeyInfo) string {
 		return "; an RSA key pair (rsa-oaep)"
 	}
 	return ""
+}
+
+// LogMechanisms logs one "key opened" line per key of ring that has a mechanism (the
+// pkcs11 keys): index, key_id, backend and the mechanism chosen at open. serve calls
+// it at start and the reloader after each reload.
+func LogMechanisms(log *slog.Logger, ring *plugin.Keyring) {
+	for i, k := range ring.Keys() {
+		if mech := DeviceStats(k).Mechanism; mech != "" {
+			log.Info("key opened", "index", i, "key_id", k.ID(), "backend", k.Backend().String(), "mechanism", mech)
+		}
+	}
 }
