@@ -81,7 +81,8 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 	cfgPath := writeServeConfig(t, sock, key)
 
 	// 1. key create through the binary, with the vendor tool where the token cannot.
-	row.created = interopCreate(t, tk, env, cfgPath)
+	var createdMech string
+	row.created, createdMech = interopCreate(t, tk, env, cfgPath)
 	row.results = append(row.results, "key create ok")
 
 	// 2. key list names the key and the mechanism.
@@ -94,6 +95,9 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 		t.Fatalf("hwkms key list does not show the key as present with a mechanism:\n%s", out)
 	}
 	row.mechanism = m[1]
+	if createdMech != "" && createdMech != row.mechanism {
+		t.Errorf("hwkms key create reported mechanism %s, key list %s", createdMech, row.mechanism)
+	}
 	if tk.Impl == "SoftHSM2" && row.mechanism != hsm.MechanismAESGCM {
 		t.Errorf("SoftHSM2 has CKM_AES_GCM with caller IVs: auto chose %s, want aes-gcm", row.mechanism)
 	}
@@ -139,13 +143,18 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 }
 
 // interopCreate creates the key cfgPath configures with `hwkms key create`, or, on
-// tpm2-pkcs11, with exactly the tpm2_ptool commands its error prints, and says how.
-func interopCreate(t *testing.T, tk *interop.Token, env []string, cfgPath string) string {
+// tpm2-pkcs11, with exactly the tpm2_ptool commands its error prints, and says how,
+// with the mechanism `hwkms key create` reported ("" when the vendor tool made it).
+func interopCreate(t *testing.T, tk *interop.Token, env []string, cfgPath string) (how, mech string) {
 	t.Helper()
 	out, err := hwkmsCmd(env, "key", "create", "--config", cfgPath)
 	switch {
 	case err == nil:
-		return "`hwkms key create`"
+		m := regexp.MustCompile(`, mechanism ([a-z0-9-]+)\n`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("hwkms key create does not name the mechanism:\n%s", out)
+		}
+		return "`hwkms key create`", m[1]
 	case tk.Impl == "tpm2-pkcs11":
 		for _, c := range ptoolAdvice(t, out) {
 			sh := exec.Command("sh", "-c", c)
@@ -155,10 +164,10 @@ func interopCreate(t *testing.T, tk *interop.Token, env []string, cfgPath string
 				t.Fatalf("running the command hwkms key create printed, %q: %v\n%s", c, err, b)
 			}
 		}
-		return "`tpm2_ptool addkey` aes256 + hmac:sha256 (the commands `hwkms key create` prints)"
+		return "`tpm2_ptool addkey` aes256 + hmac:sha256 (the commands `hwkms key create` prints)", ""
 	}
 	t.Fatalf("hwkms key create on %s: %v\n%s", tk, err, out)
-	return ""
+	return "", ""
 }
 
 func result(name string, ok bool) string {

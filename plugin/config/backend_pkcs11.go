@@ -70,7 +70,16 @@ func (p pkcs11Key) Create(ctx context.Context) (Created, error) {
 	if err != nil {
 		return Created{}, p.createAdvice(err)
 	}
-	return p.created(info), nil
+	c := p.created(info)
+	mech := info.Mechanism
+	if mech == "" {
+		// An AES key alone: the token decides between aes-gcm and aes-gcm-token-iv.
+		if mech, err = p.mechanismOf(ctx, info); err != nil {
+			return Created{}, fmt.Errorf("the key was created (key_id %s) but does not open: %w", info.KeyID, err)
+		}
+	}
+	c.Where += ", mechanism " + mech
+	return c, nil
 }
 
 // createAdvice adds to a CreateKey error the step that makes the key another way when
