@@ -105,6 +105,14 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 		t.Errorf("%s has no CKM_AES_GCM: auto chose %s, want aes-cbc-hmac", tk.Impl, row.mechanism)
 	}
 
+	// 2b. doctor runs its checks, including the mechanism, and passes.
+	out, err = hwkmsCmd(env, "doctor", "--config", cfgPath)
+	if want := "[ok] keys[0] (pkcs11, primary) mechanism: " + row.mechanism + " (chosen by auto)"; err != nil || !strings.Contains(out, want) {
+		t.Errorf("hwkms doctor: %v; want a line %q:\n%s", err, want, out)
+	} else {
+		row.results = append(row.results, "key list + doctor ok")
+	}
+
 	// 3. the conformance suite on an hsm.KEK in this process, config naming no
 	// mechanism, with a second key on the same token made the same way.
 	other := key
