@@ -90,7 +90,7 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 	if err != nil {
 		t.Fatalf("hwkms key list: %v\n%s", err, out)
 	}
-	m := regexp.MustCompile(`mechanism ([a-z0-9-]+)`).FindStringSubmatch(out)
+	m := regexp.MustCompile(`; mechanism ([a-z0-9-]+)`).FindStringSubmatch(out)
 	if m == nil || !strings.Contains(out, " yes ") {
 		t.Fatalf("hwkms key list does not show the key as present with a mechanism:\n%s", out)
 	}
@@ -167,7 +167,6 @@ func interopCreate(t *testing.T, tk *interop.Token, env []string, cfgPath string
 		for _, c := range ptoolAdvice(t, out) {
 			sh := exec.Command("sh", "-c", c)
 			sh.Env = append(os.Environ(), env...)
-			sh.Env = append(sh.Env, "TPM2TOOLS_TCTI="+tk.Env["TPM2_PKCS11_TCTI"])
 			if b, err := sh.CombinedOutput(); err != nil {
 				t.Fatalf("running the command hwkms key create printed, %q: %v\n%s", c, err, b)
 			}
@@ -218,7 +217,7 @@ func hwkmsCmd(env []string, args ...string) (string, error) {
 	return string(out), err
 }
 
-var ptoolLine = regexp.MustCompile(`(?m)^\s*(tpm2_ptool addkey .*)$`)
+var ptoolLine = regexp.MustCompile(`(?m)^\s+((?:TPM2TOOLS_TCTI=\S+ )?tpm2_ptool addkey .*)$`)
 
 // ptoolAdvice checks the error of `hwkms key create` on tpm2-pkcs11: one message that
 // says why (CKR_FUNCTION_NOT_SUPPORTED) and gives the two tpm2_ptool commands, and

@@ -98,7 +98,9 @@ func (p pkcs11Key) createAdvice(err error) error {
 // selects, for a token whose C_GenerateKey is not implemented. For tpm2-pkcs11 it is
 // the exact tpm2_ptool commands (with a fresh random CKA_ID): an AES-256 key and an
 // HMAC-SHA256 key with the same label and CKA_ID (aes-cbc-hmac: tpm2-pkcs11 has no
-// CKM_AES_GCM). The PIN is read from c's pinFile by the shell, never printed.
+// CKM_AES_GCM), with the TCTI (TPM2TOOLS_TCTI) and store (--path) of this process's
+// TPM2_PKCS11_TCTI and TPM2_PKCS11_STORE when set. The PIN is read from c's pinFile
+// by the shell, never printed.
 func GenerateAdvice(c hsm.Config) string {
 	token := c.TokenLabel
 	if token == "" {
@@ -117,12 +119,22 @@ func GenerateAdvice(c hsm.Config) string {
 	if strings.Contains(filepath.Base(c.Module), "tpm2_pkcs11") {
 		id := make([]byte, 16)
 		_, _ = rand.Read(id)
-		cmd := func(alg string) string {
-			return fmt.Sprintf("  tpm2_ptool addkey --label %s --key-label %s --id %s --algorithm %s --userpin %s",
-				shellQuote(token), shellQuote(label), hex.EncodeToString(id), alg, pin)
+		// tpm2_ptool runs the tpm2 tools, which read their TCTI from TPM2TOOLS_TCTI,
+		// not from the module's TPM2_PKCS11_TCTI; its store is --path or
+		// TPM2_PKCS11_STORE, as for the module.
+		var prefix, path string
+		if tcti := os.Getenv("TPM2_PKCS11_TCTI"); tcti != "" {
+			prefix = "TPM2TOOLS_TCTI=" + shellQuote(tcti) + " "
 		}
-		return "this token cannot generate keys through PKCS#11 (tpm2-pkcs11 has no C_GenerateKey); make the key with tpm2_ptool instead, " +
-			"in the environment hwkms serve uses (TPM2_PKCS11_STORE, TPM2_PKCS11_TCTI), then run hwkms key list:\n" +
+		if store := os.Getenv("TPM2_PKCS11_STORE"); store != "" {
+			path = " --path " + shellQuote(store)
+		}
+		cmd := func(alg string) string {
+			return fmt.Sprintf("  %stpm2_ptool addkey --label %s --key-label %s --id %s --algorithm %s --userpin %s%s",
+				prefix, shellQuote(token), shellQuote(label), hex.EncodeToString(id), alg, pin, path)
+		}
+		return "this token cannot generate keys through PKCS#11 (tpm2-pkcs11 has no C_GenerateKey); make the key with tpm2_ptool instead " +
+			"(TPM2TOOLS_TCTI and --path as the environment of this command has them), then run hwkms key list:\n" +
 			cmd("aes256") + "\n" + cmd("hmac:sha256") + "\n" +
 			"(both with the same --id: hwkms uses the pair as one aes-cbc-hmac key; docs/tokens.md)"
 	}

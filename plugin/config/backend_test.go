@@ -120,12 +120,14 @@ func TestDeviceStatsMechanism(t *testing.T) {
 // one fresh --id, the token and key labels of the config and the PIN read from the
 // PIN file by the shell; other modules get the attributes to set.
 func TestGenerateAdvice(t *testing.T) {
+	t.Setenv("TPM2_PKCS11_TCTI", "tabrmd:bus_type=session")
+	t.Setenv("TPM2_PKCS11_STORE", "/var/lib/tpm2 store")
 	c := hsm.Config{Module: "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so", TokenLabel: "k8s kms", KeyLabel: "kek-1", PINFile: "/etc/hwkms/pin"}
 	a, b := GenerateAdvice(c), GenerateAdvice(c)
 	idRE := regexp.MustCompile(`--id ([0-9a-f]{32}) `)
 	for _, alg := range []string{"aes256", "hmac:sha256"} {
-		want := "tpm2_ptool addkey --label 'k8s kms' --key-label kek-1 --id "
-		if !strings.Contains(a, want) || !strings.Contains(a, "--algorithm "+alg+` --userpin "$(cat /etc/hwkms/pin)"`) {
+		want := "TPM2TOOLS_TCTI=tabrmd:bus_type=session tpm2_ptool addkey --label 'k8s kms' --key-label kek-1 --id "
+		if !strings.Contains(a, want) || !strings.Contains(a, "--algorithm "+alg+` --userpin "$(cat /etc/hwkms/pin)" --path '/var/lib/tpm2 store'`) {
 			t.Errorf("advice lacks the %s command %q...:\n%s", alg, want, a)
 		}
 	}
