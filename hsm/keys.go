@@ -329,10 +329,13 @@ func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) e
 // cfg.KeyLabel exists, and refuses a cfg with KeyCKAID set (the CKA_ID must be fresh
 // and random). It reads the attributes back and destroys the key again if the token
 // did not honour them.
+// Once the creating session is gone it finds the key objects again from a new
+// session and fails with ErrNotStored if the token did not store them (persist.go).
 //
 // The existence check and the creation are not atomic: two concurrent CreateKey calls
 // with the same label on different hosts may both succeed; Open then reports ambiguity.
 func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyCKAID != "" {
 		return KeyInfo{}, errors.New("hsm: keyCKAID must not be set when creating a key: a random CKA_ID is generated")
 	}
@@ -408,6 +411,13 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		}
 		return nil
 	})
+	if err == nil {
+		want := len(made) // the AES key, and its HMAC key for aes-cbc-hmac
+		if rsa {
+			want = 2 // the private and the public key
+		}
+		err = verifyStored(ctx, cfg, id, want)
+	}
 	if err == nil {
 		var mech string
 		mech, err = probeCreated(ctx, cfg, id)
@@ -517,6 +527,7 @@ func destroyByID(ctx context.Context, cfg Config, id []byte) error {
 // ListKeys lists the AES secret token keys on the token selected by cfg (KeyLabel and
 // KeyCKAID are ignored), sorted by label then CKA_ID. It logs in to see private keys.
 func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyLabel == "" {
 		cfg.KeyLabel = "-" // not used; keeps Validate from complaining
 	}
@@ -571,6 +582,7 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 // CKA_ID) if it is an aes-cbc-hmac key. It refuses when the selection is ambiguous.
 // Data wrapped by the key can never be unwrapped again.
 func DestroyKey(ctx context.Context, cfg Config) error {
+	cfg = cfg.Resolved()
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
 		h, _, id, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
 		if errors.Is(err, kek.ErrKeyNotFound) {

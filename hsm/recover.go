@@ -163,7 +163,7 @@ func (m *module) reinitLocked() error {
 	for _, t := range m.tokens {
 		t.loggedIn = false
 	}
-	if err := m.ctx.Initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+	if err := m.initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		return fmt.Errorf("C_Initialize: %w: %w", kek.ErrUnavailable, err)
 	}
 	toks := make([]*token, 0, len(m.tokens))
