@@ -76,7 +76,7 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 	for k, v := range tk.Env {
 		env = append(env, k+"="+v)
 	}
-	key := hsm.Config{Module: tk.Module, TokenLabel: tk.TokenLabel, PINFile: tk.PINFile, KeyLabel: "kek-matrix"} // MERGE: InitArgs
+	key := hsm.Config{Module: tk.Module, TokenLabel: tk.TokenLabel, PINFile: tk.PINFile, KeyLabel: "kek-matrix", InitArgs: tk.InitArgs}
 	sock := socketPath(t)
 	cfgPath := writeServeConfig(t, sock, key)
 
@@ -92,6 +92,11 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 	}
 	m := regexp.MustCompile(`; mechanism ([a-z0-9-]+)`).FindStringSubmatch(out)
 	if m == nil || !strings.Contains(out, " yes ") {
+		why := "no mechanism"
+		if r := regexp.MustCompile(`aes-cbc-hmac: (round trip failed: [^;]*)`).FindStringSubmatch(out); r != nil {
+			why = "aes-cbc-hmac " + r[1]
+		}
+		row.results = append(row.results, "key list FAILED: "+why)
 		t.Fatalf("hwkms key list does not show the key as present with a mechanism:\n%s", out)
 	}
 	row.mechanism = m[1]
