@@ -231,8 +231,13 @@ func apiserverSuite(t *testing.T, p *proc, restart func(t *testing.T) *proc) {
 		before := decryptCalls(p)
 		fresh := loadAPIServer(t, cfg)
 		readAll(t, fresh)
-		// The fresh process has an empty DEK cache: it must have asked hwkms.
-		if after := decryptCalls(p); after <= before {
+		// The fresh process has an empty DEK cache: it must have asked hwkms. hwkms
+		// logs a request after answering it, so give the line a moment to arrive.
+		after := decryptCalls(p)
+		for deadline := time.Now().Add(5 * time.Second); after <= before && time.Now().Before(deadline); after = decryptCalls(p) {
+			time.Sleep(pollEvery)
+		}
+		if after <= before {
 			t.Errorf("successful Decrypt requests in hwkms's log went %d -> %d; the fresh transformer did not call Decrypt", before, after)
 		}
 		// And what the new process writes, the old one reads.

@@ -97,7 +97,17 @@ func interopRun(t *testing.T, st interop.Starter, row *matrixRow) {
 			why = "aes-cbc-hmac " + r[1]
 		}
 		row.results = append(row.results, "key list FAILED: "+why)
+		if kb, ok := knownBroken[tk.Impl]; ok && strings.Contains(out, kb.contains) {
+			// Asserted, not skipped: when this stops failing the test fails too, so
+			// the table and docs/tokens.md get updated.
+			row.results[len(row.results)-1] = "FAILS (known): " + kb.why
+			t.Logf("%s: known failure (%s); hwkms key list:\n%s", tk.Impl, kb.why, out)
+			return
+		}
 		t.Fatalf("hwkms key list does not show the key as present with a mechanism:\n%s", out)
+	}
+	if kb, ok := knownBroken[tk.Impl]; ok {
+		t.Errorf("%s works now (known failure was: %s): remove it from knownBroken and update README.md and docs/tokens.md", tk.Impl, kb.why)
 	}
 	row.mechanism = m[1]
 	if createdMech != "" && createdMech != row.mechanism {
@@ -180,6 +190,20 @@ func interopCreate(t *testing.T, tk *interop.Token, env []string, cfgPath string
 	}
 	t.Fatalf("hwkms key create on %s: %v\n%s", tk, err, out)
 	return "", ""
+}
+
+// knownBroken lists implementations the matrix measures as failing today, with the
+// text their `hwkms key list` must show and why (docs/tokens.md). The matrix asserts
+// the failure, and fails when it changes.
+var knownBroken = map[string]struct{ contains, why string }{
+	// tpm2-pkcs11 1.9.0 answers a single-part CKM_AES_CBC_PAD C_Decrypt of more than
+	// 32 bytes of ciphertext with CKR_GENERAL_ERROR ("Internal buffer too small" on
+	// stderr), whatever the output buffer; hwkms's self-test and a 32-byte DEK seed
+	// make 48 bytes.
+	"tpm2-pkcs11": {
+		contains: `aes-cbc-hmac: round trip failed: hsm: C_Decrypt on token`,
+		why:      "its CKM_AES_CBC_PAD C_Decrypt of more than 32 bytes answers CKR_GENERAL_ERROR, so aes-cbc-hmac fails its round trip",
+	},
 }
 
 func result(name string, ok bool) string {
