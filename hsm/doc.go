@@ -142,7 +142,9 @@
 // key (CKM_GENERIC_SECRET_KEY_GEN; CKA_SIGN and CKA_VERIFY true, every other usage
 // false; the same sensitivity attributes) with the same CKA_LABEL and the same random
 // CKA_ID. The key_id (below) is computed from that label and CKA_ID, so it names the
-// pair; the HMAC key is found by label, CKA_ID and key type, and Open refuses several
+// pair; the HMAC key is found by label, CKA_ID and key type (CKK_GENERIC_SECRET, or
+// CKK_SHA256_HMAC as `tpm2_ptool addkey --algorithm hmac:sha256` makes it on
+// tpm2-pkcs11, which has no C_GenerateKey), and Open refuses several
 // or an unsafe one. With auto, CreateKey makes the pair when the token lacks a usable
 // CKM_AES_GCM but has CKM_AES_CBC_PAD and CKM_SHA256_HMAC (also when GCM is offered
 // but fails its round trip and no token-IV GCM works). DestroyKey destroys both. A

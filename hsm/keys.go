@@ -211,23 +211,42 @@ func selectKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID [
 	return hs[0], ki, id, nil
 }
 
+// macKeyTypes are the key types an HMAC partner key may have: CKK_GENERIC_SECRET
+// (what CreateKey makes) and CKK_SHA256_HMAC (what `tpm2_ptool addkey --algorithm
+// hmac:sha256` makes on tpm2-pkcs11, which has no C_GenerateKey; docs/tokens.md).
+var macKeyTypes = []uint{pkcs11.CKK_GENERIC_SECRET, pkcs11.CKK_SHA256_HMAC}
+
 // macKeyTemplate is the search template of the HMAC partner key of an aes-cbc-hmac
-// KEK: a token generic secret key with the same label and the same CKA_ID.
-func macKeyTemplate(label string, ckaID []byte) []*pkcs11.Attribute {
+// KEK: a token secret key of type keyType with the same label and the same CKA_ID.
+func macKeyTemplate(keyType uint, label string, ckaID []byte) []*pkcs11.Attribute {
 	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, ckaID),
 	}
 }
 
+// findMACKeys finds the HMAC partner keys (every type in macKeyTypes) of the AES key
+// (label, ckaID).
+func findMACKeys(c p11, sh pkcs11.SessionHandle, label string, ckaID []byte) ([]pkcs11.ObjectHandle, error) {
+	var all []pkcs11.ObjectHandle
+	for _, kt := range macKeyTypes {
+		hs, err := findObjects(c, sh, macKeyTemplate(kt, label, ckaID))
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, hs...)
+	}
+	return all, nil
+}
+
 // selectMACKey finds the HMAC partner key of the AES key (label, ckaID): 0 if there is
 // none, an error if there are several or its attributes are unsafe (the same rules as
 // for the AES key, with allowUnsafe standing for Config.AllowExtractable).
 func selectMACKey(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, ckaID []byte, allowUnsafe bool) (pkcs11.ObjectHandle, error) {
-	hs, err := findObjects(c, sh, macKeyTemplate(label, ckaID))
+	hs, err := findMACKeys(c, sh, label, ckaID)
 	if err != nil {
 		return 0, err
 	}
@@ -523,7 +542,7 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 			if err != nil {
 				return err
 			}
-			macs, err := findObjects(t.ctx, sh, macKeyTemplate(ki.Label, id))
+			macs, err := findMACKeys(t.ctx, sh, ki.Label, id)
 			if err != nil {
 				return err
 			}
@@ -579,7 +598,7 @@ func DestroyKey(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return err
 		}
-		macs, err := findObjects(t.ctx, sh, macKeyTemplate(cfg.KeyLabel, id))
+		macs, err := findMACKeys(t.ctx, sh, cfg.KeyLabel, id)
 		if err != nil {
 			return err
 		}

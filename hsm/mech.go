@@ -166,7 +166,7 @@ func (k *KEK) choose(ctx context.Context, cfg Config) error {
 			return err
 		}
 		if problem == "" && name == MechanismAESCBCHMAC && !k.hasMAC {
-			problem = fmt.Sprintf("no HMAC key (CKK_GENERIC_SECRET) labelled %q with the key's CKA_ID; create the key with mechanism %s", k.keyLabel, MechanismAESCBCHMAC)
+			problem = fmt.Sprintf("no HMAC key (CKK_GENERIC_SECRET or CKK_SHA256_HMAC) labelled %q with the key's CKA_ID; create the key with mechanism %s", k.keyLabel, MechanismAESCBCHMAC)
 		}
 		if problem == "" {
 			k.mech = mechanism{name: name, gcmType: gcmType}

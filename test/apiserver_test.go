@@ -180,6 +180,13 @@ func decryptCalls(p *proc) int { return len(decryptOK.FindAllString(p.Stderr.Str
 // EncryptionConfiguration loader, the envelope transformer and the health check.
 func TestAPIServerTransformer(t *testing.T) {
 	p := startDev(t, "debug")
+	apiserverSuite(t, p, func(t *testing.T) *proc { return serveDevConfig(t, p) })
+}
+
+// apiserverSuite is TestAPIServerTransformer on any hwkms process p serving at log
+// level debug; restart starts it again (same config and key) after p was stopped. The
+// interop matrix runs it on every PKCS#11 implementation.
+func apiserverSuite(t *testing.T, p *proc, restart func(t *testing.T) *proc) {
 	keyID := mustStatus(t, p.Socket).KeyId
 	cfg := writeEncryptionConfig(t, p.Socket)
 
@@ -224,8 +231,13 @@ func TestAPIServerTransformer(t *testing.T) {
 		before := decryptCalls(p)
 		fresh := loadAPIServer(t, cfg)
 		readAll(t, fresh)
-		// The fresh process has an empty DEK cache: it must have asked hwkms.
-		if after := decryptCalls(p); after <= before {
+		// The fresh process has an empty DEK cache: it must have asked hwkms. hwkms
+		// logs a request after answering it, so give the line a moment to arrive.
+		after := decryptCalls(p)
+		for deadline := time.Now().Add(5 * time.Second); after <= before && time.Now().Before(deadline); after = decryptCalls(p) {
+			time.Sleep(pollEvery)
+		}
+		if after <= before {
 			t.Errorf("successful Decrypt requests in hwkms's log went %d -> %d; the fresh transformer did not call Decrypt", before, after)
 		}
 		// And what the new process writes, the old one reads.
@@ -236,7 +248,7 @@ func TestAPIServerTransformer(t *testing.T) {
 
 	t.Run("plugin restart", func(t *testing.T) {
 		p.stop(t)
-		p2 := serveDevConfig(t, p)
+		p2 := restart(t)
 		if got := mustStatus(t, p2.Socket).KeyId; got != keyID {
 			t.Fatalf("key_id after restart = %q, want %q (same key)", got, keyID)
 		}
@@ -255,7 +267,12 @@ func TestAPIServerTransformer(t *testing.T) {
 // could, and checks that a fresh apiserver gets an error from hwkms, never wrong data,
 // while the untouched values still read.
 func TestTamperedEtcdValue(t *testing.T) {
-	p := startDev(t, "info")
+	tamperSuite(t, startDev(t, "info"))
+}
+
+// tamperSuite is TestTamperedEtcdValue on any hwkms process p (log level info or
+// debug).
+func tamperSuite(t *testing.T, p *proc) {
 	cfg := writeEncryptionConfig(t, p.Socket)
 	writer := loadAPIServer(t, cfg)
 

@@ -8,5 +8,14 @@
 //	go test -race ./...                                  # the suites
 //	go test -run x -bench Socket -benchtime 2000x ./...  # latency at concurrency 1
 //
-// Without SoftHSM2 the suites skip, unless CI is set: then they fail.
+// TestInteropMatrix runs the apiserver-client, tampered-etcd and bad-input suites, and
+// the kek conformance suite (kektest) in process, on every PKCS#11 implementation of
+// softhsm/interop (opencryptoki, tpm2-pkcs11, NSS softoken, SoftHSM2), with keys made
+// by `hwkms key create` (or the tpm2_ptool commands it prints) and a config that
+// names no mechanism; `go test -v -run TestInteropMatrix` logs the table README.md
+// shows. The opencryptoki soft token is machine-wide: its fixture holds a lock file
+// shared with softhsm/interop and test/e2e, and must run as root.
+//
+// Without SoftHSM2 (or another implementation the matrix needs) the suites skip,
+// unless CI is set: then they fail.
 package test

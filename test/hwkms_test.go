@@ -20,6 +20,7 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/hwkms/hwkms/softhsm"
+	"github.com/hwkms/hwkms/softhsm/softhsmtest"
 )
 
 // Deadlines of the helpers. They bound waits; nothing sleeps for a fixed time.
@@ -60,7 +61,10 @@ func testMain(m *testing.M) int {
 	} else if _, err := softhsm.Util(); err != nil {
 		softhsmErr = err
 	}
-	return m.Run()
+	// The interop matrix opens SoftHSM2 in this process too (softhsm/interop), which
+	// reads SOFTHSM2_CONF once per process: softhsmtest sets it. Every hwkms child
+	// gets its own SOFTHSM2_CONF (dev sets it, serve gets softhsmEnv).
+	return softhsmtest.Run(m)
 }
 
 // requireSoftHSM skips tb when SoftHSM2 is not installed, unless CI is set: in CI a

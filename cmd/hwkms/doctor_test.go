@@ -143,6 +143,11 @@ func TestDoctorPKCS11(t *testing.T) {
 		{"extractable key allowed", func(c *hsm.Config) {
 			c.TokenLabel, c.PINFile, c.KeyLabel, c.AllowExtractable = unsafe.Label, unsafe.PINFile, "leaky", true
 		}, 0, "[warn] keys[0] (pkcs11, primary) key present", "allowExtractable"},
+		// An AES key alone cannot be used with aes-cbc-hmac: one FAIL naming what is missing.
+		{"mechanism the key lacks", func(c *hsm.Config) { c.Mechanism = hsm.MechanismAESCBCHMAC }, 1,
+			"[FAIL] keys[0] (pkcs11, primary) mechanism", "no HMAC key (CKK_GENERIC_SECRET or CKK_SHA256_HMAC) labelled \"kek\""},
+		{"mechanism named", func(c *hsm.Config) { c.Mechanism = hsm.MechanismAESGCM }, 0,
+			"[ok] keys[0] (pkcs11, primary) mechanism", "aes-gcm (named in config)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := shortDir(t)
@@ -155,8 +160,12 @@ func TestDoctorPKCS11(t *testing.T) {
 				t.Fatalf("exit %d, want %d", code, tc.wantCode)
 			}
 			wantLine(t, out, tc.prefix, tc.contains)
+			if tc.name == "mechanism the key lacks" && strings.Contains(out, "round trip") {
+				t.Errorf("doctor went on to a round trip after the mechanism failed:\n%s", out)
+			}
 			if tc.name == "healthy" {
 				wantLine(t, out, "[ok] keys[0] (pkcs11, primary) key present", info.KeyID)
+				wantLine(t, out, "[ok] keys[0] (pkcs11, primary) mechanism", "aes-gcm (chosen by auto)")
 				wantLine(t, out, "[ok] socket directory", "writable")
 				wantLine(t, out, "[ok] config", "parses")
 			}
@@ -243,6 +252,9 @@ func TestDoctorTPM(t *testing.T) {
 				t.Fatalf("exit %d, want %d", code, tc.wantCode)
 			}
 			wantLine(t, out, tc.prefix, tc.contains)
+			if tc.name == "mechanism the key lacks" && strings.Contains(out, "round trip") {
+				t.Errorf("doctor went on to a round trip after the mechanism failed:\n%s", out)
+			}
 			if tc.name == "healthy" {
 				wantLine(t, out, "[ok] keys[0] (tpm, primary) key present", info.KeyID)
 				wantLine(t, out, "[ok] keys[0] (tpm, primary) PCRs readable", "16")

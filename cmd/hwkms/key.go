@@ -109,7 +109,8 @@ func cmdKeyList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return nil
 }
 
-// describeKey finds a configured key on its device without opening a KEK.
+// describeKey finds a configured key on its device. A pkcs11 key that is there is also
+// opened once, as serve would, to show the mechanism the token lets it use.
 func describeKey(ctx context.Context, k config.Key) config.Description {
 	b, err := k.Resolve()
 	if err != nil {

@@ -84,6 +84,7 @@ func serveWith(ctx context.Context, cfg *config.Config, cfgPath string, log *slo
 		}
 		return fmt.Errorf("open keys: %w", err)
 	}
+	config.LogMechanisms(log, ring)
 	dropped, err := hist.Admit(ring.Primary().ID())
 	if err != nil {
 		closeKeys(log, ring, keyCloseTimeout)

@@ -128,6 +128,9 @@ type Stats struct {
 	HasReconnects bool
 	// Reconnects counts re-established TPM connections.
 	Reconnects uint64
+	// Mechanism is the PKCS#11 mechanism a pkcs11 key wraps with (one of hsm's
+	// Mechanism names, chosen at open), "" for other backends.
+	Mechanism string
 }
 
 // backendType is one entry of the registry: how to find a backend's block in a Key and

@@ -2,13 +2,19 @@ package config
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 
+	"github.com/miekg/pkcs11"
+
 	"github.com/hwkms/hwkms/hsm"
+	"github.com/hwkms/hwkms/plugin"
 	"github.com/hwkms/hwkms/plugin/kek"
 )
 
@@ -37,6 +43,9 @@ func init() {
 				s.HasReinits = true
 				s.ReinitsOK, s.ReinitsFailed = r.Reinits()
 			}
+			if m, ok := k.(interface{ Mechanism() string }); ok {
+				s.Mechanism = boundedMechanism(m.Mechanism())
+			}
 		},
 	})
 }
@@ -59,9 +68,113 @@ func (p pkcs11Key) Open(ctx context.Context) (kek.KEK, error) {
 func (p pkcs11Key) Create(ctx context.Context) (Created, error) {
 	info, err := hsm.CreateKey(ctx, p.c)
 	if err != nil {
-		return Created{}, err
+		return Created{}, p.createAdvice(err)
 	}
-	return p.created(info), nil
+	c := p.created(info)
+	mech := info.Mechanism
+	if mech == "" {
+		// An AES key alone: the token decides between aes-gcm and aes-gcm-token-iv.
+		if mech, err = p.mechanismOf(ctx, info); err != nil {
+			return Created{}, fmt.Errorf("the key was created (key_id %s) but does not open: %w", info.KeyID, err)
+		}
+	}
+	c.Where += ", mechanism " + mech
+	return c, nil
+}
+
+// createAdvice adds to a CreateKey error the step that makes the key another way when
+// the token cannot generate keys through PKCS#11 (C_GenerateKey answered
+// CKR_FUNCTION_NOT_SUPPORTED: tpm2-pkcs11, whose C_GenerateKey is a stub). Other
+// errors are returned as they are.
+func (p pkcs11Key) createAdvice(err error) error {
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) || rv != pkcs11.CKR_FUNCTION_NOT_SUPPORTED {
+		return err
+	}
+	return fmt.Errorf("%w\n%s", err, GenerateAdvice(p.c))
+}
+
+// GenerateAdvice says how to make, outside hwkms, a key hwkms accepts as the key c
+// selects, for a token whose C_GenerateKey is not implemented. For tpm2-pkcs11 it is
+// the exact tpm2_ptool commands (with a fresh random CKA_ID): an AES-256 key and an
+// HMAC-SHA256 key with the same label and CKA_ID (aes-cbc-hmac: tpm2-pkcs11 has no
+// CKM_AES_GCM), with the TCTI (TPM2TOOLS_TCTI) and store (--path) of this process's
+// TPM2_PKCS11_TCTI and TPM2_PKCS11_STORE when set. The PIN is read from c's pinFile
+// by the shell, never printed.
+func GenerateAdvice(c hsm.Config) string {
+	token := c.TokenLabel
+	if token == "" {
+		token = "TOKEN-LABEL"
+	}
+	label := c.KeyLabel
+	if label == "" {
+		label = "KEY-LABEL"
+	}
+	pin := `"$(cat PIN-FILE)"`
+	if c.PINFile != "" {
+		pin = `"$(cat ` + shellQuote(c.PINFile) + `)"`
+	} else if c.PINEnv != "" {
+		pin = `"$` + c.PINEnv + `"`
+	}
+	if strings.Contains(filepath.Base(c.Module), "tpm2_pkcs11") {
+		id := make([]byte, 16)
+		_, _ = rand.Read(id)
+		// tpm2_ptool runs the tpm2 tools, which read their TCTI from TPM2TOOLS_TCTI,
+		// not from the module's TPM2_PKCS11_TCTI; its store is --path or
+		// TPM2_PKCS11_STORE, as for the module.
+		var prefix, path string
+		if tcti := os.Getenv("TPM2_PKCS11_TCTI"); tcti != "" {
+			prefix = "TPM2TOOLS_TCTI=" + shellQuote(tcti) + " "
+		}
+		if store := os.Getenv("TPM2_PKCS11_STORE"); store != "" {
+			path = " --path " + shellQuote(store)
+		}
+		cmd := func(alg string) string {
+			return fmt.Sprintf("  %stpm2_ptool addkey --label %s --key-label %s --id %s --algorithm %s --userpin %s%s",
+				prefix, shellQuote(token), shellQuote(label), hex.EncodeToString(id), alg, pin, path)
+		}
+		return "this token cannot generate keys through PKCS#11 (tpm2-pkcs11 has no C_GenerateKey); make the key with tpm2_ptool instead " +
+			"(TPM2TOOLS_TCTI and --path as the environment of this command has them), then run hwkms key list:\n" +
+			cmd("aes256") + "\n" + cmd("hmac:sha256") + "\n" +
+			"(both with the same --id: hwkms uses the pair as one aes-cbc-hmac key; docs/tokens.md)"
+	}
+	return fmt.Sprintf("this token cannot generate keys through PKCS#11; make them with the token vendor's tool: an AES-256 secret key labelled %q "+
+		"(CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true, CKA_EXTRACTABLE false, a random CKA_ID) and, for a token without CKM_AES_GCM, an HMAC key "+
+		"(CKK_GENERIC_SECRET or CKK_SHA256_HMAC, CKA_SIGN true) with the same label and CKA_ID; then run hwkms key list (docs/tokens.md)", label)
+}
+
+// shellQuote quotes s for a POSIX shell when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=@") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// boundedMechanism returns name if it is one of hsm's mechanism names, else "other"
+// (a metric label takes only known values).
+func boundedMechanism(name string) string {
+	switch name {
+	case "", hsm.MechanismAESGCM, hsm.MechanismAESGCMTokenIV, hsm.MechanismAESCBCHMAC, hsm.MechanismRSAOAEP:
+		return name
+	}
+	return "other"
+}
+
+// mechanismOf opens the key info names, as serve would, and returns the mechanism
+// hsm.Open chose for it on this token (its objects and the token decide: an AES key
+// alone gets aes-gcm or aes-gcm-token-iv, a key with an HMAC partner key on a token
+// without a usable GCM aes-cbc-hmac). It returns the open error (wrapping
+// hsm.ErrNoMechanism when the token lacks every candidate) if Open fails.
+func (p pkcs11Key) mechanismOf(ctx context.Context, info hsm.KeyInfo) (string, error) {
+	c := p.c
+	c.KeyLabel, c.KeyCKAID = info.Label, info.CKAID
+	k, err := hsm.Open(ctx, c)
+	if err != nil {
+		return "", err
+	}
+	defer k.Close()
+	return k.Mechanism(), nil
 }
 
 // created describes the new key info, selected by label and CKA_ID.
@@ -95,7 +208,18 @@ func (p pkcs11Key) Describe(ctx context.Context) Description {
 	case 0:
 		return Description{KeyID: "-", Detail: fmt.Sprintf("no key labelled %q", p.c.KeyLabel)}
 	case 1:
-		return p.describe(match[0])
+		d := p.describe(match[0])
+		if !match[0].Safe() && !p.c.AllowExtractable {
+			return d
+		}
+		mech, err := p.mechanismOf(ctx, match[0])
+		switch {
+		case err != nil:
+			d.Detail += "; mechanism: none: " + err.Error()
+		default:
+			d.Detail += "; mechanism " + mech
+		}
+		return d
 	default:
 		return Description{KeyID: "-", Detail: fmt.Sprintf("%d keys labelled %q; set keyCKAID", len(match), p.c.KeyLabel)}
 	}
@@ -271,7 +395,7 @@ func (p pkcs11Key) Check(ctx context.Context, r Checker, o CheckOptions) {
 	ki := match[0]
 	switch {
 	case ki.Safe():
-		r.OK(name+" key present", "key_id "+ki.KeyID+"; sensitive, never extractable")
+		r.OK(name+" key present", "key_id "+ki.KeyID+"; sensitive, never extractable"+partsDesc(ki))
 	case c.AllowExtractable:
 		r.Warn(name+" key present", "key_id "+ki.KeyID+" has unsafe attributes ("+unsafeDesc(ki)+"), accepted because allowExtractable is set",
 			"create a new key with hwkms key create, rotate to it and remove allowExtractable")
@@ -284,12 +408,38 @@ func (p pkcs11Key) Check(ctx context.Context, r Checker, o CheckOptions) {
 	cctx, cancel = context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
 	k, err := hsm.Open(cctx, c)
+	if errors.Is(err, hsm.ErrNoMechanism) {
+		r.Fail(name+" mechanism", err.Error(), mechanismFix(c, field))
+		return
+	}
 	if err != nil {
 		r.Fail(name+" round trip", err.Error(), "")
 		return
 	}
 	defer k.Close()
+	r.OK(name+" mechanism", mechanismDetail(c, k.Mechanism()))
 	roundTrip(cctx, r, name, k)
+}
+
+// mechanismDetail is doctor's line for the mechanism Open chose.
+func mechanismDetail(c hsm.Config, mech string) string {
+	how := "chosen by auto"
+	if c.Mechanism != "" && c.Mechanism != hsm.MechanismAuto {
+		how = "named in config"
+	}
+	d := mech + " (" + how + ")"
+	if mech == hsm.MechanismAESGCMTokenIV && c.GCMMechanism != 0 {
+		d += fmt.Sprintf(", gcmMechanism 0x%08x", c.GCMMechanism)
+	}
+	return d
+}
+
+// mechanismFix is doctor's fix for a token without a usable mechanism.
+func mechanismFix(c hsm.Config, field string) string {
+	if c.Mechanism != "" && c.Mechanism != hsm.MechanismAuto {
+		return "remove " + field + ".mechanism (auto picks what the token has) or name one the token offers (docs/tokens.md)"
+	}
+	return "a token without CKM_AES_GCM needs an aes-cbc-hmac key (CKM_AES_CBC_PAD and CKM_SHA256_HMAC, an HMAC key with the AES key's label and CKA_ID: hwkms key create makes it); see docs/tokens.md"
 }
 
 func tokenDesc(c hsm.Config) string {
@@ -319,4 +469,26 @@ func unsafeDesc(k hsm.KeyInfo) string {
 		s = append(s, "no CKA_ID")
 	}
 	return strings.Join(s, ", ")
+}
+
+// partsDesc names the key objects beside the AES key, for doctor.
+func partsDesc(k hsm.KeyInfo) string {
+	switch k.Mechanism {
+	case hsm.MechanismAESCBCHMAC:
+		return "; with its HMAC key (aes-cbc-hmac)"
+	case hsm.MechanismRSAOAEP:
+		return "; an RSA key pair (rsa-oaep)"
+	}
+	return ""
+}
+
+// LogMechanisms logs one "key opened" line per key of ring that has a mechanism (the
+// pkcs11 keys): index, key_id, backend and the mechanism chosen at open. serve calls
+// it at start and the reloader after each reload.
+func LogMechanisms(log *slog.Logger, ring *plugin.Keyring) {
+	for i, k := range ring.Keys() {
+		if mech := DeviceStats(k).Mechanism; mech != "" {
+			log.Info("key opened", "index", i, "key_id", k.ID(), "backend", k.Backend().String(), "mechanism", mech)
+		}
+	}
 }

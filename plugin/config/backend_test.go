@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -89,6 +90,75 @@ type statsKEK struct {
 func (k statsKEK) Stats() hsm.PoolStats         { return k.pool }
 func (k statsKEK) Reinits() (ok, failed uint64) { return 3, 7 }
 func (k statsKEK) Reconnects() uint64           { return 2 }
+
+// mechKEK reports a mechanism, as hsm.KEK does.
+type mechKEK struct {
+	kek.KEK
+	mech string
+}
+
+func (k mechKEK) Mechanism() string { return k.mech }
+
+// TestDeviceStatsMechanism: the mechanism of a pkcs11 KEK reaches the metrics, and a
+// name hsm does not define becomes "other" (a label takes bounded values only).
+func TestDeviceStatsMechanism(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{hsm.MechanismAESGCM, "aes-gcm"},
+		{hsm.MechanismAESGCMTokenIV, "aes-gcm-token-iv"},
+		{hsm.MechanismAESCBCHMAC, "aes-cbc-hmac"},
+		{hsm.MechanismRSAOAEP, "rsa-oaep"},
+		{"aes-gcm\x00 injected", "other"},
+		{"", ""},
+	} {
+		if got := DeviceStats(mechKEK{mech: tc.in}).Mechanism; got != tc.want {
+			t.Errorf("DeviceStats(%q).Mechanism = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+// TestGenerateAdvice: for tpm2-pkcs11 the advice is the two tpm2_ptool commands with
+// one fresh --id, the token and key labels of the config and the PIN read from the
+// PIN file by the shell; other modules get the attributes to set.
+func TestGenerateAdvice(t *testing.T) {
+	t.Setenv("TPM2_PKCS11_TCTI", "tabrmd:bus_type=session")
+	t.Setenv("TPM2_PKCS11_STORE", "/var/lib/tpm2 store")
+	c := hsm.Config{Module: "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so", TokenLabel: "k8s kms", KeyLabel: "kek-1", PINFile: "/etc/hwkms/pin"}
+	a, b := GenerateAdvice(c), GenerateAdvice(c)
+	idRE := regexp.MustCompile(`--id ([0-9a-f]{32}) `)
+	for _, alg := range []string{"aes256", "hmac:sha256"} {
+		want := "TPM2TOOLS_TCTI=tabrmd:bus_type=session tpm2_ptool addkey --label 'k8s kms' --key-label kek-1 --id "
+		if !strings.Contains(a, want) || !strings.Contains(a, "--algorithm "+alg+` --userpin "$(cat /etc/hwkms/pin)" --path '/var/lib/tpm2 store'`) {
+			t.Errorf("advice lacks the %s command %q...:\n%s", alg, want, a)
+		}
+	}
+	ids := idRE.FindAllStringSubmatch(a, -1)
+	if len(ids) != 2 || ids[0][1] != ids[1][1] {
+		t.Fatalf("advice must give both commands one --id: %q", ids)
+	}
+	if other := idRE.FindStringSubmatch(b); other == nil || other[1] == ids[0][1] {
+		t.Errorf("two advices share --id %s: it must be fresh", ids[0][1])
+	}
+	g := GenerateAdvice(hsm.Config{Module: "/opt/vendor/libp11.so", KeyLabel: "kek-1", PINFile: "/etc/hwkms/pin"})
+	if strings.Contains(g, "tpm2_ptool") || !strings.Contains(g, `labelled "kek-1"`) || !strings.Contains(g, "CKK_SHA256_HMAC") {
+		t.Errorf("advice for another module: %s", g)
+	}
+}
+
+// TestCreateAdviceOnlyForUnsupportedGenerate: only CKR_FUNCTION_NOT_SUPPORTED gets the
+// advice, and the error stays typed.
+func TestCreateAdviceOnlyForUnsupportedGenerate(t *testing.T) {
+	p := pkcs11Key{hsm.Config{Module: "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so", TokenLabel: "t", KeyLabel: "k"}}
+	unsupported := fmt.Errorf("hsm: C_GenerateKey on token %q: %w", "t", pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED))
+	err := p.createAdvice(unsupported)
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) || rv != pkcs11.CKR_FUNCTION_NOT_SUPPORTED || !strings.Contains(err.Error(), "tpm2_ptool addkey") {
+		t.Errorf("createAdvice(CKR_FUNCTION_NOT_SUPPORTED) = %v", err)
+	}
+	other := fmt.Errorf("hsm: C_GenerateKey: %w", pkcs11.Error(pkcs11.CKR_TEMPLATE_INCONSISTENT))
+	if got := p.createAdvice(other); got != other {
+		t.Errorf("createAdvice changed another error: %v", got)
+	}
+}
 
 // TestDeviceStats: DeviceStats reads every statistic a KEK reports and marks the
 // others absent.

@@ -1,13 +1,16 @@
 package config
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +23,24 @@ import (
 )
 
 func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// lockedBuffer is a bytes.Buffer for a logger that may write from several goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
 
 func TestMain(m *testing.M) { softhsmtest.Main(m) }
 
@@ -137,7 +158,8 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 	}
 	svc := plugin.NewService(ring, plugin.Options{})
 	t.Cleanup(func() { svc.Keyring().Close() })
-	rl := NewReloader(svc, cfg, path, discard(), nil)
+	logs := &lockedBuffer{}
+	rl := NewReloader(svc, cfg, path, slog.New(slog.NewTextHandler(logs, nil)), nil)
 	idA := ring.Primary().ID()
 	encA, err := svc.Encrypt(ctx, "", []byte("0123456789abcdef0123456789abcdef"))
 	if err != nil {
@@ -147,6 +169,13 @@ func TestReloadKeepsOldKeyringOnError(t *testing.T) {
 	writeConfig(t, path, b, a)
 	if err := rl.Reload(ctx, false); err != nil {
 		t.Fatalf("reload to B: %v", err)
+	}
+	// Each reloaded pkcs11 key logs the mechanism it was opened with.
+	for i, id := range []string{svc.Keyring().Primary().ID(), idA} {
+		want := fmt.Sprintf("msg=\"key opened\" index=%d key_id=%s backend=pkcs11 mechanism=aes-gcm", i, id)
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("reload log lacks %q:\n%s", want, logs.String())
+		}
 	}
 	if err := rl.Reload(ctx, false); !errors.Is(err, ErrUnchanged) {
 		t.Fatalf("reload of an unchanged file: %v", err)

@@ -151,6 +151,7 @@ func (r *Reloader) reloadLocked(ctx context.Context, force bool) error {
 	old := r.svc.SwapKeyring(ring, h)
 	r.cfg, r.data = cfg, data
 	r.log.Info("config reloaded", "primary_key_id", next, "previous_primary_key_id", current, "keys", len(cfg.Keys))
+	LogMechanisms(r.log, ring)
 	go func() {
 		if err := old.Close(); err != nil {
 			r.log.Warn("closing previous keyring", "err", err)

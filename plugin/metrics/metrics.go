@@ -79,6 +79,9 @@ type KeyStats struct {
 	HasReconnects bool
 	// Reconnects counts re-established TPM connections.
 	Reconnects uint64
+	// Mechanism is the mechanism a pkcs11 key wraps with (the mechanism label of
+	// hwkms_key_info: aes-gcm, aes-gcm-token-iv, aes-cbc-hmac, rsa-oaep), "" otherwise.
+	Mechanism string
 }
 
 var _ plugin.Observer = (*Metrics)(nil)
@@ -253,8 +256,8 @@ func KeyIDHash(keyID string) string {
 
 var (
 	descKeyInfo = prometheus.NewDesc("hwkms_key_info",
-		"Always 1 for each key in the serving keyring; key_id_hash is the first 12 hex digits of SHA-256(key_id), role is primary (encrypts) or decrypt.",
-		[]string{"key_id_hash", "role", "backend"}, nil)
+		"Always 1 for each key in the serving keyring; key_id_hash is the first 12 hex digits of SHA-256(key_id), role is primary (encrypts) or decrypt, mechanism is how a pkcs11 key wraps (aes-gcm, aes-gcm-token-iv, aes-cbc-hmac, rsa-oaep; empty for other backends).",
+		[]string{"key_id_hash", "role", "backend", "mechanism"}, nil)
 	descPoolSize = prometheus.NewDesc("hwkms_pkcs11_sessions",
 		"Size of the PKCS#11 session pool of each pkcs11 key.",
 		[]string{"key_id_hash"}, nil)
@@ -291,11 +294,14 @@ func (c keyringCollector) Collect(ch chan<- prometheus.Metric) {
 		if i == 0 {
 			role = "primary"
 		}
-		ch <- prometheus.MustNewConstMetric(descKeyInfo, prometheus.GaugeValue, 1, h, role, k.Backend().String())
+		var st KeyStats
+		if c.m.stats != nil {
+			st = c.m.stats(k)
+		}
+		ch <- prometheus.MustNewConstMetric(descKeyInfo, prometheus.GaugeValue, 1, h, role, k.Backend().String(), st.Mechanism)
 		if c.m.stats == nil {
 			continue
 		}
-		st := c.m.stats(k)
 		if st.HasSessions {
 			ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(st.Sessions), h)
 			ch <- prometheus.MustNewConstMetric(descPoolInUse, prometheus.GaugeValue, float64(st.SessionsInUse), h)

@@ -45,6 +45,11 @@ func Main(m *testing.M) {
 	os.Exit(run(m))
 }
 
+// Run is Main without the exit: it creates the fixture, sets SOFTHSM2_CONF, runs m and
+// removes the fixture, and returns m.Run's code, for a TestMain that has its own
+// cleanup to do before it exits.
+func Run(m *testing.M) int { return run(m) }
+
 func run(m *testing.M) int {
 	mainCalled = true
 	dir, err := os.MkdirTemp("", "hwkms-softhsm-")

@@ -39,6 +39,9 @@ type cluster struct {
 type clusterOptions struct {
 	QPS   float32 // of the test's client; client-go's default when 0
 	Burst int
+	// Device, if set, makes the device instead of newDevice (a pkcs11 token other
+	// than SoftHSM2: opencryptoki_test.go).
+	Device func(t testing.TB, dir string) *device
 }
 
 // newCluster creates KEK 1 on a fresh device of the backend with `hwkms key create`,
@@ -50,7 +53,11 @@ func newCluster(t testing.TB, backend string, opts clusterOptions) *cluster {
 	dir := t.TempDir()
 	dumpLogsOnFailure(t, dir)
 	c := &cluster{t: t, backend: backend, dir: dir}
-	c.dev = newDevice(t, backend, dir)
+	if opts.Device != nil {
+		c.dev = opts.Device(t, dir)
+	} else {
+		c.dev = newDevice(t, backend, dir)
+	}
 	c.kms = newHwkms(t, c.dev, dir, 1)
 	created := c.kms.createKey(0)
 	c.KeyID = c.kms.start()
