@@ -67,6 +67,9 @@ const cbcMACDomain = "hwkms/pkcs11/aes-cbc-hmac\x00"
 type mechanism struct {
 	name    string // one of the Mechanism* names other than auto; "" before Open chose
 	gcmType uint   // aes-gcm-token-iv: CKM_AES_GCM or Config.GCMMechanism
+	// cbc is how version 0x03 bodies are decrypted (cbc_decrypt.go): CKM_AES_CBC_PAD
+	// unless the aes-cbc-hmac round trip at Open needed CKM_AES_CBC.
+	cbc cbcDecrypt
 }
 
 // Mechanism returns the name of the mechanism the KEK wraps with (MechanismAESGCM,
@@ -175,6 +178,16 @@ func (k *KEK) choose(ctx context.Context, cfg Config) error {
 				// SHA-256 OAEP first; tokens such as SoftHSM2 2.6.1 have only SHA-1.
 				k.oaepHash = oaepSHA1
 				err = k.selfTest(ctx)
+			}
+			if err != nil && name == MechanismAESCBCHMAC && cbcPadDecryptFailed(err) && ctx.Err() == nil {
+				// The token encrypted and MACed, but its CKM_AES_CBC_PAD decrypt failed
+				// (tpm2-pkcs11 above 32 bytes): decrypt with CKM_AES_CBC instead.
+				k.mech.cbc = cbcDecryptRaw
+				if err2 := k.selfTest(ctx); err2 != nil {
+					err = fmt.Errorf("%w; with %s instead: %w", err, cbcDecryptRaw, err2)
+				} else {
+					err = nil
+				}
 			}
 			if err == nil {
 				return nil
@@ -389,7 +402,8 @@ func (k *KEK) checkCBCBody(body []byte) error {
 }
 
 // unwrapCBCHMAC checks the MAC of a version 0x03 body on the token (C_Sign, compared
-// in constant time) before anything is decrypted, then decrypts with CKM_AES_CBC_PAD.
+// in constant time) before anything is decrypted, then decrypts with CKM_AES_CBC_PAD,
+// or with CKM_AES_CBC and the padding removed here if Open chose that (cbc_decrypt.go).
 // A MAC mismatch, bad padding or a plaintext of a length Wrap never makes is
 // kek.ErrInvalidCiphertext; device-class errors take the usual recovery.
 func (k *KEK) unwrapCBCHMAC(ctx context.Context, body, aad []byte) ([]byte, error) {
@@ -405,7 +419,8 @@ func (k *KEK) unwrapCBCHMAC(ctx context.Context, body, aad []byte) ([]byte, erro
 		if subtle.ConstantTimeCompare(mac, tag) != 1 {
 			return fmt.Errorf("hsm: body version 0x03: HMAC does not verify: %w", kek.ErrInvalidCiphertext)
 		}
-		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_CBC_PAD, iv)}, keys.enc); err != nil {
+		strategy := k.mech.cbc
+		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(strategy.mechanism(), iv)}, keys.enc); err != nil {
 			return opError{op: "C_DecryptInit", err: err}
 		}
 		// One C_Decrypt into len(ct) bytes: tpm2-pkcs11's length query consumes CBC
@@ -413,9 +428,17 @@ func (k *KEK) unwrapCBCHMAC(ctx context.Context, body, aad []byte) ([]byte, erro
 		out, err := c.DecryptOnce(sh, ct, len(ct))
 		if err != nil {
 			if isRV(err, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
-				return fmt.Errorf("hsm: C_Decrypt (CKM_AES_CBC_PAD) on token %q: %w: %w", k.tok.label, kek.ErrInvalidCiphertext, err)
+				return fmt.Errorf("hsm: C_Decrypt (%s) on token %q: %w: %w", strategy, k.tok.label, kek.ErrInvalidCiphertext, err)
+			}
+			if strategy == cbcDecryptPad {
+				err = cbcPadDecryptError{err}
 			}
 			return opError{op: "C_Decrypt", err: err}
+		}
+		if strategy == cbcDecryptRaw {
+			if out, err = unpadPKCS7(out); err != nil {
+				return err
+			}
 		}
 		pt = out
 		return nil
