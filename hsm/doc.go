@@ -94,6 +94,20 @@
 // The two keys (see "Mechanisms") are separate, so the AES key never MACs and the
 // HMAC key never encrypts.
 //
+// Decrypt strategies for 0x03 (cbc_decrypt.go), chosen at Open by the round trip and
+// fixed for the KEK; the mechanism stays aes-cbc-hmac and the bytes are the same:
+//
+//   - CKM_AES_CBC_PAD: one C_Decrypt (DecryptOnce, no length query) into c bytes; the
+//     token removes the padding. Tried first, and what every token keeps whose round
+//     trip works with it.
+//   - CKM_AES_CBC: one C_Decrypt of the c bytes with the body's IV; hsm checks the
+//     PKCS#7 padding strictly (last byte p in 1..16, the last p bytes all p) and
+//     removes it. Taken when the CKM_AES_CBC_PAD round trip encrypted and MACed but
+//     its C_Decrypt failed with CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED (not a
+//     device-class error): tpm2-pkcs11 1.9.0 answers CKR_GENERAL_ERROR for more than
+//     32 bytes of ciphertext. The MAC is verified before the decryption here too, so
+//     bad padding is no padding oracle; it is kek.ErrInvalidCiphertext.
+//
 // Version 0x04, mechanism rsa-oaep (CKM_RSA_PKCS_OAEP under an RSA key pair, for
 // tokens without AES; opt-in only):
 //

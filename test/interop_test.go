@@ -196,14 +196,9 @@ func interopCreate(t *testing.T, tk *interop.Token, env []string, cfgPath string
 // text their `hwkms key list` must show and why (docs/tokens.md). The matrix asserts
 // the failure, and fails when it changes.
 var knownBroken = map[string]struct{ contains, why string }{
-	// tpm2-pkcs11 1.9.0 answers a single-part CKM_AES_CBC_PAD C_Decrypt of more than
-	// 32 bytes of ciphertext with CKR_GENERAL_ERROR ("Internal buffer too small" on
-	// stderr), whatever the output buffer; hwkms's self-test and a 32-byte DEK seed
-	// make 48 bytes.
-	"tpm2-pkcs11": {
-		contains: `aes-cbc-hmac: round trip failed: hsm: C_Decrypt on token`,
-		why:      "its CKM_AES_CBC_PAD C_Decrypt of more than 32 bytes answers CKR_GENERAL_ERROR, so aes-cbc-hmac fails its round trip",
-	},
+	// None today. tpm2-pkcs11 1.9.0 was here (its single-part CKM_AES_CBC_PAD C_Decrypt
+	// of more than 32 bytes answers CKR_GENERAL_ERROR) until hsm fell back to
+	// CKM_AES_CBC with the padding removed in software for such tokens.
 }
 
 func result(name string, ok bool) string {
