@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -96,6 +98,12 @@ func TestKeyRotation(t *testing.T) {
 			t.Fatalf("an unchanged update of s4-1 did not rewrite it after the rotation: kube-apiserver does not consider old-key data stale")
 		}
 
+		// The audit sees what is left to migrate: objects under the old key_id.
+		encCfg := filepath.Join(c.dir, "encryption.yaml")
+		if got := c.auditKeyIDs(encCfg); got[oldKey] == 0 || got[newKey] == 0 {
+			t.Fatalf("storage audit before migration: key_ids %v, want objects under both the old %s and the new %s", got, oldKey, newKey)
+		}
+
 		// 5. Migrate everything, as docs/rotation.md step 4 says.
 		secrets := c.api.kubectl(nil, "get", "secrets", "--all-namespaces", "-o", "json")
 		replaced := c.api.kubectl(secrets, "replace", "-f", "-")
@@ -108,6 +116,9 @@ func TestKeyRotation(t *testing.T) {
 			t.Fatalf("after kubectl replaced %d Secrets etcd holds key_ids %v, want only the new %s", nReplaced, ids, newKey)
 		}
 		t.Logf("kubectl replaced %d Secrets; etcd key_ids: %v", nReplaced, ids)
+		if got := c.auditKeyIDs(encCfg); got[oldKey] != 0 || got[newKey] != int64(ids[newKey]) {
+			t.Fatalf("storage audit after migration: key_ids %v, want none under the old %s and %d under the new", got, oldKey, ids[newKey])
+		}
 
 		// 6. Drop the old key (hwkms reloads the file), restart kube-apiserver so nothing
 		// is cached, read all.
@@ -145,7 +156,46 @@ func TestKeyRotation(t *testing.T) {
 		if got := c.kms.requestCounts(since)["Decrypt NotFound"]; got == 0 {
 			t.Errorf("hwkms did not answer NotFound for a seed under the removed key %s (served %v)", oldKey, c.kms.requestCounts(since))
 		}
+
+		// 8. key destroy, given etcd, refuses while an object is stored under the old
+		// key_id (the relic), and destroys it once none is. (PKCS#11: key destroy finds
+		// a key no longer in the config by key_id on the config's tokens; a retired TPM
+		// blob is named by its own config, which this scenario does not keep.)
+		if backend == "tpm" {
+			return
+		}
+		destroy := func() (string, error) {
+			out, errOut, err := runHwkms(t, c.dev.env, "key", "destroy", "--config", c.kms.Config, "--key-id", oldKey, "--confirm", oldKey,
+				"--etcd-servers", c.etcd.URL, "--encryption-provider-config", encCfg)
+			return out + errOut, err
+		}
+		if out, err := destroy(); err == nil || !strings.Contains(out, "1 object(s) stored under key_id "+oldKey) {
+			t.Fatalf("key destroy with the relic under the old key: %v\n%s", err, out)
+		}
+		if _, err := c.etcd.Client.Delete(c.ctx(), secretKey("default", "s4-2")); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := destroy(); err != nil || !strings.Contains(out, "destroyed key_id "+oldKey) {
+			t.Fatalf("key destroy with nothing under the old key: %v\n%s", err, out)
+		}
+		t.Logf("key destroy refused while 1 object was under %s, destroyed it once none was", oldKey)
 	})
+}
+
+// auditKeyIDs runs `hwkms storage audit --json` against the cluster's etcd and returns
+// the objects per KMS v2 key_id.
+func (c *cluster) auditKeyIDs(encCfg string) map[string]int64 {
+	c.t.Helper()
+	out, errOut, err := runHwkms(c.t, nil, "storage", "audit", "--json", "--encryption-provider-config", encCfg, "--etcd-servers", c.etcd.URL)
+	if err != nil {
+		c.t.Fatalf("hwkms storage audit: %v\n%s", err, errOut)
+	}
+	var res auditJSON
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		c.t.Fatalf("storage audit --json: %v\n%s", err, out)
+	}
+	c.t.Logf("storage audit: %v", res.Totals.KeyIDs)
+	return res.Totals.KeyIDs
 }
 
 // replaceSecret runs `kubectl get secret NAME -o json | kubectl replace -f -` on
