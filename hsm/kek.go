@@ -478,8 +478,8 @@ func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
 	defer m.gate.RUnlock()
 	gen := m.gen.Load()
 	defer k.pool.release(s, gen)
-	if err := k.tok.state(); err != nil {
-		if k.tok.pinErr != nil {
+	if err, sticky := k.tok.status(); err != nil {
+		if sticky {
 			return attemptResult{err: err, gen: gen} // never retried automatically
 		}
 		return attemptResult{err: err, class: rvDevice, gen: gen}

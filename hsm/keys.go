@@ -25,6 +25,18 @@ var (
 	ErrUnsafeKey = errors.New("key attributes are unsafe")
 	// ErrTokenNotFound means no token in the module matches the configured selector.
 	ErrTokenNotFound = errors.New("token not found")
+	// ErrTokenChanged means the token found by the configured selector after a
+	// re-initialisation (or by a later Open in the same process) has another serial
+	// number (CK_TOKEN_INFO.serialNumber) than the token this process logged in to: it
+	// was re-initialised or substituted. No C_Login is made on it and no key on it is
+	// used; errors carrying it also wrap kek.ErrUnavailable.
+	ErrTokenChanged = errors.New("another token is in the configured token's place")
+	// ErrKeyChanged means the key found again by label and CKA_ID (after a
+	// re-initialisation or a stale handle) is not the key found at Open: its
+	// CKA_CHECK_VALUE differs, or it does not unwrap the probe body wrapped at Open.
+	// Nothing is wrapped or unwrapped under it; errors carrying it also wrap
+	// kek.ErrUnavailable.
+	ErrKeyChanged = errors.New("another key has the key's label and CKA_ID")
 )
 
 // keyIDDomain separates hwkms key_id hashes from any other use of SHA-256.
