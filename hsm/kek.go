@@ -248,7 +248,7 @@ func (k *KEK) sameKey(sh pkcs11.SessionHandle, keys keyHandles) error {
 
 // keyChanged is the error of sameKey. why never quotes key material.
 func (k *KEK) keyChanged(why string) error {
-	return fmt.Errorf("hsm: key %q (CKA_ID %x) on token %q was found again, but it is not the key opened: %s; another key has taken its label and CKA_ID, and it is not used (restore the key, or restart hwkms to adopt the new one as a new key_id): %w: %w",
+	return fmt.Errorf("hsm: key %q (CKA_ID %x) on token %q was found again, but it is not the key opened: %s; another key has taken its label and CKA_ID (and so its key_id), and it is not used: restore the original key; a restart would adopt the new one under the same key_id, and data wrapped under the original could not be unwrapped with it: %w: %w",
 		k.keyLabel, k.ckaID, k.tok.label, why, ErrKeyChanged, kek.ErrUnavailable)
 }
 
