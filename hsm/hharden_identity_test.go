@@ -74,10 +74,10 @@ func (n noKCV) GetAttributeValue(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle,
 	return n.p11.GetAttributeValue(sh, o, a)
 }
 
-// swapKey destroys the key (or, with mac, the HMAC key) labelled cfg.KeyLabel with
-// CKA_ID id and creates another with the same label and CKA_ID, on a session of its
-// own that it closes again.
-func swapKey(t *testing.T, cfg Config, id []byte, mac bool) {
+// swapKey destroys the key (with mac, the HMAC key; with rsa, the RSA key pair)
+// labelled cfg.KeyLabel with CKA_ID id and creates another with the same label and
+// CKA_ID, on a session of its own that it closes again.
+func swapKey(t *testing.T, cfg Config, id []byte, mac, rsa bool) {
 	t.Helper()
 	pin, err := cfg.readPIN()
 	if err != nil {
@@ -95,6 +95,16 @@ func swapKey(t *testing.T, cfg Config, id []byte, mac bool) {
 	tok.mod.gate.RLock()
 	defer tok.mod.gate.RUnlock()
 	err = withSession(tok, true, func(tk *token, sh pkcs11.SessionHandle) error {
+		if rsa {
+			priv, pub, _, _, err := selectRSAKeys(tk.ctx, sh, tk.label, cfg.KeyLabel, id, false)
+			if err != nil {
+				return err
+			}
+			if err := destroyQuiet(tk, sh, priv, pub); err != nil {
+				return err
+			}
+			return generateRSAPair(tk, sh, cfg.KeyLabel, id)
+		}
 		tmpl := keyTemplate(cfg.KeyLabel, id)
 		if mac {
 			tmpl = macKeyTemplate(cfg.KeyLabel, id)
@@ -145,6 +155,7 @@ func TestKeySwapped(t *testing.T) {
 		{name: "aes-gcm/probe-only/reinit", under: func(p p11) p11 { return noKCV{p} }, after: "reinit"},
 		{name: "aes-cbc-hmac/hmac-key/probe-only", mech: MechanismAESCBCHMAC, mac: true, under: func(p p11) p11 { return noKCV{p} }},
 		{name: "aes-cbc-hmac/aes-key/reinit", mech: MechanismAESCBCHMAC, kcv: true, after: "reinit"},
+		{name: "rsa-oaep/key-pair/stale-handle", mech: MechanismRSAOAEP},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newIDRig(t, tc.mech, tc.under)
@@ -153,7 +164,7 @@ func TestKeySwapped(t *testing.T) {
 			}
 			ctx := context.Background()
 			oldBody := roundTrip(t, r.k, []byte("seed"), aad)
-			swapKey(t, r.cfg, r.k.ckaID, tc.mac)
+			swapKey(t, r.cfg, r.k.ckaID, tc.mac, tc.mech == MechanismRSAOAEP)
 			encrypts := r.c.count("EncryptInit")
 			if tc.after == "reinit" {
 				r.c.set(func(c *chaos) { c.once["EncryptInit"] = []error{pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED)} })
