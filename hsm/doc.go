@@ -223,9 +223,12 @@
 // free one at most until its context is done.
 //
 // The token's serial number (CK_TOKEN_INFO.serialNumber) is pinned at the first login.
-// A token found by the selector after a re-initialisation, or by a later Open, with
-// another serial number is refused (ErrTokenChanged, wrapping kek.ErrUnavailable): no
-// C_Login is made on it, so the PIN is never sent to a substituted token. It is not
+// A token found by the selector after a re-initialisation with another serial number,
+// or found by a later Open (a reload) with the label of a token this process still
+// has keys open on but another serial number, is refused (ErrTokenChanged, wrapping
+// kek.ErrUnavailable): no C_Login is made on it, so the PIN is never sent to a
+// substituted token. (A
+// configuration that selects by tokenSerial pins the serial across restarts too.) It is not
 // sticky: if the original token comes back, the next re-initialisation logs in again.
 //
 // Opening and closing keys never stalls the module: acquiring and releasing a token

@@ -239,6 +239,17 @@ func TestTokenSwapped(t *testing.T) {
 	}
 	_, err = r.k.Wrap(context.Background(), []byte("seed"), aad)
 	wantRefused(t, "Wrap with the substituted token", err, ErrTokenChanged)
+	// A config reload while the old keys still hold the token: refused as well, and
+	// still no C_Login (the PIN is not sent to the substituted token).
+	if k2, err := Open(context.Background(), r.cfg); err == nil {
+		k2.Close()
+		t.Fatal("Open (a reload) on the substituted token succeeded")
+	} else {
+		wantRefused(t, "Open (a reload) on the substituted token", err, ErrTokenChanged)
+	}
+	if n := r.c.count("Login") - logins; n != 0 {
+		t.Fatalf("%d C_Login calls on the substituted token after a reload, want 0", n)
+	}
 	t.Logf("%v; refused: %v", seen, h.Err)
 
 	// The original token comes back.

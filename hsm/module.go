@@ -381,12 +381,23 @@ func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
 		registry.Unlock()
 		return t, nil
 	}
+	label := strings.TrimRight(info.Label, " \x00")
+	if cfg.TokenSerial == "" {
+		// Selected by label or slot: a token this process is logged in to under the
+		// same label, now gone from its slot, and another with that label in its place
+		// is a substitution, not a new token (a reload must not send it the PIN).
+		for _, old := range m.tokens {
+			if old.label == label && old.serial != serial {
+				return nil, old.changed(slot, serial)
+			}
+		}
+	}
 	t := &token{
 		mod:    m,
 		ctx:    m.ctx,
 		sel:    cfg,
 		slot:   slot,
-		label:  strings.TrimRight(info.Label, " \x00"),
+		label:  label,
 		serial: serial,
 	}
 	if err := t.login(pin); err != nil {
