@@ -360,8 +360,8 @@ func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh
 }
 
 // acquireAdminToken validates cfg, reads its PIN and takes a token reference (see
-// acquireToken). It takes the module gate exclusively while it logs in, so callers must
-// not hold any module gate when they call it.
+// acquireToken). It takes the module's Open/Close lock while it selects the token and
+// logs in, so callers must not be inside another acquireToken or releaseToken.
 func acquireAdminToken(ctx context.Context, cfg Config) (*token, error) {
 	if err := cfg.Validate(""); err != nil {
 		return nil, fmt.Errorf("hsm: invalid config: %w", err)

@@ -236,7 +236,9 @@ func (e *LoginError) Unwrap() []error { return []error{e.Err, kek.ErrUnavailable
 
 // acquireToken loads and initialises the module if needed, selects the token, opens its
 // login session and logs in as CKU_USER if this process has not yet, and takes a
-// reference. Release it with releaseToken.
+// reference. Release it with releaseToken. It holds the module's gate only shared
+// (never waiting behind a hung call) and waits for another acquireToken or
+// releaseToken of the module at most until ctx is done.
 func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
