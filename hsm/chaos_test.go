@@ -230,3 +230,24 @@ func (c *chaos) postRV(name string) uint {
 	}
 	return 0
 }
+
+// EncryptOnce and DecryptOnce get the faults of Encrypt and Decrypt: they are the
+// same C_Encrypt and C_Decrypt, made once with a caller-sized buffer.
+func (c *chaos) EncryptOnce(sh pkcs11.SessionHandle, in []byte, outLen int) ([]byte, error) {
+	if err := c.pre("Encrypt"); err != nil {
+		return nil, err
+	}
+	return c.p11.EncryptOnce(sh, in, outLen)
+}
+
+func (c *chaos) DecryptOnce(sh pkcs11.SessionHandle, in []byte, outLen int) ([]byte, error) {
+	if err := c.pre("Decrypt"); err != nil {
+		return nil, err
+	}
+	out, err := c.p11.DecryptOnce(sh, in, outLen)
+	if rv := c.postRV("Decrypt"); rv != 0 {
+		clear(out)
+		return nil, pkcs11.Error(rv)
+	}
+	return out, err
+}

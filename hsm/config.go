@@ -28,7 +28,8 @@ const maxPINFileSize = 4096
 // The token is chosen by exactly one of TokenLabel, TokenSerial or Slot, and the user
 // PIN comes from exactly one of PINFile or PINEnv (never from the command line). The key
 // is the AES secret key whose CKA_LABEL is KeyLabel and, if KeyCKAID is set, whose CKA_ID
-// is the hex-decoded KeyCKAID.
+// is the hex-decoded KeyCKAID. URI may name module, token, key and PIN file instead
+// (uri.go).
 type Config struct {
 	// Module is the absolute path of the PKCS#11 module (.so).
 	Module string `json:"module"`
@@ -57,6 +58,12 @@ type Config struct {
 	// copy whose CKA_NEVER_EXTRACTABLE is false, or a replicable source key with
 	// CKA_WRAP_WITH_TRUSTED. Default false.
 	AllowReplicated bool `json:"allowReplicated,omitempty"`
+	// URI names module, token, key and PIN file as an RFC 7512 pkcs11: URI instead
+	// of the separate fields (uri.go); a field the URI sets must not be set too.
+	URI string `json:"uri,omitempty"`
+	// InitArgs is passed to C_Initialize as CK_C_INITIALIZE_ARGS.pReserved, for a
+	// module that needs it (the NSS softoken: its database); not secret (initargs.go).
+	InitArgs string `json:"initArgs,omitempty"`
 	// Mechanism is how the key wraps (doc.go, "Mechanisms"): MechanismAuto ("auto",
 	// also when empty), MechanismAESGCM, MechanismAESGCMTokenIV, MechanismAESCBCHMAC or
 	// MechanismRSAOAEP (opt-in only: auto never picks it).
@@ -87,6 +94,8 @@ func (c Config) Validate(prefix string) error {
 	bad := func(name, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field(name), fmt.Sprintf(format, args...)))
 	}
+	c = c.validateURI(bad)
+	c.validateInitArgs(bad)
 
 	switch {
 	case c.Module == "":

@@ -157,15 +157,42 @@
 // # C_Initialize arguments
 //
 // C_Initialize is called with CK_C_INITIALIZE_ARGS{flags: CKF_OS_LOCKING_OK,
-// pReserved: NULL} (miekg/pkcs11 v1.1.2 defaults). Tokens that need pReserved, such
-// as NSS softoken (its parameter string, e.g. "configdir='sql:/etc/pki/nssdb'
-// flags=readOnly"), are not supported
-// by configuration yet. miekg/pkcs11 v1.1.2 can pass it: the option
-// pkcs11.InitializeWithReserved(unsafe.Pointer) sets pReserved, and the pointer must
-// be a NUL-terminated C string that outlives C_Initialize (C.CString, freed after
-// C_Finalize, since the module may keep it); what is missing is only a Config field
-// carrying the string to module loading, and the re-initialisation path passing it
-// again.
+// pReserved: NULL}, or, when Config.InitArgs is set, with pReserved pointing to a
+// NUL-terminated C copy of it. Modules that need pReserved, such as the NSS softoken,
+// whose parameter string names its database,
+//
+//	configdir='sql:/etc/pki/nssdb' certPrefix='' keyPrefix='' secmod='secmod.db' flags=
+//
+// get it at the first C_Initialize and at every re-initialisation (initargs.go). The copy lives until the module is unloaded,
+// in case a module keeps the pointer. A module is initialised once per process, so
+// every Config that shares one must give the same InitArgs; another is refused
+// (ErrModule). InitArgs is not secret.
+//
+// # Single-call C_Encrypt and C_Decrypt
+//
+// miekg/pkcs11 v1.1.2's Encrypt and Decrypt first call with a NULL buffer to learn the
+// output length. Some tokens answer that query wrongly (the NSS softoken omits the GCM
+// tag) or treat it as the real call (tpm2-pkcs11's CBC-PAD C_Decrypt consumes state and
+// the next call returns wrong plaintext with CKR_OK; docs/tokens.md). The p11 seam
+// therefore also has EncryptOnce and DecryptOnce (rawcall.go): one call through the
+// module's own CK_FUNCTION_LIST with an output buffer the caller sizes from the
+// mechanism, never a length query; CKR_BUFFER_TOO_SMALL is returned typed and never
+// retried.
+//
+// # Keys the token did not store
+//
+// CreateKey looks for the key objects it made again from a new session once the
+// creating one is gone (after a new C_Initialize when CreateKey was the module's only
+// user) and fails with ErrNotStored if the token accepted CKA_TOKEN true but did not
+// store them, as the opencryptoki soft token does without its TOK_OBJ directory
+// (persist.go).
+//
+// # pkcs11: URIs
+//
+// Config.URI names module, token, key and PIN file as an RFC 7512 URI instead of the
+// separate fields (uri.go lists the attributes); pin-value and unknown attributes are
+// refused, and a field may not be set both ways. Every entry point works on
+// Config.Resolved.
 //
 // # key_id
 //

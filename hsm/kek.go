@@ -88,6 +88,7 @@ var _ kek.KEK = (*KEK)(nil)
 // mechanism (cfg.Mechanism; doc.go, "Mechanisms"): C_GetMechanismInfo and a
 // wrap/unwrap round trip, failing with ErrNoMechanism if none is usable.
 func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
+	cfg = cfg.Resolved()
 	if err := cfg.Validate(""); err != nil {
 		return nil, fmt.Errorf("hsm: invalid config: %w", err)
 	}
@@ -309,7 +310,9 @@ func (k *KEK) wrapGCM(ctx context.Context, plaintext, aad []byte) ([]byte, error
 		if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, keys.enc); err != nil {
 			return opError{op: "C_EncryptInit", err: err}
 		}
-		out, err := c.Encrypt(sh, plaintext)
+		// One C_Encrypt into plaintext+tag bytes: the NSS softoken's length query
+		// leaves out the tag (rawcall.go).
+		out, err := c.EncryptOnce(sh, plaintext, len(plaintext)+gcmTagSize)
 		if err != nil {
 			return opError{op: "C_Encrypt", err: err}
 		}

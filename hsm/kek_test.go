@@ -212,7 +212,9 @@ func TestUnsafeKeyRefused(t *testing.T) {
 		if err != nil || len(hs) != 1 {
 			t.Fatal(err, len(hs))
 		}
-		if err := c.(*pkcs11.Ctx).SetAttributeValue(sh, hs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false)}); err != nil {
+		if err := c.(interface {
+			SetAttributeValue(pkcs11.SessionHandle, pkcs11.ObjectHandle, []*pkcs11.Attribute) error
+		}).SetAttributeValue(sh, hs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false)}); err != nil {
 			t.Skipf("token does not allow clearing CKA_EXTRACTABLE: %v", err)
 		}
 		_, err = Open(context.Background(), cfg)

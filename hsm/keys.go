@@ -259,13 +259,15 @@ var lockTemplates = [][]*pkcs11.Attribute{
 // withLocks calls gen with each of lockTemplates in turn until the token accepts the
 // template: it moves to the next only when gen fails with a CK_RV that refuses a
 // template attribute (CKR_ATTRIBUTE_TYPE_INVALID, CKR_ATTRIBUTE_VALUE_INVALID,
-// CKR_TEMPLATE_INCONSISTENT, CKR_ATTRIBUTE_READ_ONLY).
+// CKR_TEMPLATE_INCONSISTENT, CKR_ATTRIBUTE_READ_ONLY), or with CKR_GENERAL_ERROR,
+// which is how the NSS softoken refuses them. A failed C_GenerateKey creates nothing,
+// so trying again with a smaller template cannot leave an object behind.
 func withLocks(gen func(lock []*pkcs11.Attribute) error) error {
 	var err error
 	for _, lock := range lockTemplates {
 		err = gen(lock)
 		if !isRV(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID,
-			pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_ATTRIBUTE_READ_ONLY) {
+			pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_ATTRIBUTE_READ_ONLY, pkcs11.CKR_GENERAL_ERROR) {
 			return err
 		}
 	}
@@ -407,10 +409,13 @@ func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) e
 // cfg.KeyLabel exists, and refuses a cfg with KeyCKAID set (the CKA_ID must be fresh
 // and random). It reads the attributes back and destroys the key again if the token
 // did not honour them.
+// Once the creating session is gone it finds the key objects again from a new
+// session and fails with ErrNotStored if the token did not store them (persist.go).
 //
 // The existence check and the creation are not atomic: two concurrent CreateKey calls
 // with the same label on different hosts may both succeed; Open then reports ambiguity.
 func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyCKAID != "" {
 		return KeyInfo{}, errors.New("hsm: keyCKAID must not be set when creating a key: a random CKA_ID is generated")
 	}
@@ -486,6 +491,13 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		}
 		return nil
 	})
+	if err == nil {
+		want := len(made) // the AES key, and its HMAC key for aes-cbc-hmac
+		if rsa {
+			want = 2 // the private and the public key
+		}
+		err = verifyStored(ctx, cfg, id, want)
+	}
 	if err == nil {
 		var mech string
 		mech, err = probeCreated(ctx, cfg, id)
@@ -601,6 +613,7 @@ func destroyByID(ctx context.Context, cfg Config, id []byte) error {
 // ListKeys lists the AES secret token keys on the token selected by cfg (KeyLabel and
 // KeyCKAID are ignored), sorted by label then CKA_ID. It logs in to see private keys.
 func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyLabel == "" {
 		cfg.KeyLabel = "-" // not used; keeps Validate from complaining
 	}
@@ -659,6 +672,7 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 // cloned or backed up itself, stays usable on every other token that holds it, so
 // destroying one copy does not make the data unreadable.
 func DestroyKey(ctx context.Context, cfg Config) error {
+	cfg = cfg.Resolved()
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {
 		h, _, id, err := selectKey(t.ctx, sh, t.label, cfg.KeyLabel, cfg.ckaID(), true)
 		if errors.Is(err, kek.ErrKeyNotFound) {

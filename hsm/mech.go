@@ -406,7 +406,9 @@ func (k *KEK) unwrapCBCHMAC(ctx context.Context, body, aad []byte) ([]byte, erro
 		if err := c.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_CBC_PAD, iv)}, keys.enc); err != nil {
 			return opError{op: "C_DecryptInit", err: err}
 		}
-		out, err := c.Decrypt(sh, ct)
+		// One C_Decrypt into len(ct) bytes: tpm2-pkcs11's length query consumes CBC
+		// state, and the call after it returns wrong plaintext (rawcall.go).
+		out, err := c.DecryptOnce(sh, ct, len(ct))
 		if err != nil {
 			if isRV(err, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
 				return fmt.Errorf("hsm: C_Decrypt (CKM_AES_CBC_PAD) on token %q: %w: %w", k.tok.label, kek.ErrInvalidCiphertext, err)

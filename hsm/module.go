@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
@@ -39,13 +40,15 @@ type p11 interface {
 	Encrypt(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 	DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Decrypt(sh pkcs11.SessionHandle, cipher []byte) ([]byte, error)
+	// EncryptOnce and DecryptOnce make one C_Encrypt or C_Decrypt with an output buffer
+	// of outLen bytes and no length query (rawcall.go).
+	EncryptOnce(sh pkcs11.SessionHandle, in []byte, outLen int) ([]byte, error)
+	DecryptOnce(sh pkcs11.SessionHandle, in []byte, outLen int) ([]byte, error)
 	GetMechanismInfo(slotID uint, m []*pkcs11.Mechanism) (pkcs11.MechanismInfo, error)
 	SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 	GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error)
 }
-
-var _ p11 = (*pkcs11.Ctx)(nil)
 
 // loadModule dlopens a PKCS#11 module. Tests replace it to wrap the real module.
 var loadModule = func(path string) (p11, error) {
@@ -53,7 +56,12 @@ var loadModule = func(path string) (p11, error) {
 	if c == nil {
 		return nil, fmt.Errorf("hsm: cannot load PKCS#11 module %q (dlopen failed or C_GetFunctionList missing)", path)
 	}
-	return c, nil
+	r, err := newRawCtx(path, c)
+	if err != nil {
+		c.Destroy()
+		return nil, err
+	}
+	return r, nil
 }
 
 // registry holds every module loaded in this process, by canonical path. C_Initialize
@@ -75,6 +83,8 @@ type module struct {
 	refs     int  // token references and running re-inits; guarded by registry
 	ownsInit bool // false if C_Initialize said CKR_CRYPTOKI_ALREADY_INITIALIZED
 	tokens   map[uint]*token
+	initArgs string         // Config.InitArgs of every config that shares the module
+	cArgs    unsafe.Pointer // initArgs as a C string while the module is loaded (initargs.go)
 
 	// gate is held shared by every device call (logins and logouts included) and
 	// exclusively only by re-initialisation, so that C_Finalize never runs under
@@ -244,7 +254,7 @@ func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 		return nil, err
 	}
 	registry.Lock()
-	mod, err := acquireModuleLocked(cfg.Module)
+	mod, err := acquireModuleLocked(cfg.Module, cfg.InitArgs)
 	registry.Unlock()
 	if err != nil {
 		return nil, err
@@ -307,12 +317,15 @@ func releaseToken(t *token) error {
 	return errors.Join(errs...)
 }
 
-func acquireModuleLocked(path string) (*module, error) {
+func acquireModuleLocked(path, initArgs string) (*module, error) {
 	key := path
 	if p, err := filepath.EvalSymlinks(path); err == nil {
 		key = p
 	}
 	if m, ok := registry.modules[key]; ok {
+		if err := m.sameInitArgs(initArgs); err != nil {
+			return nil, err
+		}
 		m.refs++
 		return m, nil
 	}
@@ -320,10 +333,11 @@ func acquireModuleLocked(path string) (*module, error) {
 	if err != nil {
 		return nil, mark(err, ErrModule)
 	}
-	m := &module{path: key, ctx: c, refs: 1, ownsInit: true, tokens: map[uint]*token{}}
-	if err := c.Initialize(); err != nil {
+	m := &module{path: key, ctx: c, refs: 1, ownsInit: true, tokens: map[uint]*token{}, initArgs: initArgs}
+	if err := m.initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			c.Destroy()
+			m.freeInitArgs()
 			return nil, mark(fmt.Errorf("hsm: C_Initialize of module %q: %w: %w", path, kek.ErrUnavailable, err), ErrModule)
 		}
 		// Someone else in this process initialised it (another path to the same
@@ -347,6 +361,7 @@ func releaseModuleLocked(m *module) error {
 		}
 	}
 	m.ctx.Destroy() // dlclose drops only our reference to the library
+	m.freeInitArgs()
 	return err
 }
 

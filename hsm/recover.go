@@ -166,7 +166,7 @@ func (m *module) reinitLocked() error {
 		t.loggedIn = false
 		t.mu.Unlock()
 	}
-	if err := m.ctx.Initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+	if err := m.initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		return fmt.Errorf("C_Initialize: %w: %w", kek.ErrUnavailable, err)
 	}
 	toks := make([]*token, 0, len(m.tokens))

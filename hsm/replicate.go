@@ -87,6 +87,7 @@ func kekAttrs(label string, id []byte, extractable bool) []*pkcs11.Attribute {
 // only wrappable. Open refuses it unless allowExtractable (or, with
 // WrapWithTrusted, allowReplicated) is set.
 func CreateReplicableKey(ctx context.Context, cfg Config, opts ReplicableOptions) (KeyInfo, error) {
+	cfg = cfg.Resolved()
 	if cfg.KeyCKAID != "" {
 		return KeyInfo{}, errors.New("hsm: keyCKAID must not be set when creating a key: a random CKA_ID is generated")
 	}
@@ -144,6 +145,7 @@ func refuseExisting(t *token, sh pkcs11.SessionHandle, label string) error {
 // already has an object with the label (kek.ErrKeyExists). Both tokens must be
 // reachable from this process (for network HSMs, from the admin host).
 func ReplicateKey(ctx context.Context, src, dst Config) (KeyInfo, error) {
+	src, dst = src.Resolved(), dst.Resolved()
 	if src.KeyLabel != dst.KeyLabel {
 		return KeyInfo{}, errors.New("hsm: replicate: source and destination keyLabel differ (the key_id depends on it)")
 	}

@@ -19,7 +19,7 @@ func init() {
 			if k.PKCS11 == nil {
 				return nil
 			}
-			return pkcs11Key{*k.PKCS11}
+			return pkcs11Key{k.PKCS11.Resolved()}
 		},
 		validate: func(k Key, prefix string) error { return k.PKCS11.Validate(prefix) },
 		reason: func(err error) string {
