@@ -217,6 +217,8 @@
 // the key without CKA_COPYABLE, then without both; KeyInfo.Modifiable and
 // KeyInfo.Copyable report what the token keeps, and KeyInfo.AttributeWarning is the
 // warning for doctor and key list (also for keys made elsewhere or by an older hwkms).
+// Measured: SoftHSM2 2.6.1 takes both; the NSS softoken refuses CKA_COPYABLE (with
+// CKR_GENERAL_ERROR, which the fallback also accepts) and keeps CKA_MODIFIABLE false.
 // Such keys are not refused. Open refuses an existing key whose
 // CKA_EXTRACTABLE is true, CKA_SENSITIVE false or CKA_NEVER_EXTRACTABLE false (its value
 // may exist outside the token), unless Config.AllowExtractable is set. It refuses a key

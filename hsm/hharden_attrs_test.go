@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/hwkms/hwkms/softhsm/interop"
 )
 
 // refuseAttrs is a token that refuses any key template holding one of its attribute
@@ -123,4 +125,23 @@ func TestCreateKeyLockFallback(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestCreateKeyLockFallbackNSS: the NSS softoken refuses CKA_COPYABLE in a
+// C_GenerateKey template (with CKR_GENERAL_ERROR): CreateKey makes the key without it,
+// keeps CKA_MODIFIABLE false, and KeyInfo warns about CKA_COPYABLE only.
+func TestCreateKeyLockFallbackNSS(t *testing.T) {
+	tk := interop.StartNSS(t)
+	cfg := Config{Module: tk.Module, TokenLabel: tk.TokenLabel, PINFile: tk.PINFile, KeyLabel: "kek-locks", InitArgs: tk.InitArgs}
+	ki, err := CreateKey(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("CreateKey on NSS: %v", err)
+	}
+	if ki.Modifiable || !ki.Copyable {
+		t.Errorf("NSS key: Modifiable %v, Copyable %v; want false, true (CKA_COPYABLE refused)", ki.Modifiable, ki.Copyable)
+	}
+	if w := ki.AttributeWarning(); !strings.Contains(w, "CKA_COPYABLE") || strings.Contains(w, "CKA_MODIFIABLE") {
+		t.Errorf("AttributeWarning() = %q, want CKA_COPYABLE only", w)
+	}
+	roundTrip(t, openKEK(t, cfg), []byte("seed"), aad)
 }
