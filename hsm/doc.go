@@ -226,7 +226,16 @@
 //
 // CreateKey makes (besides the HMAC key of an aes-cbc-hmac key, see "Mechanisms") an AES-256 key with CKA_TOKEN, CKA_PRIVATE and CKA_SENSITIVE true,
 // CKA_EXTRACTABLE false, CKA_ENCRYPT and CKA_DECRYPT true and CKA_WRAP, CKA_UNWRAP,
-// CKA_SIGN, CKA_VERIFY and CKA_DERIVE false. Open refuses an existing key whose
+// CKA_SIGN, CKA_VERIFY and CKA_DERIVE false, and CKA_MODIFIABLE and CKA_COPYABLE false
+// (nobody logged in can relabel the key, change its CKA_ID or usage, or copy it into an
+// object with other attributes). A token that refuses those two in the template
+// (CKR_ATTRIBUTE_TYPE_INVALID and the like; CKA_COPYABLE is new in PKCS#11 v2.40) gets
+// the key without CKA_COPYABLE, then without both; KeyInfo.Modifiable and
+// KeyInfo.Copyable report what the token keeps, and KeyInfo.AttributeWarning is the
+// warning for doctor and key list (also for keys made elsewhere or by an older hwkms).
+// Measured: SoftHSM2 2.6.1 takes both; the NSS softoken refuses CKA_COPYABLE (with
+// CKR_GENERAL_ERROR, which the fallback also accepts) and keeps CKA_MODIFIABLE false.
+// Such keys are not refused. Open refuses an existing key whose
 // CKA_EXTRACTABLE is true, CKA_SENSITIVE false or CKA_NEVER_EXTRACTABLE false (its value
 // may exist outside the token), unless Config.AllowExtractable is set. It refuses a key
 // with an empty CKA_ID (the key_id would not change if the key were re-created with
@@ -239,13 +248,16 @@
 // All KEKs of one process on one token share one login, held by one session that stays
 // open until the last of them closes; closing a KEK never logs out or finalises a
 // module another KEK still uses. C_Login is attempted once: CKR_PIN_INCORRECT and the
-// other PIN errors come back as *PINError and are never retried, since repeated
-// attempts can lock the token. The process also remembers, per token, the last PIN
+// other PIN errors come back as *PINError, any other CK_RV as *LoginError, and neither
+// is ever retried automatically, since repeated attempts can lock the token (and a
+// token may report a wrong PIN with an unexpected code). The process also remembers, per token, the last PIN
 // it refused (as an HMAC): a later Open (config reload, SIGHUP) that reads the same PIN
 // gets the same *PINError, marked Repeated, without a C_Login, so a reload loop with
 // an unfixed PIN file cannot count down the token's failed-login limit. A different
-// PIN gets its one attempt. With RememberRefusals (serve, doctor and the key commands
-// keep the record in the socket's directory) the memory outlives the process: a
+// PIN gets its one attempt. The same holds for a *LoginError within the process. With
+// RememberRefusals (serve, doctor and the key commands keep the record in stateDir,
+// whose default is the socket's directory) the memory of a refused PIN (the PIN codes
+// only) outlives the process: a
 // supervisor that restarts hwkms whatever its exit status (kubelet, for a static pod)
 // starts processes that find the refusal recorded and make no C_Login either, until
 // the PIN changes; a successful login erases the record. A second configuration that names an already logged-in
@@ -254,6 +266,24 @@
 //
 // Each KEK has a pool of Config.Sessions read-only sessions; an operation waits for a
 // free one at most until its context is done.
+//
+// The token's serial number (CK_TOKEN_INFO.serialNumber) is pinned at the first login.
+// A token found by the selector after a re-initialisation with another serial number,
+// or found by a later Open (a reload) with the label of a token this process still
+// has keys open on but another serial number, is refused (ErrTokenChanged, wrapping
+// kek.ErrUnavailable): no C_Login is made on it, so the PIN is never sent to a
+// substituted token. (A
+// configuration that selects by tokenSerial pins the serial across restarts too.) It is not
+// sticky: if the original token comes back, the next re-initialisation logs in again.
+//
+// Opening and closing keys never stalls the module: acquiring and releasing a token
+// (selecting it, the first C_Login, the last C_Logout) hold the module gate shared,
+// like every device call, and are serialised among themselves by a lock of their own
+// whose wait is bounded by Open's context. Only re-initialisation takes the gate
+// exclusively, and without queueing (below). So while one call hangs, a config reload
+// (Open of new keys on the module, Close of the old ones) completes, and operations on
+// the free sessions of every KEK go on; the KEK whose call hangs closes when that call
+// returns.
 //
 // # Deadlines and hung calls
 //
@@ -274,8 +304,8 @@
 //     is closed and dropped from the pool, and the operation retried once on a freshly
 //     opened session.
 //   - CKR_OBJECT_HANDLE_INVALID, CKR_KEY_HANDLE_INVALID: the key is found again (same
-//     label and the exact CKA_ID found at Open, attributes re-checked) and the operation
-//     retried once.
+//     label and the exact CKA_ID found at Open, attributes re-checked, same key
+//     material proved as below) and the operation retried once.
 //   - CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED,
 //     CKR_DEVICE_ERROR (and CKR_DEVICE_MEMORY, CKR_TOKEN_NOT_RECOGNIZED,
 //     CKR_USER_NOT_LOGGED_IN, CKR_SESSION_COUNT): the module is re-initialised and the
@@ -290,7 +320,17 @@
 //     its PIN is read again from the configured file or variable, and it is logged in
 //     once. A generation counter advances: sessions and key handles of older
 //     generations are forgotten, never closed (their numbers may have been reused),
-//     and each KEK finds its key again on first use. A failed re-initialisation backs
+//     and each KEK finds its key again on first use. A token with another serial
+//     number is refused (ErrTokenChanged) without a C_Login. A key found again,
+//     after a re-initialisation or a stale handle, must be the key material found at
+//     Open, not only have its label and CKA_ID (which anyone logged in can give to a
+//     new key): where the token gives CKA_CHECK_VALUE it must match the value read at
+//     Open, and in every case the key must unwrap a probe body that Open wrapped
+//     (a fixed plaintext; for aes-cbc-hmac this checks both keys, for rsa-oaep the
+//     private key). Otherwise it is refused with ErrKeyChanged (wrapping
+//     kek.ErrUnavailable; not kek.ErrInvalidCiphertext, the stored data is not at
+//     fault) and nothing is wrapped or unwrapped under it; every later operation
+//     finds and checks again, so the KEK recovers if the original key comes back. A failed re-initialisation backs
 //     off 50 ms, doubling to 1 s; until the next attempt is due, operations fail at once
 //     with kek.ErrUnavailable without touching the device. The 1 s cap keeps the
 //     time from a device coming back to the first success under 2 s.
@@ -300,6 +340,10 @@
 //     the token with a different PIN (a config reload or restart after the PIN file
 //     was fixed), which makes exactly one new attempt. A restart with the same PIN
 //     makes none when RememberRefusals recorded the refusal.
+//   - any other CK_RV from C_Login at a re-login (CKR_GENERAL_ERROR, CKR_DEVICE_ERROR,
+//     a vendor code): the same, with *LoginError (its CK_RV in the message and in
+//     Reason): no re-initialisation retries the login; a reload with a different PIN
+//     makes one attempt, and a restart (which forgets it) does too.
 //   - at C_Decrypt of a GCM body (0x01, 0x02), CKR_ENCRYPTED_DATA_INVALID,
 //     CKR_ENCRYPTED_DATA_LEN_RANGE and CKR_GENERAL_ERROR (what SoftHSM2 returns for a
 //     bad GCM tag): kek.ErrInvalidCiphertext; for a 0x03 body, a MAC that does not

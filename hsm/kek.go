@@ -58,9 +58,16 @@ type KEK struct {
 	rsa       bool      // an rsa-oaep key: keys.enc is the public key, keys.priv the private key
 	oaepHash  byte      // rsa-oaep: oaepSHA256 or oaepSHA1, chosen at Open
 
-	keyMu  sync.Mutex // guards keys and keyGen; held while finding the key again
+	keyMu  sync.Mutex // guards keys, keyGen and keysOK; held while finding the key again
 	keys   keyHandles
 	keyGen uint64 // module generation keys belong to
+	keysOK bool   // keys may be used: false after a re-find found another key (ErrKeyChanged)
+
+	// Identity of the key material found at Open, to prove that a key found again
+	// (after a re-initialisation or a stale handle) is the same (sameKey). Fixed after
+	// Open.
+	kcv, macKCV []byte // CKA_CHECK_VALUE of the AES and the HMAC key; nil if the token gives none
+	probe       []byte // a body of probePlaintext wrapped at Open
 
 	mu       sync.RWMutex   // held shared by operations, exclusively by Close
 	inflight sync.WaitGroup // device-call goroutines, which may outlive their operation
@@ -116,8 +123,22 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 	if err := k.choose(ctx, cfg); err != nil {
 		return nil, err
 	}
+	probe, err := k.Wrap(ctx, probePlaintext, probeAAD)
+	if err != nil {
+		return nil, fmt.Errorf("hsm: wrapping the same-key probe: %w", err)
+	}
+	k.keyMu.Lock()
+	k.probe = probe
+	k.keyMu.Unlock()
 	return k, nil
 }
+
+// The same-key probe: Open wraps probePlaintext with probeAAD, and a key found again
+// must unwrap that body (sameKey). It proves the key material without exposing it.
+var (
+	probePlaintext = []byte("hwkms: same-key probe, 32 bytes")
+	probeAAD       = []byte("hwkms/pkcs11/same-key-probe")
+)
 
 // findAtOpen finds and checks the key (and its HMAC partner key, if any) on a pooled
 // session and caches the handles. It releases the session and the module gate before
@@ -142,7 +163,7 @@ func (k *KEK) findAtOpen(ctx context.Context, cfg Config) error {
 		}
 		k.id, k.ckaID, k.rsa, k.oaepHash = ki.KeyID, id, true, oaepSHA256
 		k.macUnsafe = cfg.AllowExtractable
-		k.keys, k.keyGen = keyHandles{enc: pub, priv: priv}, gen
+		k.keys, k.keyGen, k.keysOK = keyHandles{enc: pub, priv: priv}, gen, true
 		return nil
 	}
 	h, ki, id, err := selectKey(tok.ctx, s.h, tok.label, cfg.KeyLabel, cfg.ckaID(), k.allowUnsafe)
@@ -165,10 +186,83 @@ func (k *KEK) findAtOpen(ctx context.Context, cfg Config) error {
 		return err
 	}
 	k.id, k.ckaID = ki.KeyID, id
-	k.keys, k.keyGen = keyHandles{enc: h, mac: mh}, gen
+	k.keys, k.keyGen, k.keysOK = keyHandles{enc: h, mac: mh}, gen, true
 	k.hasMAC = mh != 0
+	k.kcv = checkValue(tok.ctx, s.h, h)
+	if mh != 0 {
+		k.macKCV = checkValue(tok.ctx, s.h, mh)
+	}
 	return nil
 }
+
+// checkValue reads CKA_CHECK_VALUE of a secret key (a short value derived from the
+// key, such as the first 3 bytes of the encryption of a zero block, which does not
+// reveal the key); nil if the token does not give one.
+func checkValue(c p11, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) []byte {
+	attrs, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CHECK_VALUE, nil)})
+	if err != nil || len(attrs) != 1 || len(attrs[0].Value) == 0 {
+		return nil
+	}
+	return bytes.Clone(attrs[0].Value)
+}
+
+// sameKey proves that keys, found again by label and CKA_ID, are the key material
+// found at Open: their CKA_CHECK_VALUE (where the token gave one at Open) is the same,
+// and they unwrap the probe body wrapped at Open (both keys of an aes-cbc-hmac key,
+// the private key of an rsa-oaep key). A key that fails either is another key under
+// the same name: the error wraps ErrKeyChanged and kek.ErrUnavailable. A device or
+// session error of the probe is returned as such (the usual recovery). The caller
+// holds keyMu and the module gate, and sh is its session.
+func (k *KEK) sameKey(sh pkcs11.SessionHandle, keys keyHandles) error {
+	c := k.tok.ctx
+	for _, kc := range []struct {
+		what string
+		h    pkcs11.ObjectHandle
+		want []byte
+	}{{"AES key", keys.enc, k.kcv}, {"HMAC key", keys.mac, k.macKCV}} {
+		if kc.want == nil || kc.h == 0 {
+			continue
+		}
+		if got := checkValue(c, sh, kc.h); got != nil && !bytes.Equal(got, kc.want) {
+			return k.keyChanged(fmt.Sprintf("the %s's CKA_CHECK_VALUE is %x, it was %x at Open", kc.what, got, kc.want))
+		}
+	}
+	if k.probe == nil {
+		return nil // Open has not finished: the key it found is the reference
+	}
+	ctx := context.WithValue(context.Background(), directKey{}, &directRun{c: c, sh: sh, keys: keys})
+	do, err := k.unwrapFunc(ctx, k.probe, probeAAD)
+	var pt []byte
+	if err == nil {
+		pt, err = do()
+	}
+	switch {
+	case err == nil && bytes.Equal(pt, probePlaintext):
+		return nil
+	case err == nil:
+		return k.keyChanged("it unwraps the probe body wrapped at Open to other bytes")
+	case classify(err) != rvOther:
+		return err
+	}
+	return k.keyChanged(fmt.Sprintf("it does not unwrap the probe body wrapped at Open (%v)", err))
+}
+
+// keyChanged is the error of sameKey. why never quotes key material.
+func (k *KEK) keyChanged(why string) error {
+	return fmt.Errorf("hsm: key %q (CKA_ID %x) on token %q was found again, but it is not the key opened: %s; another key has taken its label and CKA_ID (and so its key_id), and it is not used: restore the original key; a restart would adopt the new one under the same key_id, and data wrapped under the original could not be unwrapped with it: %w: %w",
+		k.keyLabel, k.ckaID, k.tok.label, why, ErrKeyChanged, kek.ErrUnavailable)
+}
+
+// directRun, in a context under directKey, makes run call its op once, on this
+// session with these handles, instead of taking a pooled session: sameKey uses it to
+// run an unwrap on the session and the candidate handles of a re-find.
+type directRun struct {
+	c    p11
+	sh   pkcs11.SessionHandle
+	keys keyHandles
+}
+
+type directKey struct{}
 
 // ID returns the key_id: KeyID(CKA_LABEL, CKA_ID) of the key. It is valid after Close.
 func (k *KEK) ID() string { return k.id }
@@ -267,6 +361,21 @@ func (k *KEK) Unwrap(ctx context.Context, body, aad []byte) ([]byte, error) {
 
 // unwrapOnce is Unwrap without the CKR_GENERAL_ERROR self-check.
 func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) {
+	do, err := k.unwrapFunc(ctx, body, aad)
+	if err != nil {
+		return nil, err
+	}
+	leave, err := k.enter()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
+	return do()
+}
+
+// unwrapFunc checks body without touching the token and returns the function that
+// unwraps it.
+func (k *KEK) unwrapFunc(ctx context.Context, body, aad []byte) (func() ([]byte, error), error) {
 	if len(body) == 0 {
 		return nil, fmt.Errorf("hsm: body is empty: %w", kek.ErrInvalidCiphertext)
 	}
@@ -302,12 +411,7 @@ func (k *KEK) unwrapOnce(ctx context.Context, body, aad []byte) ([]byte, error) 
 	default:
 		return nil, fmt.Errorf("hsm: unknown body version 0x%02x: %w", body[0], kek.ErrInvalidCiphertext)
 	}
-	leave, err := k.enter()
-	if err != nil {
-		return nil, err
-	}
-	defer leave()
-	return do()
+	return do, nil
 }
 
 // decryptGCM decrypts ct (ciphertext || 16-byte tag) with GCM mechanism mt, iv and aad.
@@ -416,6 +520,9 @@ type opFunc func(c p11, sh pkcs11.SessionHandle, keys keyHandles) error
 // KEK on it, with backoff) and op is retried once. Errors come back with the token named
 // and the right sentinel. run returns when ctx is done even if a device call hangs.
 func (k *KEK) run(ctx context.Context, op opFunc) error {
+	if d, ok := ctx.Value(directKey{}).(*directRun); ok {
+		return k.wrapErr(op(d.c, d.sh, d.keys))
+	}
 	var r attemptResult
 	for attempt := 0; attempt < 2; attempt++ {
 		r = k.attempt(ctx, op)
@@ -483,8 +590,8 @@ func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
 	defer m.gate.RUnlock()
 	gen := m.gen.Load()
 	defer k.pool.release(s, gen)
-	if err := k.tok.state(); err != nil {
-		if k.tok.pinErr != nil {
+	if err, sticky := k.tok.status(); err != nil {
+		if sticky {
 			return attemptResult{err: err, gen: gen} // never retried automatically
 		}
 		return attemptResult{err: err, class: rvDevice, gen: gen}
@@ -512,12 +619,14 @@ func (k *KEK) attemptOn(s *session, op opFunc) attemptResult {
 // keyFor returns the key handles for generation gen, finding the key (and its HMAC
 // partner key) again when the cached handles are from an older generation or equal
 // stale (after CKR_OBJECT_HANDLE_INVALID; the zero keyHandles means none is known
-// stale). The search matches the label and the exact CKA_ID found at Open, so it can
-// only find the same key (and key_id) again. Holding gate.
+// stale). The search matches the label and the exact CKA_ID found at Open, and
+// sameKey then proves that what it found is the key material found at Open: a
+// different key that took the label and CKA_ID is refused (ErrKeyChanged), never used.
+// Holding gate.
 func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale keyHandles) (keyHandles, error) {
 	k.keyMu.Lock()
 	defer k.keyMu.Unlock()
-	if k.keyGen == gen && (stale == keyHandles{} || k.keys != stale) {
+	if k.keysOK && k.keyGen == gen && (stale == keyHandles{} || k.keys != stale) {
 		return k.keys, nil
 	}
 	if k.rsa {
@@ -529,7 +638,9 @@ func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale keyHandles) (key
 			return keyHandles{}, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
 				k.keyLabel, k.tok.label, kek.ErrUnavailable, k.wrapErr(err))
 		}
-		k.keys, k.keyGen = keyHandles{enc: pub, priv: priv}, gen
+		if err := k.adopt(sh, gen, keyHandles{enc: pub, priv: priv}); err != nil {
+			return keyHandles{}, err
+		}
 		return k.keys, nil
 	}
 	h, _, _, err := selectKey(k.tok.ctx, sh, k.tok.label, k.keyLabel, k.ckaID, k.allowUnsafe)
@@ -547,6 +658,22 @@ func (k *KEK) keyFor(sh pkcs11.SessionHandle, gen uint64, stale keyHandles) (key
 		return keyHandles{}, fmt.Errorf("hsm: handle of key %q on token %q went stale and the key could not be found again: %w: %w",
 			k.keyLabel, k.tok.label, kek.ErrUnavailable, k.wrapErr(err))
 	}
-	k.keys, k.keyGen = keyHandles{enc: h, mac: mh}, gen
+	if err := k.adopt(sh, gen, keyHandles{enc: h, mac: mh}); err != nil {
+		return keyHandles{}, err
+	}
 	return k.keys, nil
+}
+
+// adopt makes keys, found again in generation gen, the cached handles once sameKey
+// proved them. A key that is not the same leaves no usable handles cached (keysOK
+// false), so every operation finds and checks again. Holding keyMu and gate.
+func (k *KEK) adopt(sh pkcs11.SessionHandle, gen uint64, keys keyHandles) error {
+	if err := k.sameKey(sh, keys); err != nil {
+		if classify(err) == rvOther {
+			k.keysOK = false
+		}
+		return err
+	}
+	k.keys, k.keyGen, k.keysOK = keys, gen, true
+	return nil
 }

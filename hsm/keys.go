@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/miekg/pkcs11"
@@ -25,6 +26,18 @@ var (
 	ErrUnsafeKey = errors.New("key attributes are unsafe")
 	// ErrTokenNotFound means no token in the module matches the configured selector.
 	ErrTokenNotFound = errors.New("token not found")
+	// ErrTokenChanged means the token found by the configured selector after a
+	// re-initialisation (or by a later Open in the same process) has another serial
+	// number (CK_TOKEN_INFO.serialNumber) than the token this process logged in to: it
+	// was re-initialised or substituted. No C_Login is made on it and no key on it is
+	// used; errors carrying it also wrap kek.ErrUnavailable.
+	ErrTokenChanged = errors.New("another token is in the configured token's place")
+	// ErrKeyChanged means the key found again by label and CKA_ID (after a
+	// re-initialisation or a stale handle) is not the key found at Open: its
+	// CKA_CHECK_VALUE differs, or it does not unwrap the probe body wrapped at Open.
+	// Nothing is wrapped or unwrapped under it; errors carrying it also wrap
+	// kek.ErrUnavailable.
+	ErrKeyChanged = errors.New("another key has the key's label and CKA_ID")
 )
 
 // keyIDDomain separates hwkms key_id hashes from any other use of SHA-256.
@@ -62,12 +75,38 @@ type KeyInfo struct {
 	NeverExtractable bool
 	// Private is CKA_PRIVATE: the key can be used only in a logged-in session.
 	Private bool
+	// Modifiable is CKA_MODIFIABLE: C_SetAttributeValue can change the key's
+	// attributes (its label, CKA_ID or usage flags). Also true when the token does not
+	// report it (the PKCS#11 default). CreateKey sets it false where the token allows.
+	Modifiable bool
+	// Copyable is CKA_COPYABLE: C_CopyObject can copy the key into a new object with
+	// other attributes. Also true when the token does not report it (the PKCS#11
+	// default; tokens before PKCS#11 v2.40 lack it). CreateKey sets it false where the
+	// token allows.
+	Copyable bool
 	// Mechanism is MechanismAESCBCHMAC for a key with an HMAC partner key and
 	// MechanismRSAOAEP for an RSA key pair (set by CreateKey and ListKeys alike), and
 	// empty for an AES key alone, whose mechanism
 	// (aes-gcm or aes-gcm-token-iv) Open decides from the token; KEK.Mechanism
 	// reports the choice.
 	Mechanism string
+}
+
+// AttributeWarning is a warning for hwkms doctor and key list when the key is
+// Modifiable or Copyable (the token refused CKA_MODIFIABLE or CKA_COPYABLE false when
+// CreateKey made it, or the key was made elsewhere or by an older hwkms), and "" when
+// it is neither. Such a key is not refused: its value still cannot leave the token,
+// but someone logged in could change its label, CKA_ID or usage, or copy it under
+// another name.
+func (k KeyInfo) AttributeWarning() string {
+	var w []string
+	if k.Modifiable {
+		w = append(w, "CKA_MODIFIABLE is true: its label, CKA_ID and usage flags can be changed by anyone logged in")
+	}
+	if k.Copyable {
+		w = append(w, "CKA_COPYABLE is true: C_CopyObject can copy it into a new object with other attributes")
+	}
+	return strings.Join(w, "; ")
 }
 
 // Safe reports whether the key's value can never have left the token and only a
@@ -173,9 +212,66 @@ func readKeyInfo(c p11, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (KeyInfo
 	if ckaID == nil {
 		ckaID = []byte{} // non-nil: a refind must match the empty CKA_ID, not any
 	}
+	ki.Modifiable, ki.Copyable = readLocks(c, sh, h)
 	ki.CKAID = hex.EncodeToString(ckaID)
 	ki.KeyID = KeyID(ki.Label, ckaID)
 	return ki, ckaID, nil
+}
+
+// readLocks reads CKA_MODIFIABLE and CKA_COPYABLE; an attribute the token does not
+// report counts as true (the PKCS#11 default).
+func readLocks(c p11, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (modifiable, copyable bool) {
+	modifiable, copyable = true, true
+	set := func(a *pkcs11.Attribute) {
+		v := !(len(a.Value) == 1 && a.Value[0] == 0)
+		switch a.Type {
+		case pkcs11.CKA_MODIFIABLE:
+			modifiable = v
+		case pkcs11.CKA_COPYABLE:
+			copyable = v
+		}
+	}
+	both := []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, nil), pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, nil)}
+	if attrs, err := c.GetAttributeValue(sh, h, both); err == nil {
+		for _, a := range attrs {
+			set(a)
+		}
+		return modifiable, copyable
+	}
+	for _, t := range both { // one is unknown to the token: ask for each alone
+		if attrs, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(t.Type, nil)}); err == nil && len(attrs) == 1 {
+			set(attrs[0])
+		}
+	}
+	return modifiable, copyable
+}
+
+// lockTemplates are the attributes CreateKey adds to every key template, with the
+// fallbacks for tokens that refuse them: all of them, then without CKA_COPYABLE (a
+// PKCS#11 v2.40 attribute older tokens lack), then none. The key's KeyInfo
+// (Modifiable, Copyable) then reports what the token keeps.
+var lockTemplates = [][]*pkcs11.Attribute{
+	{pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false), pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, false)},
+	{pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false)},
+	nil,
+}
+
+// withLocks calls gen with each of lockTemplates in turn until the token accepts the
+// template: it moves to the next only when gen fails with a CK_RV that refuses a
+// template attribute (CKR_ATTRIBUTE_TYPE_INVALID, CKR_ATTRIBUTE_VALUE_INVALID,
+// CKR_TEMPLATE_INCONSISTENT, CKR_ATTRIBUTE_READ_ONLY), or with CKR_GENERAL_ERROR,
+// which is how the NSS softoken refuses them. A failed C_GenerateKey creates nothing,
+// so trying again with a smaller template cannot leave an object behind.
+func withLocks(gen func(lock []*pkcs11.Attribute) error) error {
+	var err error
+	for _, lock := range lockTemplates {
+		err = gen(lock)
+		if !isRV(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID,
+			pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_ATTRIBUTE_READ_ONLY, pkcs11.CKR_GENERAL_ERROR) {
+			return err
+		}
+	}
+	return err
 }
 
 // selectKey finds the one key with label (and ckaID if non-nil), reads its attributes
@@ -285,8 +381,8 @@ func adminSession(ctx context.Context, cfg Config, rw bool, fn func(t *token, sh
 }
 
 // acquireAdminToken validates cfg, reads its PIN and takes a token reference (see
-// acquireToken). It takes the module gate exclusively while it logs in, so callers must
-// not hold any module gate when they call it.
+// acquireToken). It takes the module's Open/Close lock while it selects the token and
+// logs in, so callers must not be inside another acquireToken or releaseToken.
 func acquireAdminToken(ctx context.Context, cfg Config) (*token, error) {
 	if err := cfg.Validate(""); err != nil {
 		return nil, fmt.Errorf("hsm: invalid config: %w", err)
@@ -320,7 +416,10 @@ func withSession(t *token, rw bool, fn func(t *token, sh pkcs11.SessionHandle) e
 // "Mechanisms"): an AES-256 key with C_GenerateKey (CKM_AES_KEY_GEN) and the template
 // CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true; CKA_EXTRACTABLE false; CKA_ENCRYPT and
 // CKA_DECRYPT true; CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE false;
-// CKA_LABEL cfg.KeyLabel; a random 16-byte CKA_ID. For aes-cbc-hmac (named, or chosen
+// CKA_LABEL cfg.KeyLabel; a random 16-byte CKA_ID; and CKA_MODIFIABLE and CKA_COPYABLE
+// false where the token allows (withLocks: without CKA_COPYABLE, then without both,
+// if the token refuses them; the returned KeyInfo's Modifiable and Copyable, and
+// AttributeWarning, report what the token kept). For aes-cbc-hmac (named, or chosen
 // by auto on a token without a usable GCM) it also makes the HMAC key: a 32-byte
 // CKK_GENERIC_SECRET (CKM_GENERIC_SECRET_KEY_GEN) with the same label and CKA_ID,
 // CKA_SIGN and CKA_VERIFY true and every other usage false. It then opens the key as
@@ -457,7 +556,7 @@ func generateKEKPart(t *token, sh pkcs11.SessionHandle, label string, id []byte,
 	if mac {
 		gen, kt, enc, sig = pkcs11.CKM_GENERIC_SECRET_KEY_GEN, pkcs11.CKK_GENERIC_SECRET, false, true
 	}
-	h, err := t.ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(gen, nil)}, []*pkcs11.Attribute{
+	tmpl := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, kt),
 		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
@@ -474,6 +573,12 @@ func generateKEKPart(t *token, sh pkcs11.SessionHandle, label string, id []byte,
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+	var h pkcs11.ObjectHandle
+	err := withLocks(func(lock []*pkcs11.Attribute) error {
+		var err error
+		h, err = t.ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(gen, nil)}, append(tmpl[:len(tmpl):len(tmpl)], lock...))
+		return err
 	})
 	if err != nil {
 		return 0, opError{op: "C_GenerateKey", err: err}
@@ -579,8 +684,12 @@ func ListKeys(ctx context.Context, cfg Config) ([]KeyInfo, error) {
 
 // DestroyKey destroys, with C_DestroyObject, the one AES secret key selected by
 // cfg.KeyLabel and (if set) cfg.KeyCKAID, and its HMAC partner keys (same label and
-// CKA_ID) if it is an aes-cbc-hmac key. It refuses when the selection is ambiguous.
-// Data wrapped by the key can never be unwrapped again.
+// CKA_ID) if it is an aes-cbc-hmac key (both halves of an rsa-oaep key). It refuses
+// when the selection is ambiguous. Data wrapped by the key can no longer be unwrapped
+// with this token's copy. It can still be unwrapped wherever another copy of the key
+// lives: a key made by CreateReplicableKey and copied by ReplicateKey, or one the HSM
+// cloned or backed up itself, stays usable on every other token that holds it, so
+// destroying one copy does not make the data unreadable.
 func DestroyKey(ctx context.Context, cfg Config) error {
 	cfg = cfg.Resolved()
 	return adminSession(ctx, cfg, true, func(t *token, sh pkcs11.SessionHandle) error {

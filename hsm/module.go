@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/hwkms/hwkms/plugin/kek"
@@ -72,8 +73,10 @@ var registry = struct {
 }{modules: map[string]*module{}}
 
 // module is one loaded and initialised PKCS#11 module. path, ctx and refs are guarded
-// by registry. Every PKCS#11 call on ctx is made holding gate for reading; C_Finalize,
-// C_Initialize, logins and changes to tokens hold it for writing (recover.go).
+// by registry. Every PKCS#11 call on ctx is made holding gate for reading, logins and
+// logouts too; only C_Finalize and C_Initialize (re-initialisation, recover.go) hold it
+// for writing, and they take it without queueing (TryLock, bounded by reinitWait), so
+// that a hung call never makes another caller wait on the gate.
 type module struct {
 	path     string
 	ctx      p11
@@ -83,9 +86,17 @@ type module struct {
 	initArgs string         // Config.InitArgs of every config that shares the module
 	cArgs    unsafe.Pointer // initArgs as a C string while the module is loaded (initargs.go)
 
-	// gate is held shared by every device call and exclusively by re-initialisation,
-	// token login and logout, so that C_Finalize never runs under another call.
+	// gate is held shared by every device call (logins and logouts included) and
+	// exclusively only by re-initialisation, so that C_Finalize never runs under
+	// another call. Nothing ever blocks in gate.Lock: a writer waiting on a
+	// sync.RWMutex would block every new reader, and so every operation on the module,
+	// behind a hung call (lockForReinit polls TryLock instead).
 	gate sync.RWMutex
+	// admin serialises acquireToken and releaseToken (the token table, first logins,
+	// last logouts) among themselves; operations never take it. Waiting for it is
+	// bounded by the caller's context (lockAdmin). The token table is written holding
+	// admin and gate for reading, or gate exclusively (re-initialisation).
+	admin sync.Mutex
 	// gen counts re-initialisations. Sessions and object handles are valid only in the
 	// generation they were obtained in; after a re-init they are dropped, never closed
 	// (their numbers may have been given to new sessions). Written under gate.
@@ -104,7 +115,9 @@ type module struct {
 // lasts while the application has a session open with the token (PKCS#11 v2.40 section
 // 5.6, C_CloseSession), so pool sessions may come and go without logging out.
 //
-// Fields other than refs are written holding mod.gate exclusively and read holding it.
+// mod, ctx, sel, label and serial are fixed. slot is written only holding mod.gate
+// exclusively (re-initialisation) and read holding it. The login state (the fields
+// after refs) is guarded by mu, which is never held across a device call.
 type token struct {
 	mod    *module
 	ctx    p11
@@ -113,6 +126,7 @@ type token struct {
 	label  string
 	serial string
 	refs   int                  // guarded by registry
+	mu     sync.Mutex           // guards the fields below
 	hold   pkcs11.SessionHandle // session that carries the login, valid while loggedIn
 	pinMAC []byte               // HMAC of the PIN under pinMACKey, to compare later logins
 
@@ -122,7 +136,12 @@ type token struct {
 	// operation on the token fails with it and no login is attempted again until Open
 	// is called for the token (a config reload or restart).
 	pinErr *PINError
-	// loginErr is why the last re-login failed (other than a refused PIN).
+	// loginFail is set when C_Login failed with any other CK_RV. It is sticky in the
+	// same way as pinErr: a token that reports a wrong PIN with an unexpected code must
+	// not be counted down to a lock by automatic retries.
+	loginFail *LoginError
+	// loginErr is why the last re-login did not happen (the PIN source, the token not
+	// found, or another token in its place: ErrTokenChanged). Not sticky.
 	loginErr error
 }
 
@@ -196,9 +215,40 @@ func (e *PINError) Error() string {
 // Unwrap returns the pkcs11.Error and kek.ErrUnavailable.
 func (e *PINError) Unwrap() []error { return []error{e.Err, kek.ErrUnavailable} }
 
+// LoginError reports that C_Login as CKU_USER failed with a CK_RV other than the PIN
+// codes of PINError (CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED, a vendor code, ...). It is
+// treated like a refused PIN: never retried automatically, since a token that reports a
+// wrong PIN in another way could otherwise be counted down to a lock. Every operation on
+// the token fails with it (the health probe too) until hwkms restarts, or a reload
+// reads a different PIN (which makes one new attempt; the same PIN makes none). It
+// unwraps to the pkcs11.Error (Reason names the CK_RV) and to kek.ErrUnavailable, and
+// never contains the PIN.
+type LoginError struct {
+	// Token names the token (its label).
+	Token string
+	// Err is the pkcs11.Error returned by C_Login.
+	Err error
+	// Repeated is set when no C_Login was made: C_Login with this same PIN already
+	// failed in this process.
+	Repeated bool
+}
+
+// Error implements error.
+func (e *LoginError) Error() string {
+	if e.Repeated {
+		return fmt.Sprintf("hsm: token %q: C_Login with this user PIN already failed in this process: %v (no new attempt until the PIN changes or hwkms restarts: the token may count failed logins)", e.Token, e.Err)
+	}
+	return fmt.Sprintf("hsm: token %q: C_Login as CKU_USER failed: %v (not retried automatically: the token may count failed logins; fix the cause, then restart hwkms or reload with a changed PIN)", e.Token, e.Err)
+}
+
+// Unwrap returns the pkcs11.Error and kek.ErrUnavailable.
+func (e *LoginError) Unwrap() []error { return []error{e.Err, kek.ErrUnavailable} }
+
 // acquireToken loads and initialises the module if needed, selects the token, opens its
 // login session and logs in as CKU_USER if this process has not yet, and takes a
-// reference. Release it with releaseToken.
+// reference. Release it with releaseToken. It holds the module's gate only shared
+// (never waiting behind a hung call) and waits for another acquireToken or
+// releaseToken of the module at most until ctx is done.
 func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -209,9 +259,13 @@ func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 	if err != nil {
 		return nil, err
 	}
-	mod.gate.Lock()
-	tok, err := mod.tokenLocked(cfg, pin)
-	mod.gate.Unlock()
+	var tok *token
+	if err = mod.lockAdmin(ctx); err == nil {
+		mod.gate.RLock()
+		tok, err = mod.tokenLocked(cfg, pin)
+		mod.gate.RUnlock()
+		mod.admin.Unlock()
+	}
 	if err != nil {
 		registry.Lock()
 		releaseModuleLocked(mod)
@@ -224,26 +278,37 @@ func acquireToken(ctx context.Context, cfg Config, pin string) (*token, error) {
 // releaseToken drops a reference taken by acquireToken. The last reference to a token
 // logs out and closes its login session; the last reference to a module finalises and
 // unloads it.
+//
+// It never waits on the module gate for writing, so it does not stall other KEKs on
+// the module behind a hung call; it waits only for another acquireToken or
+// releaseToken of the module that is running (lockAdmin).
 func releaseToken(t *token) error {
 	var errs []error
-	t.mod.gate.Lock()
+	_ = t.mod.lockAdmin(context.Background()) // cannot fail without a deadline
+	t.mod.gate.RLock()
 	registry.Lock()
 	t.refs--
 	last := t.refs == 0
 	registry.Unlock()
 	if last {
-		delete(t.mod.tokens, t.slot)
-		if t.loggedIn {
-			if err := t.ctx.Logout(t.hold); err != nil && classify(err) == rvOther && !isRV(err, pkcs11.CKR_USER_NOT_LOGGED_IN) {
+		if t.mod.tokens[t.slot] == t {
+			delete(t.mod.tokens, t.slot)
+		}
+		t.mu.Lock()
+		loggedIn, hold := t.loggedIn, t.hold
+		t.loggedIn = false
+		t.mu.Unlock()
+		if loggedIn {
+			if err := t.ctx.Logout(hold); err != nil && classify(err) == rvOther && !isRV(err, pkcs11.CKR_USER_NOT_LOGGED_IN) {
 				errs = append(errs, fmt.Errorf("hsm: C_Logout on token %q: %w", t.label, err))
 			}
-			if err := t.ctx.CloseSession(t.hold); err != nil && classify(err) == rvOther {
+			if err := t.ctx.CloseSession(hold); err != nil && classify(err) == rvOther {
 				errs = append(errs, fmt.Errorf("hsm: C_CloseSession on token %q: %w", t.label, err))
 			}
-			t.loggedIn = false
 		}
 	}
-	t.mod.gate.Unlock()
+	t.mod.gate.RUnlock()
+	t.mod.admin.Unlock()
 	registry.Lock()
 	if err := releaseModuleLocked(t.mod); err != nil {
 		errs = append(errs, err)
@@ -301,22 +366,31 @@ func releaseModuleLocked(m *module) error {
 }
 
 // tokenLocked finds the configured token and returns it with a new reference, logging
-// in if this process has no login on it yet. The caller holds m.gate exclusively.
+// in if this process has no login on it yet. The caller holds m.admin and m.gate for
+// reading.
 //
-// A token whose re-login was refused (pinErr) gets exactly one new C_Login here, with
-// the PIN the caller just read: Open is the explicit retry (config reload, restart).
+// A token whose login failed (pinErr, loginFail) gets exactly one new C_Login here
+// if the caller read a different PIN: Open is the explicit retry (config reload,
+// restart). The same PIN is refused again without a C_Login (refusedPINs).
 func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
 	slot, info, err := m.selectSlot(cfg)
 	if err != nil {
 		return nil, err
 	}
+	serial := strings.TrimRight(info.SerialNumber, " \x00")
 	if t, ok := m.tokens[slot]; ok {
+		if t.serial != serial {
+			return nil, t.changed(slot, serial)
+		}
+		t.mu.Lock()
+		blocked, mac := t.pinErr != nil || t.loginFail != nil, t.pinMAC
+		t.mu.Unlock()
 		switch {
-		case t.pinErr != nil:
+		case blocked:
 			if err := t.login(pin); err != nil {
 				return nil, err
 			}
-		case !hmac.Equal(t.pinMAC, macPIN(pin)):
+		case !hmac.Equal(mac, macPIN(pin)):
 			return nil, fmt.Errorf("hsm: token %q is already logged in by this process with a different PIN; refusing a second configuration with another PIN", t.label)
 		}
 		registry.Lock()
@@ -324,13 +398,24 @@ func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
 		registry.Unlock()
 		return t, nil
 	}
+	label := strings.TrimRight(info.Label, " \x00")
+	if cfg.TokenSerial == "" {
+		// Selected by label or slot: a token this process is logged in to under the
+		// same label, now gone from its slot, and another with that label in its place
+		// is a substitution, not a new token (a reload must not send it the PIN).
+		for _, old := range m.tokens {
+			if old.label == label && old.serial != serial {
+				return nil, old.changed(slot, serial)
+			}
+		}
+	}
 	t := &token{
 		mod:    m,
 		ctx:    m.ctx,
 		sel:    cfg,
 		slot:   slot,
-		label:  strings.TrimRight(info.Label, " \x00"),
-		serial: strings.TrimRight(info.SerialNumber, " \x00"),
+		label:  label,
+		serial: serial,
 	}
 	if err := t.login(pin); err != nil {
 		return nil, err
@@ -340,24 +425,55 @@ func (m *module) tokenLocked(cfg Config, pin string) (*token, error) {
 	return t, nil
 }
 
+// changed is the error for a token found in t's place whose serial number is not the
+// one t had when this process first logged in to it.
+func (t *token) changed(slot uint, serial string) error {
+	return fmt.Errorf("hsm: token %q in slot %d now has serial number %q, but this process logged in to serial number %q: another token is in its place (re-initialised or substituted); no login is attempted on it and no key on it is used; restart hwkms if the change is intended: %w: %w",
+		t.label, slot, serial, t.serial, ErrTokenChanged, kek.ErrUnavailable)
+}
+
+// isPINRV reports whether err is one of the CK_RVs with which C_Login refuses a PIN.
+func isPINRV(err error) bool {
+	return isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
+		pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE)
+}
+
+// loginFailed records a failed C_Login (rv, its error) on t and returns the sticky
+// error: a *PINError for the PIN codes, a *LoginError for any other.
+func (t *token) loginFailed(rv error, repeated bool) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.loggedIn = false
+	if isPINRV(rv) {
+		t.pinErr = &PINError{Token: t.label, Err: rv, Repeated: repeated}
+		return t.pinErr
+	}
+	t.loginFail = &LoginError{Token: t.label, Err: rv, Repeated: repeated}
+	return t.loginFail
+}
+
 // login opens the login session and makes exactly one C_Login attempt as CKU_USER: a
-// wrong PIN is never retried. A refused PIN sets t.pinErr and returns it. The caller
-// holds t.mod.gate exclusively.
+// failed login, whatever its CK_RV, is never retried with the same PIN. A failure sets
+// t.pinErr (the PIN codes) or t.loginFail (any other code) and returns it. The caller
+// holds t.mod.gate (shared, with t.mod.admin; or exclusively).
 func (t *token) login(pin string) error {
 	mac := macPIN(pin)
 	refusedPINs.Lock()
 	r, refused := refusedPINs.m[t.pinKey()]
 	refusedPINs.Unlock()
 	if refused && hmac.Equal(r.mac, mac) {
-		t.pinErr = &PINError{Token: t.label, Err: r.err, Repeated: true}
-		return t.pinErr
+		return t.loginFailed(r.err, true)
 	}
 	if rv, record, ok := persistedRefusal(t.pinKey(), pin); ok {
-		t.pinErr = &PINError{Token: t.label, Err: rv, Repeated: true, Record: record}
 		refusedPINs.Lock()
 		refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: rv}
 		refusedPINs.Unlock()
-		return t.pinErr
+		err := t.loginFailed(rv, true)
+		var pe *PINError
+		if errors.As(err, &pe) {
+			pe.Record = record
+		}
+		return err
 	}
 	hold, err := t.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
@@ -365,30 +481,51 @@ func (t *token) login(pin string) error {
 	}
 	if err := t.ctx.Login(hold, pkcs11.CKU_USER, pin); err != nil && !isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		_ = t.ctx.CloseSession(hold)
-		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
-			pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
-			t.pinErr = &PINError{Token: t.label, Err: err}
-			refusedPINs.Lock()
-			refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: err}
-			refusedPINs.Unlock()
-			var rv pkcs11.Error
-			if errors.As(err, &rv) {
-				if perr := persistRefusal(t.pinKey(), pin, rv); perr != nil {
-					t.pinErr.NotRecorded = perr.Error()
-				}
+		refusedPINs.Lock()
+		refusedPINs.m[t.pinKey()] = refusedPIN{mac: mac, err: err}
+		refusedPINs.Unlock()
+		ferr := t.loginFailed(err, false)
+		var (
+			pe *PINError
+			rv pkcs11.Error
+		)
+		if errors.As(ferr, &pe) && errors.As(err, &rv) {
+			// Only PIN refusals outlive the process: another code may be a passing fault
+			// that a restart should be able to try again.
+			if perr := persistRefusal(t.pinKey(), pin, rv); perr != nil {
+				pe.NotRecorded = perr.Error()
 			}
-			return t.pinErr
 		}
-		return fmt.Errorf("hsm: C_Login as CKU_USER on token %q: %w: %w", t.label, kek.ErrUnavailable, err)
+		return ferr
 	}
-	t.hold, t.loggedIn, t.pinErr, t.loginErr = hold, true, nil, nil
+	t.mu.Lock()
+	t.hold, t.loggedIn, t.pinErr, t.loginFail, t.loginErr = hold, true, nil, nil, nil
 	t.pinMAC = mac
+	t.mu.Unlock()
 	refusedPINs.Lock()
 	delete(refusedPINs.m, t.pinKey())
 	refusedPINs.Unlock()
 	// A stale record is harmless for this PIN (it no longer matches); if it cannot be
 	// erased now, the next successful login tries again.
 	_ = persistRefusal(t.pinKey(), "", 0)
+	return nil
+}
+
+// lockAdmin takes m.admin, waiting at most until ctx is done (for another Open or
+// Close of the module whose device call does not return).
+func (m *module) lockAdmin(ctx context.Context) error {
+	if m.admin.TryLock() {
+		return nil
+	}
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for !m.admin.TryLock() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("hsm: module %q: waiting for another Open or Close of a key on the module, whose device call has not returned: %w: %w", m.path, kek.ErrUnavailable, ctx.Err())
+		case <-tick.C:
+		}
+	}
 	return nil
 }
 

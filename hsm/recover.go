@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -161,7 +162,9 @@ func (m *module) reinitLocked() error {
 	}
 	m.gen.Add(1)
 	for _, t := range m.tokens {
+		t.mu.Lock()
 		t.loggedIn = false
+		t.mu.Unlock()
 	}
 	if err := m.initialize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		return fmt.Errorf("C_Initialize: %w: %w", kek.ErrUnavailable, err)
@@ -172,27 +175,37 @@ func (m *module) reinitLocked() error {
 	}
 	var errs []error
 	for _, t := range toks {
-		if t.pinErr != nil {
-			continue // never retried automatically; operations fail with it
+		if _, sticky := t.status(); sticky {
+			continue // a failed login is never retried automatically; operations fail with it
 		}
 		if err := m.relogin(t); err != nil {
+			t.mu.Lock()
 			t.loginErr = err
+			t.mu.Unlock()
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// relogin finds t's token again and logs in with the PIN read again from its source.
+// relogin finds t's token again, checks that it is the same token (its serial number)
+// and logs in with the PIN read again from its source. Another token in its place
+// (ErrTokenChanged) gets no C_Login: the PIN is never sent to it.
 func (m *module) relogin(t *token) error {
 	pin, err := t.sel.readPIN()
 	if err != nil {
 		return fmt.Errorf("%w: %w", kek.ErrUnavailable, err)
 	}
 	// The slot ID may change when a device is removed and inserted again.
-	slot, _, err := m.selectSlot(t.sel)
+	slot, info, err := m.selectSlot(t.sel)
 	if err != nil {
 		return fmt.Errorf("%w: %w", kek.ErrUnavailable, err)
+	}
+	if serial := strings.TrimRight(info.SerialNumber, " \x00"); serial != t.serial {
+		return t.changed(slot, serial)
+	}
+	if other, ok := m.tokens[slot]; ok && other != t {
+		return fmt.Errorf("hsm: token %q: slot %d is taken by token %q of this process: %w", t.label, slot, other.label, kek.ErrUnavailable)
 	}
 	if slot != t.slot {
 		delete(m.tokens, t.slot)
@@ -200,25 +213,35 @@ func (m *module) relogin(t *token) error {
 		m.tokens[slot] = t
 	}
 	if err := t.login(pin); err != nil {
-		var pe *PINError
-		if errors.As(err, &pe) {
-			return nil // sticky in t.pinErr; not a reason to back off the module
+		if _, sticky := t.status(); sticky {
+			return nil // sticky in t.pinErr or t.loginFail; not a reason to back off the module
 		}
 		return err
 	}
 	return nil
 }
 
-// state reports why operations on t cannot run now: a refused PIN (sticky), or a login
-// that failed at the last re-init. The caller holds t.mod.gate.
+// state reports why operations on t cannot run now: a failed login (sticky), or a
+// re-login that did not happen at the last re-init. The caller holds t.mod.gate.
 func (t *token) state() error {
+	err, _ := t.status()
+	return err
+}
+
+// status is state, and whether the error is sticky: a failed C_Login, which no
+// re-initialisation retries.
+func (t *token) status() (err error, sticky bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	switch {
 	case t.pinErr != nil:
-		return t.pinErr
+		return t.pinErr, true
+	case t.loginFail != nil:
+		return t.loginFail, true
 	case !t.loggedIn && t.loginErr != nil:
-		return t.loginErr
+		return t.loginErr, false
 	case !t.loggedIn:
-		return fmt.Errorf("hsm: token %q is not logged in: %w", t.label, kek.ErrUnavailable)
+		return fmt.Errorf("hsm: token %q is not logged in: %w", t.label, kek.ErrUnavailable), false
 	}
-	return nil
+	return nil, false
 }
