@@ -60,8 +60,9 @@ soak:
 
 ## bench: floors (raw PKCS#11, raw TPM, bare gRPC, AES-GCM, an in-memory KEK behind the
 ## real plugin) and hwkms on SoftHSM2 and swtpm (both TPM KEK kinds) under load, with the
-## targets of docs/contract.md; restart storms on swtpm at a discrete TPM's speed
-## (tpm/swtpm/latency); raw outputs in .bench/ (docs/BENCHMARKS.md)
+## targets of docs/contract.md; each PKCS#11 mechanism served at concurrency 1 beside its
+## raw KEK op (hwkms dev --dev-mechanism); restart storms on swtpm at a discrete TPM's
+## speed (tpm/swtpm/latency); raw outputs in .bench/ (docs/BENCHMARKS.md)
 BENCH_DURATION ?= 3s
 bench: deps build
 	@$(GO) run ./cmd/benchtable --hwkms bin/hwkms --go $(GO) --out .bench --duration $(BENCH_DURATION)

@@ -32,6 +32,7 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	dir := fs.String("dir", "", "directory for the throwaway token and config (default: a new temp dir, removed on exit)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	backend := fs.String("backend", "pkcs11", "backend of the throwaway KEK: pkcs11 (SoftHSM2) or tpm (swtpm)")
+	devMech := fs.String("dev-mechanism", "", "dev/bench only, with --backend pkcs11: mechanism of the throwaway KEK, aes-gcm, aes-cbc-hmac or rsa-oaep (hsm.Config.Mechanism; default auto)")
 	var dt devTPMOpts
 	fs.StringVar(&dt.latency, "dev-tpm-latency", "", "dev/bench only, with --backend tpm: give swtpm a discrete TPM's speed (slb9670: Infineon SLB 9670, docs/BENCHMARKS.md), one command at a time")
 	fs.StringVar(&dt.kind, "dev-tpm-kind", "", "with --backend tpm: kind of the throwaway KEK, sealed (default) or hmac (tpm.Config.Kind)")
@@ -44,6 +45,12 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	if (dt.latency != "" || dt.noAdmission || dt.kind != "") && *backend != "tpm" {
 		return fmt.Errorf("dev: --dev-tpm-latency, --dev-tpm-kind and --dev-tpm-no-admission need --backend tpm")
+	}
+	if *devMech != "" && *backend != "pkcs11" {
+		return fmt.Errorf("dev: --dev-mechanism needs --backend pkcs11")
+	}
+	if err := checkDevMechanism(*devMech); err != nil {
+		return fmt.Errorf("dev: --dev-mechanism %q: %w", *devMech, err)
 	}
 	if _, ok := latency.Profiles[dt.latency]; dt.latency != "" && !ok {
 		return fmt.Errorf("dev: --dev-tpm-latency %q: known profiles: slb9670", dt.latency)
@@ -65,7 +72,7 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	var key config.Key
 	switch *backend {
 	case "pkcs11":
-		key, err = devPKCS11(ctx, work)
+		key, err = devPKCS11(ctx, work, *devMech)
 	case "tpm":
 		var stop func()
 		stop, key, err = devTPM(ctx, work, dt)
@@ -96,9 +103,24 @@ func cmdDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	return <-errc
 }
 
-// devPKCS11 creates a SoftHSM2 token with a random PIN in dir and a KEK on it.
-// SOFTHSM2_CONF is set for this process before the module loads.
-func devPKCS11(ctx context.Context, dir string) (config.Key, error) {
+// checkDevMechanism accepts the mechanisms a throwaway SoftHSM2 key can serve with:
+// "" (auto), aes-gcm, aes-cbc-hmac and rsa-oaep. aes-gcm-token-iv is refused: SoftHSM2
+// leaves a token-generated GCM IV all zero, so Open's round trip fails on it
+// (hsm/doc.go); hsm's BenchmarkMechanism measures it on a CloudHSM emulation instead.
+func checkDevMechanism(m string) error {
+	switch m {
+	case "", hsm.MechanismAuto, hsm.MechanismAESGCM, hsm.MechanismAESCBCHMAC, hsm.MechanismRSAOAEP:
+		return nil
+	case hsm.MechanismAESGCMTokenIV:
+		return fmt.Errorf("SoftHSM2 does not generate GCM IVs (it leaves them zero); BenchmarkMechanism in package hsm measures %s on an emulation", m)
+	}
+	return fmt.Errorf("supported: %s, %s, %s, %s", hsm.MechanismAuto, hsm.MechanismAESGCM, hsm.MechanismAESCBCHMAC, hsm.MechanismRSAOAEP)
+}
+
+// devPKCS11 creates a SoftHSM2 token with a random PIN in dir and a KEK on it with
+// mechanism mech ("" for auto). SOFTHSM2_CONF is set for this process before the
+// module loads.
+func devPKCS11(ctx context.Context, dir, mech string) (config.Key, error) {
 	fx, err := softhsm.New(filepath.Join(dir, "softhsm"))
 	if err != nil {
 		return config.Key{}, err
@@ -114,7 +136,7 @@ func devPKCS11(ctx context.Context, dir string) (config.Key, error) {
 	if _, err := fx.InitToken(devTokenLabel, soPIN, pin); err != nil {
 		return config.Key{}, err
 	}
-	key := hsm.Config{Module: fx.Module, TokenLabel: devTokenLabel, PINFile: pinFile, KeyLabel: devKeyLabel}
+	key := hsm.Config{Module: fx.Module, TokenLabel: devTokenLabel, PINFile: pinFile, KeyLabel: devKeyLabel, Mechanism: mech}
 	if _, err := hsm.CreateKey(ctx, key); err != nil {
 		return config.Key{}, err
 	}
