@@ -147,3 +147,34 @@ func TestBackendLifecycle(t *testing.T) {
 		})
 	}
 }
+
+// TestPKCS11AttributeWarning: a key whose CKA_MODIFIABLE and CKA_COPYABLE are true
+// (made by another tool, or on a token that refused them false) is described and
+// checked with a warning naming both; a key hwkms made has neither.
+func TestPKCS11AttributeWarning(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := softhsmtest.NewToken(t, fx)
+	ctx := context.Background()
+	locked := Key{PKCS11: &hsm.Config{Module: fx.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, KeyLabel: "kek-locked"}}
+	b, err := locked.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Create(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if d := b.Describe(ctx); strings.Contains(d.Detail, "WARNING") {
+		t.Fatalf("a key hwkms made is described with a warning: %s", d.Detail)
+	}
+	var log checkLog
+	b.Check(ctx, &log, CheckOptions{Name: "keys[0]", Timeout: 10 * time.Second})
+	if all := strings.Join(log.lines, "\n"); strings.Contains(all, "CKA_MODIFIABLE") {
+		t.Fatalf("doctor warns about a key hwkms made:\n%s", all)
+	}
+	// Describe and Check of a KeyInfo that reports both attributes true.
+	info := hsm.KeyInfo{KeyID: "p11:x", Label: "l", CKAID: "01", Sensitive: true, NeverExtractable: true, Private: true, Modifiable: true, Copyable: true}
+	d := b.(pkcs11Key).describe(info)
+	if !strings.Contains(d.Detail, "CKA_MODIFIABLE") || !strings.Contains(d.Detail, "CKA_COPYABLE") {
+		t.Fatalf("key list detail for a modifiable, copyable key: %q", d.Detail)
+	}
+}

@@ -231,6 +231,9 @@ func (p pkcs11Key) describe(info hsm.KeyInfo) Description {
 	if !info.Safe() {
 		d += " UNSAFE: extractable or not sensitive"
 	}
+	if w := info.AttributeWarning(); w != "" {
+		d += " WARNING: " + w
+	}
 	return Description{
 		KeyID:   info.KeyID,
 		Present: true,
@@ -403,6 +406,10 @@ func (p pkcs11Key) Check(ctx context.Context, r Checker, o CheckOptions) {
 		r.Fail(name+" key present", "key_id "+ki.KeyID+" has unsafe attributes: "+unsafeDesc(ki)+"; its value may exist outside the token",
 			"create a new key with hwkms key create and rotate to it (docs/rotation.md)")
 		return
+	}
+	if w := ki.AttributeWarning(); w != "" {
+		r.Warn(name+" key attributes locked", "key_id "+ki.KeyID+": "+w,
+			"create a new key with hwkms key create (which sets both false where the token allows) and rotate to it; or set them false with the token vendor's tool")
 	}
 
 	cctx, cancel = context.WithTimeout(ctx, o.Timeout)
