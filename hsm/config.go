@@ -4,11 +4,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
 
+	"github.com/hwkms/hwkms/plugin/files"
 	"github.com/miekg/pkcs11"
 )
 
@@ -209,22 +209,16 @@ func (c Config) readPINSource() (string, error) {
 	var pin string
 	switch {
 	case c.PINFile != "":
-		f, err := os.Open(c.PINFile)
-		if err != nil {
-			return "", fmt.Errorf("hsm: pinFile: %w", err)
-		}
-		defer f.Close()
-		b, err := io.ReadAll(io.LimitReader(f, maxPINFileSize+1))
-		if err != nil {
-			return "", fmt.Errorf("hsm: pinFile: %w", err)
-		}
-		if len(b) > maxPINFileSize {
+		// One trailing newline is removed; a PIN file others can read is refused.
+		b, err := files.ReadSecret(c.PINFile, files.SecretOptions{MaxBytes: maxPINFileSize})
+		if errors.Is(err, files.ErrTooLarge) {
 			return "", fmt.Errorf("hsm: pinFile %q: larger than %d bytes", c.PINFile, maxPINFileSize)
 		}
-		pin = string(b)
-		if s, ok := strings.CutSuffix(pin, "\n"); ok {
-			pin = strings.TrimSuffix(s, "\r")
+		if err != nil {
+			return "", fmt.Errorf("hsm: pinFile: %w", err)
 		}
+		pin = string(b)
+		clear(b)
 		if pin == "" {
 			return "", fmt.Errorf("hsm: pinFile %q: PIN is empty", c.PINFile)
 		}
