@@ -3,12 +3,9 @@ package tpm
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"os"
 
 	"github.com/google/go-tpm/tpm2"
-	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm/internal/wire"
 	"github.com/hwkms/hwkms/tpm/provision"
 )
@@ -70,33 +67,12 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
 	}
 	dev, _ := parseDevice(cfg.Device)
-	var handle tpm2.TPMHandle
-	if cfg.PersistentHandle != "" {
-		handle, _ = parseHandle(cfg.PersistentHandle)
-	} else if _, err := os.Lstat(cfg.BlobFile); err == nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: blobFile %s: %w", cfg.BlobFile, kek.ErrKeyExists)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return KeyInfo{}, fmt.Errorf("tpm: import: blobFile: %w", err)
-	}
-	c, err := openAdmin(ctx, dev)
+	t, err := openKeyTarget(ctx, cfg, dev, "import")
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	defer c.Close()
-	if handle != 0 {
-		_, err := tpm2.ReadPublic{ObjectHandle: handle}.Execute(c)
-		if err == nil {
-			return KeyInfo{}, fmt.Errorf("tpm: import: handle %s: %w", cfg.PersistentHandle, kek.ErrKeyExists)
-		}
-		if !errors.Is(err, tpm2.TPMRCHandle) {
-			return KeyInfo{}, fmt.Errorf("tpm: import: TPM2_ReadPublic: %w", err)
-		}
-	}
-	srk, err := createSRK(c, cfg.pins().srk)
-	if err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
-	}
-	defer flushHandle(c, srk.Handle)
+	defer t.close()
+	c, srk := t.c, t.srk
 	if !bytes.Equal(srk.Name.Buffer, ib.ParentName) {
 		return KeyInfo{}, fmt.Errorf("tpm: import: blob is for SRK %x, this TPM's SRK is %x: %w", ib.ParentName, srk.Name.Buffer, ErrWrongTPM)
 	}
@@ -110,42 +86,9 @@ func ImportKey(ctx context.Context, cfg Config, blob []byte) (KeyInfo, error) {
 		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
 	}
 	info := KeyInfo{KeyID: wire.KeyID(ib.Name), Name: ib.Name}
-	if handle != 0 {
-		h, err := loadUnderSRKWith(c, srk, ib.PublicBytes, priv, ib.Name)
-		if err != nil {
-			return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
-		}
-		defer flushHandle(c, h)
-		_, err = tpm2.EvictControl{
-			Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
-			ObjectHandle:     tpm2.NamedHandle{Handle: h, Name: tpm2.TPM2BName{Buffer: ib.Name}},
-			PersistentHandle: handle,
-		}.Execute(c)
-		if errors.Is(err, tpm2.TPMRCNVDefined) {
-			return KeyInfo{}, fmt.Errorf("tpm: import: handle %s: %w: %w", cfg.PersistentHandle, kek.ErrKeyExists, err)
-		}
-		if err != nil {
-			return KeyInfo{}, fmt.Errorf("tpm: import: TPM2_EvictControl: %w", err)
-		}
-		info.Handle = fmt.Sprintf("0x%08x", uint32(handle))
-		return info, nil
+	if err := t.store(cfg, "import", ib.PublicBytes, priv, ib.Name, true, &info); err != nil {
+		return KeyInfo{}, err
 	}
-	// Load it once so a blob file is only written for a key that loads.
-	h, err := loadUnderSRKWith(c, srk, ib.PublicBytes, priv, ib.Name)
-	if err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
-	}
-	if err := flushHandle(c, h); err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
-	}
-	kb, err := encodeObject(blobV1, ib.PublicBytes, priv)
-	if err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: %w", err)
-	}
-	if err := writeBlobFile(cfg.BlobFile, kb); err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: import: blobFile %s: %w", cfg.BlobFile, err)
-	}
-	info.BlobFile = cfg.BlobFile
 	return info, nil
 }
 

@@ -54,34 +54,12 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 		return KeyInfo{}, err
 	}
 	defer clear(auth)
-	var handle tpm2.TPMHandle
-	if cfg.PersistentHandle != "" {
-		handle, _ = parseHandle(cfg.PersistentHandle)
-	} else if _, err := os.Lstat(cfg.BlobFile); err == nil {
-		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, kek.ErrKeyExists)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile: %w", err)
-	}
-
-	c, err := openAdmin(ctx, dev)
+	t, err := openKeyTarget(ctx, cfg, dev, "create")
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	defer c.Close()
-	if handle != 0 {
-		_, err := tpm2.ReadPublic{ObjectHandle: handle}.Execute(c)
-		if err == nil {
-			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w", cfg.PersistentHandle, kek.ErrKeyExists)
-		}
-		if !errors.Is(err, tpm2.TPMRCHandle) {
-			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_ReadPublic: %w", err)
-		}
-	}
-	srk, err := createSRK(c, cfg.pins().srk)
-	if err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
-	}
-	defer flushHandle(c, srk.Handle)
+	defer t.close()
+	c, srk := t.c, t.srk
 
 	// The KEK's auth value travels in inSensitive: encrypt it with a one-shot
 	// session salted to the SRK.
@@ -110,35 +88,107 @@ func CreateKey(ctx context.Context, cfg Config) (KeyInfo, error) {
 	}
 	info := KeyInfo{KeyID: wire.KeyID(name), Name: name, FixedTPM: pub.ObjectAttributes.FixedTPM}
 
-	if handle != 0 {
-		h, err := loadUnderSRKWith(c, srk, cr.OutPublic.Bytes(), cr.OutPrivate.Buffer, name)
-		if err != nil {
-			return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+	if err := t.store(cfg, "create", cr.OutPublic.Bytes(), cr.OutPrivate.Buffer, name, false, &info); err != nil {
+		return KeyInfo{}, err
+	}
+	return info, nil
+}
+
+// keyTarget is where CreateKey and ImportKey put a new KEK: a one-shot connection
+// with the checked owner SRK loaded, and the persistent handle (0 for the blob form),
+// which, like the blob file, was checked to be free.
+type keyTarget struct {
+	c      *conn
+	srk    primaryObject
+	handle tpm2.TPMHandle
+}
+
+// openKeyTarget checks that cfg's blob file or persistent handle is free (else
+// kek.ErrKeyExists: nothing is ever overwritten), connects to dev and creates the
+// owner SRK, checked (checkSRK) against cfg.SRKName. op ("create", "import") names the
+// command in errors. The caller calls close.
+func openKeyTarget(ctx context.Context, cfg Config, dev device, op string) (*keyTarget, error) {
+	t := &keyTarget{}
+	if cfg.PersistentHandle != "" {
+		t.handle, _ = parseHandle(cfg.PersistentHandle)
+	} else if _, err := os.Lstat(cfg.BlobFile); err == nil {
+		return nil, fmt.Errorf("tpm: %s: blobFile %s: %w", op, cfg.BlobFile, kek.ErrKeyExists)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("tpm: %s: blobFile: %w", op, err)
+	}
+	c, err := openAdmin(ctx, dev)
+	if err != nil {
+		return nil, err
+	}
+	if t.handle != 0 {
+		_, err := tpm2.ReadPublic{ObjectHandle: t.handle}.Execute(c)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("tpm: %s: handle %s: %w", op, cfg.PersistentHandle, kek.ErrKeyExists)
 		}
-		defer flushHandle(c, h)
+		if !errors.Is(err, tpm2.TPMRCHandle) {
+			c.Close()
+			return nil, fmt.Errorf("tpm: %s: TPM2_ReadPublic: %w", op, err)
+		}
+	}
+	t.srk, err = createSRK(c, cfg.pins().srk)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("tpm: %s: %w", op, err)
+	}
+	t.c = c
+	return t, nil
+}
+
+// close flushes the SRK and closes the connection.
+func (t *keyTarget) close() {
+	flushHandle(t.c, t.srk.Handle)
+	t.c.Close()
+}
+
+// store keeps the new KEK (public area pub, private priv, Name name): it makes it
+// persistent at t.handle (TPM2_EvictControl), or writes cfg.BlobFile; with loadFirst a
+// blob-form key is loaded once first, so a file is only written for a key that
+// loads. It sets info.Handle or info.BlobFile.
+func (t *keyTarget) store(cfg Config, op string, pub, priv, name []byte, loadFirst bool, info *KeyInfo) error {
+	if t.handle != 0 {
+		h, err := loadUnderSRKWith(t.c, t.srk, pub, priv, name)
+		if err != nil {
+			return fmt.Errorf("tpm: %s: %w", op, err)
+		}
+		defer flushHandle(t.c, h)
 		_, err = tpm2.EvictControl{
 			Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 			ObjectHandle:     tpm2.NamedHandle{Handle: h, Name: tpm2.TPM2BName{Buffer: name}},
-			PersistentHandle: handle,
-		}.Execute(c)
+			PersistentHandle: t.handle,
+		}.Execute(t.c)
 		if errors.Is(err, tpm2.TPMRCNVDefined) {
-			return KeyInfo{}, fmt.Errorf("tpm: create: handle %s: %w: %w", cfg.PersistentHandle, kek.ErrKeyExists, err)
+			return fmt.Errorf("tpm: %s: handle %s: %w: %w", op, cfg.PersistentHandle, kek.ErrKeyExists, err)
 		}
 		if err != nil {
-			return KeyInfo{}, fmt.Errorf("tpm: create: TPM2_EvictControl: %w", err)
+			return fmt.Errorf("tpm: %s: TPM2_EvictControl: %w", op, err)
 		}
-		info.Handle = fmt.Sprintf("0x%08x", uint32(handle))
-		return info, nil
+		info.Handle = fmt.Sprintf("0x%08x", uint32(t.handle))
+		return nil
 	}
-	blob, err := encodeObject(blobV1, cr.OutPublic.Bytes(), cr.OutPrivate.Buffer)
+	if loadFirst {
+		h, err := loadUnderSRKWith(t.c, t.srk, pub, priv, name)
+		if err != nil {
+			return fmt.Errorf("tpm: %s: %w", op, err)
+		}
+		if err := flushHandle(t.c, h); err != nil {
+			return fmt.Errorf("tpm: %s: %w", op, err)
+		}
+	}
+	blob, err := encodeObject(blobV1, pub, priv)
 	if err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: create: %w", err)
+		return fmt.Errorf("tpm: %s: %w", op, err)
 	}
 	if err := writeBlobFile(cfg.BlobFile, blob); err != nil {
-		return KeyInfo{}, fmt.Errorf("tpm: create: blobFile %s: %w", cfg.BlobFile, err)
+		return fmt.Errorf("tpm: %s: blobFile %s: %w", op, cfg.BlobFile, err)
 	}
 	info.BlobFile = cfg.BlobFile
-	return info, nil
+	return nil
 }
 
 // Probe reports whether the KEK in cfg exists and is usable: the persistent object
