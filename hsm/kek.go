@@ -120,24 +120,23 @@ func Open(ctx context.Context, cfg Config) (_ *KEK, err error) {
 		return nil, err
 	}
 	k.gcmVendor = cfg.GCMMechanism
+	// choose keeps the body of the round trip that chose the mechanism as the
+	// same-key probe (k.probe).
 	if err := k.choose(ctx, cfg); err != nil {
 		return nil, err
 	}
-	probe, err := k.Wrap(ctx, probePlaintext, probeAAD)
-	if err != nil {
-		return nil, fmt.Errorf("hsm: wrapping the same-key probe: %w", err)
-	}
-	k.keyMu.Lock()
-	k.probe = probe
-	k.keyMu.Unlock()
 	return k, nil
 }
 
-// The same-key probe: Open wraps probePlaintext with probeAAD, and a key found again
-// must unwrap that body (sameKey). It proves the key material without exposing it.
+// The round trip of selfTest wraps probePlaintext with probeAAD. The body of the one
+// that chose the mechanism at Open is kept as the same-key probe: a key found again
+// must unwrap it (sameKey), which proves the key material without exposing it.
+// probePlaintext is 41 bytes, so its CBC-PAD ciphertext (48 bytes) is longer than the
+// 32 bytes that tpm2-pkcs11's CKM_AES_CBC_PAD decrypt handles: the round trip at Open
+// must meet that failure to choose the CKM_AES_CBC decrypt instead (mech.go).
 var (
-	probePlaintext = []byte("hwkms: same-key probe, 32 bytes")
-	probeAAD       = []byte("hwkms/pkcs11/same-key-probe")
+	probePlaintext = []byte("hwkms: CKR_GENERAL_ERROR self-check, 32B")
+	probeAAD       = []byte("hwkms self-check")
 )
 
 // findAtOpen finds and checks the key (and its HMAC partner key, if any) on a pooled
@@ -459,23 +458,27 @@ func (k *KEK) generalError(ctx context.Context, err error) error {
 	return fmt.Errorf("hsm: C_Decrypt on token %q answered CKR_GENERAL_ERROR and a round trip on the same key then failed too, so the token is at fault, not the ciphertext: %w (%v)", k.tok.label, kek.ErrUnavailable, werr)
 }
 
-// selfTest wraps and unwraps a fixed plaintext with the KEK's mechanism and checks
-// the result: nil means the token and the mechanism work with this key.
+// selfTest wraps and unwraps probePlaintext with the KEK's mechanism and checks the
+// result: nil means the token and the mechanism work with this key.
 func (k *KEK) selfTest(ctx context.Context) error {
-	check := []byte("hwkms: CKR_GENERAL_ERROR self-check, 32B")
-	aad := []byte("hwkms self-check")
-	body, err := k.Wrap(ctx, check, aad)
+	_, err := k.roundTrip(ctx)
+	return err
+}
+
+// roundTrip is selfTest, returning the body it wrapped when the round trip worked.
+func (k *KEK) roundTrip(ctx context.Context) ([]byte, error) {
+	body, err := k.Wrap(ctx, probePlaintext, probeAAD)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	got, err := k.unwrapOnce(ctx, body, aad)
+	got, err := k.unwrapOnce(ctx, body, probeAAD)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if !bytes.Equal(got, check) {
-		return errors.New("the self-check round trip returned other bytes")
+	if !bytes.Equal(got, probePlaintext) {
+		return nil, errors.New("the self-check round trip returned other bytes")
 	}
-	return nil
+	return body, nil
 }
 
 // Close closes the KEK's sessions and releases its module and token references. It is

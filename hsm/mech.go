@@ -173,23 +173,27 @@ func (k *KEK) choose(ctx context.Context, cfg Config) error {
 		}
 		if problem == "" {
 			k.mech = mechanism{name: name, gcmType: gcmType}
-			err := k.selfTest(ctx)
+			body, err := k.roundTrip(ctx)
 			if err != nil && name == MechanismRSAOAEP && !errors.Is(err, kek.ErrUnavailable) && ctx.Err() == nil {
 				// SHA-256 OAEP first; tokens such as SoftHSM2 2.6.1 have only SHA-1.
 				k.oaepHash = oaepSHA1
-				err = k.selfTest(ctx)
+				body, err = k.roundTrip(ctx)
 			}
 			if err != nil && name == MechanismAESCBCHMAC && cbcPadDecryptFailed(err) && ctx.Err() == nil {
 				// The token encrypted and MACed, but its CKM_AES_CBC_PAD decrypt failed
 				// (tpm2-pkcs11 above 32 bytes): decrypt with CKM_AES_CBC instead.
 				k.mech.cbc = cbcDecryptRaw
-				if err2 := k.selfTest(ctx); err2 != nil {
+				var err2 error
+				if body, err2 = k.roundTrip(ctx); err2 != nil {
 					err = fmt.Errorf("%w; with %s instead: %w", err, cbcDecryptRaw, err2)
 				} else {
 					err = nil
 				}
 			}
 			if err == nil {
+				k.keyMu.Lock()
+				k.probe = body // the same-key probe (sameKey)
+				k.keyMu.Unlock()
 				return nil
 			}
 			if errors.Is(err, kek.ErrUnavailable) || errors.Is(err, kek.ErrClosed) || ctx.Err() != nil {
