@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/hwkms/hwkms/plugin/files"
 	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/tpm/internal/wire"
 )
@@ -276,10 +276,10 @@ func DestroyKey(ctx context.Context, cfg Config) error {
 		if err := checkKeyID(name, pin.kek, "blob file "+cfg.BlobFile); err != nil {
 			return fmt.Errorf("tpm: destroy: %w", err)
 		}
-		if err := os.Remove(cfg.BlobFile); err != nil {
+		if err := files.Remove(cfg.BlobFile); err != nil {
 			return fmt.Errorf("tpm: destroy: %w", err)
 		}
-		return syncDir(filepath.Dir(cfg.BlobFile))
+		return nil
 	}
 	dev, _ := parseDevice(cfg.Device)
 	handle, _ := parseHandle(cfg.PersistentHandle)
@@ -417,15 +417,4 @@ func loadUnderSRKWith(c *conn, srk primaryObject, pubBytes, priv, name []byte) (
 		return 0, fmt.Errorf("TPM2_Load(KEK): unexpected Name: %w", errDesync)
 	}
 	return lr.ObjectHandle, nil
-}
-
-// syncDir fsyncs a directory so that removing a blob file from it is durable
-// (plugin/files covers writes only).
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

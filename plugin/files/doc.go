@@ -8,7 +8,7 @@
 // temporary file in the target's directory, fsyncs it, then renames it over the
 // target (or links it, when the target must be new, so an existing file is never
 // replaced) and fsyncs the directory, so after a crash the target holds either the
-// old bytes or the new ones, never a prefix.
+// old bytes or the new ones, never a prefix. Remove unlinks and fsyncs the directory.
 //
 // It imports only the standard library, so every layer (hsm, tpm, plugin/config,
 // cmd/hwkms) can use it.

@@ -123,6 +123,18 @@ func WriteFile(path string, data []byte, opts WriteOptions) (err error) {
 	return nil
 }
 
+// Remove removes path durably: unlink, then fsync its directory, so the file does not
+// come back after a crash.
+func Remove(path string) error {
+	if err := os.Remove(path); err != nil {
+		return err // *fs.PathError: "remove <path>: ..."
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("remove %s: fsync directory: %w", path, err)
+	}
+	return nil
+}
+
 // writeSync writes data to f, sets mode, fsyncs and closes f.
 func writeSync(f *os.File, data []byte, mode fs.FileMode) error {
 	_, werr := f.Write(data)

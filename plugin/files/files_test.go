@@ -137,3 +137,18 @@ func assertOnly(t *testing.T, dir string, names ...string) {
 		t.Fatalf("directory holds %v, want %v", got, names)
 	}
 }
+
+func TestRemove(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "kek.blob")
+	if err := WriteFile(p, []byte("x"), WriteOptions{Exclusive: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	assertOnly(t, dir)
+	if err := Remove(p); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("second Remove: %v, want fs.ErrNotExist", err)
+	}
+}
