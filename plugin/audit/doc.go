@@ -9,11 +9,35 @@
 // the clear EncryptedObject, KMS v1, aescbc, aesgcm, secretbox, unencrypted, or
 // unreadable), walking etcd with paged Range requests into per-resource counters in
 // bounded memory, the guard that key destroy runs (CheckDestroy), KeyIDHash (the form
-// kube-apiserver's envelope metrics label a key_id with), and a minimal etcd v3 client
-// that can only issue Range.
+// kube-apiserver's envelope metrics label a key_id with), and EtcdClient, its read-only
+// view of etcd.
 //
 // It does not own decryption (it never decrypts, and never prints or logs a stored
-// value), any device, or the command line (cmd/hwkms "storage audit").
+// value), any device, the etcd protocol, or the command line (cmd/hwkms "storage
+// audit").
+//
+// # Reading etcd
+//
+// EtcdClient reads with the official etcd v3 client, go.etcd.io/etcd/client/v3 (the
+// client kube-apiserver itself uses), reached with kube-apiserver's --etcd-servers,
+// --etcd-cafile, --etcd-certfile and --etcd-keyfile. The audit is read-only by
+// construction: Run sees etcd only through the Ranger interface (one method, Range),
+// and EtcdClient implements it with KV.Get (WithRange, WithLimit, WithRev), which is
+// the etcdserverpb.KV/Range RPC and nothing else. Nothing in the client that sends
+// another RPC is enabled: no endpoint auto-sync (Cluster.MemberList), no user or token
+// (Auth.Authenticate), no version check (Maintenance.Status), no lease, watch or
+// keepalive. The tests run whole audits against an in-process etcd gRPC server that
+// records every method it receives and fail on any but KV/Range. The client's logger is
+// zap.NewNop: it logs nothing, so no key or value can reach a log through it.
+//
+// Each Range has its own deadline (--etcd-request-timeout) and fails fast when no
+// connection is ready, so an unreachable endpoint or a refused certificate gives gRPC's
+// connection error (the cause) after at most a few retries, never a wait for ever; one
+// connection attempt is bounded by EtcdConfig.DialTimeout. The walk pages: every page
+// is read at the revision of the first (a consistent snapshot), resumes after the
+// previous page's last key, and is sized for about 1 MiB; a page over 4 MiB is refused
+// by the gRPC client from its length prefix, before its payload is read, and asked
+// again with half the keys.
 //
 // # Stored formats, as kube-apiserver v1.37 (k8s.io/apiserver v0.37.2) writes them
 //

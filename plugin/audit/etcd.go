@@ -11,18 +11,17 @@ import (
 	"strings"
 	"time"
 
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/hwkms/hwkms/plugin/files"
 )
-
-// rangeMethod is the one etcd v3 RPC this client can call (etcdserverpb.KV/Range).
-const rangeMethod = "/etcdserverpb.KV/Range"
 
 // pageRecvBytes caps a Range answer of several keys: a larger page fails before its
 // payload is read (gRPC checks the length prefix) and Run asks again for fewer keys, so
@@ -34,31 +33,46 @@ const (
 	singleRecvBytes = 256 << 20
 )
 
+// Range retries: clientv3 retries a Range that failed with Unavailable (its default is
+// 100 attempts); the audit allows a few, spaced by the backoff, all within one request's
+// deadline.
+const (
+	rangeAttempts = 4
+	retryBackoff  = 250 * time.Millisecond
+)
+
 // EtcdConfig says how to reach etcd, with kube-apiserver's flag names.
 type EtcdConfig struct {
-	Endpoints []string // --etcd-servers: http:// or https:// URLs
+	Endpoints []string // --etcd-servers: http:// or https:// URLs (not mixed)
 	CAFile    string   // --etcd-cafile: CA bundle verifying the servers (default: system roots)
 	CertFile  string   // --etcd-certfile: client certificate
 	KeyFile   string   // --etcd-keyfile: its private key
-	// RequestTimeout bounds each Range, connection included; default 30 s.
+	// RequestTimeout bounds each Range, connection and retries included; default 30 s.
 	RequestTimeout time.Duration
+	// DialTimeout bounds one connection attempt (TCP, TLS and HTTP/2 handshakes), so an
+	// endpoint that accepts and then says nothing fails with its cause rather than
+	// running out the request's deadline; default 5 s, at most RequestTimeout.
+	DialTimeout time.Duration
 }
 
-// EtcdClient is a read-only etcd v3 client: it implements Ranger and nothing else. It
-// speaks etcd's gRPC API directly (the RangeRequest and RangeResponse messages of
-// etcdserverpb, encoded with protowire), so the only RPC it can send is KV/Range. It
-// tries the endpoints in order and stays on the first that answers.
+// EtcdClient is the audit's read-only view of etcd: it implements Ranger and nothing
+// else. It reads with the official etcd v3 client (go.etcd.io/etcd/client/v3), and the
+// only call it makes is KV.Get with a range, a limit and a revision: one
+// etcdserverpb.KV/Range RPC per page. Nothing that would send another RPC is enabled:
+// no endpoint auto-sync (MemberList), no user name or token (Auth.Authenticate), no
+// version check (Maintenance.Status), and no lease, watch or keepalive is ever started.
+// The client logs nothing (zap.NewNop).
 type EtcdClient struct {
-	endpoints []string
-	conns     []*grpc.ClientConn
-	cur       int
+	cli       *clientv3.Client
+	kv        clientv3.KV
+	endpoints string // as given, for messages
 	timeout   time.Duration
 }
 
 var _ Ranger = (*EtcdClient)(nil)
 
-// DialEtcd checks the configuration, loads the TLS files and prepares a connection per
-// endpoint (connections are made by the first Range). Errors name the flag at fault.
+// DialEtcd checks the configuration, loads the TLS files and creates the client
+// (connections are made by the first Range). Errors name the flag at fault.
 func DialEtcd(c EtcdConfig) (*EtcdClient, error) {
 	if len(c.Endpoints) == 0 {
 		return nil, errors.New("--etcd-servers is required")
@@ -66,42 +80,78 @@ func DialEtcd(c EtcdConfig) (*EtcdClient, error) {
 	if (c.CertFile == "") != (c.KeyFile == "") {
 		return nil, errors.New("--etcd-certfile and --etcd-keyfile go together")
 	}
-	var tlsConf *tls.Config
+	var scheme string
 	for _, ep := range c.Endpoints {
 		u, err := url.Parse(ep)
 		if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 			return nil, fmt.Errorf("--etcd-servers: %q is not an http:// or https:// URL", ep)
 		}
-		if u.Scheme == "https" && tlsConf == nil {
-			if tlsConf, err = loadTLS(c); err != nil {
-				return nil, err
-			}
-		}
 		if u.Scheme == "http" && (c.CertFile != "" || c.CAFile != "") {
 			return nil, fmt.Errorf("--etcd-servers: %s is plain http, but --etcd-cafile/--etcd-certfile are set: use https://", ep)
 		}
-	}
-	e := &EtcdClient{timeout: c.RequestTimeout}
-	if e.timeout <= 0 {
-		e.timeout = 30 * time.Second
-	}
-	for _, ep := range c.Endpoints {
-		u, _ := url.Parse(ep)
-		creds := insecure.NewCredentials()
-		if u.Scheme == "https" {
-			creds = credentials.NewTLS(tlsConf.Clone())
+		// One client serves every endpoint over one set of transport credentials, as
+		// in kube-apiserver.
+		if scheme != "" && u.Scheme != scheme {
+			return nil, fmt.Errorf("--etcd-servers: %s is %s://, the endpoints before it %s://: use one scheme for every endpoint", ep, u.Scheme, scheme)
 		}
-		conn, err := grpc.NewClient("passthrough:///"+u.Host,
-			grpc.WithTransportCredentials(creds),
-			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
-		if err != nil {
-			e.Close()
-			return nil, fmt.Errorf("--etcd-servers %s: %w", ep, err)
-		}
-		e.endpoints = append(e.endpoints, ep)
-		e.conns = append(e.conns, conn)
+		scheme = u.Scheme
 	}
-	return e, nil
+	var tlsConf *tls.Config
+	if scheme == "https" {
+		var err error
+		if tlsConf, err = loadTLS(c); err != nil {
+			return nil, err
+		}
+	}
+	timeout := c.RequestTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	dial := c.DialTimeout
+	if dial <= 0 {
+		dial = 5 * time.Second
+	}
+	dial = min(dial, timeout)
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints: c.Endpoints,
+		TLS:       tlsConf,
+		// Each connection attempt gets dial, then gRPC's backoff before the next.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: backoff.DefaultConfig, MinConnectTimeout: dial,
+		})},
+		Logger:             zap.NewNop(),
+		MaxCallRecvMsgSize: singleRecvBytes, // the per-page cap is set on each Range
+		MaxUnaryRetries:    rangeAttempts,
+		BackoffWaitBetween: retryBackoff,
+		// AutoSyncInterval 0 (no MemberList), RejectOldCluster false (no
+		// Maintenance.Status), no Username/Password/Token (no Auth.Authenticate),
+		// DialKeepAliveTime 0 (no keepalive pings): the zero values, kept so.
+	})
+	if err != nil {
+		return nil, fmt.Errorf("--etcd-servers %s: %w", strings.Join(c.Endpoints, ","), err)
+	}
+	return &EtcdClient{
+		cli:       cli,
+		kv:        clientv3.NewKVFromKVClient(pageSized{clientv3.RetryKVClient(cli)}, cli),
+		endpoints: strings.Join(c.Endpoints, ","),
+		timeout:   timeout,
+	}, nil
+}
+
+// pageSized adds two call options to each Range the KV sends (the only method the
+// audit calls): the receive cap of a page (pageRecvBytes; singleRecvBytes for one key),
+// and fail-fast. clientv3 waits for a ready connection by default, which turns an
+// unreachable endpoint or a refused certificate into a bare "context deadline
+// exceeded" once the request times out; failing fast returns gRPC's connection error,
+// the cause, and clientv3 retries it at most rangeAttempts times.
+type pageSized struct{ pb.KVClient }
+
+func (p pageSized) Range(ctx context.Context, in *pb.RangeRequest, opts ...grpc.CallOption) (*pb.RangeResponse, error) {
+	recv := pageRecvBytes
+	if in.Limit == 1 {
+		recv = singleRecvBytes
+	}
+	return p.KVClient.Range(ctx, in, append(opts, grpc.WaitForReady(false), grpc.MaxCallRecvMsgSize(recv))...)
 }
 
 func loadTLS(c EtcdConfig) (*tls.Config, error) {
@@ -137,204 +187,46 @@ func loadTLS(c EtcdConfig) (*tls.Config, error) {
 	return conf, nil
 }
 
-// Close closes every connection.
-func (e *EtcdClient) Close() error {
-	var errs []error
-	for _, c := range e.conns {
-		errs = append(errs, c.Close())
-	}
-	return errors.Join(errs...)
-}
+// Close closes the client and its connections.
+func (e *EtcdClient) Close() error { return e.cli.Close() }
 
-// Range sends one RangeRequest. It moves to the next endpoint when one is unreachable,
-// and maps an answer too large for one message to ErrTooLarge.
+// Range reads one page: the keys [key, end), at most limit, at revision (0: the
+// latest), each request under its own deadline. An answer too large for one message is
+// ErrTooLarge; an unreachable or refusing endpoint gives an error naming the endpoints
+// and gRPC's cause.
 func (e *EtcdClient) Range(ctx context.Context, key, end []byte, limit, revision int64) (Page, error) {
-	req := encodeRangeRequest(key, end, limit, revision)
-	var errs []string
-	for range e.conns {
-		page, err := e.rangeOnce(ctx, e.conns[e.cur], req, limit)
-		if err == nil {
-			return page, nil
-		}
-		st, _ := status.FromError(err)
-		switch {
-		case errors.Is(err, ErrTooLarge), ctx.Err() != nil:
-			return Page{}, err
-		case st.Code() == codes.OutOfRange && strings.Contains(st.Message(), "compacted"):
-			return Page{}, fmt.Errorf("etcd %s compacted revision %d during the audit (the walk took longer than kube-apiserver's compaction interval): run it again: %w", e.endpoints[e.cur], revision, err)
-		case st.Code() == codes.Unavailable || st.Code() == codes.DeadlineExceeded:
-			errs = append(errs, fmt.Sprintf("%s: %s", e.endpoints[e.cur], st.Message()))
-			e.cur = (e.cur + 1) % len(e.conns)
-			continue
-		}
-		return Page{}, fmt.Errorf("etcd %s: %w", e.endpoints[e.cur], err)
-	}
-	return Page{}, fmt.Errorf("no etcd endpoint answered (check --etcd-servers, and --etcd-cafile/--etcd-certfile/--etcd-keyfile for https): %s", strings.Join(errs, "; "))
-}
-
-func (e *EtcdClient) rangeOnce(ctx context.Context, conn *grpc.ClientConn, req []byte, limit int64) (Page, error) {
-	ctx, cancel := context.WithTimeout(ctx, e.timeout)
+	rctx, cancel := context.WithTimeout(ctx, e.timeout)
 	defer cancel()
-	in, out := rawMsg(req), rawMsg(nil)
-	recv := pageRecvBytes
-	if limit == 1 {
-		recv = singleRecvBytes
+	resp, err := e.kv.Get(rctx, string(key), clientv3.WithRange(string(end)), clientv3.WithLimit(limit), clientv3.WithRev(revision))
+	if err != nil {
+		return Page{}, e.rangeError(ctx, err, revision)
 	}
-	if err := conn.Invoke(ctx, rangeMethod, &in, &out, grpc.MaxCallRecvMsgSize(recv)); err != nil {
-		if status.Code(err) == codes.ResourceExhausted {
-			return Page{}, fmt.Errorf("%w: %v", ErrTooLarge, err)
-		}
-		return Page{}, err
+	if resp.Header == nil {
+		return Page{}, fmt.Errorf("etcd %s: a Range answer without a header (no revision)", e.endpoints)
 	}
-	return decodeRangeResponse(out)
-}
-
-// rawMsg is a message already encoded (requests) or still to decode (responses).
-type rawMsg []byte
-
-// rawCodec passes rawMsg through. Its name is "proto" so that the content type is the
-// one etcd expects (application/grpc+proto).
-type rawCodec struct{}
-
-func (rawCodec) Name() string { return "proto" }
-
-func (rawCodec) Marshal(v any) ([]byte, error) {
-	m, ok := v.(*rawMsg)
-	if !ok {
-		return nil, fmt.Errorf("audit: cannot encode %T", v)
-	}
-	return *m, nil
-}
-
-func (rawCodec) Unmarshal(data []byte, v any) error {
-	m, ok := v.(*rawMsg)
-	if !ok {
-		return fmt.Errorf("audit: cannot decode into %T", v)
-	}
-	*m = append((*m)[:0], data...) // grpc may reuse data after Unmarshal returns
-	return nil
-}
-
-// encodeRangeRequest encodes etcdserverpb.RangeRequest{key=1, range_end=2, limit=3,
-// revision=4}.
-func encodeRangeRequest(key, end []byte, limit, revision int64) []byte {
-	b := protowire.AppendTag(nil, 1, protowire.BytesType)
-	b = protowire.AppendBytes(b, key)
-	b = protowire.AppendTag(b, 2, protowire.BytesType)
-	b = protowire.AppendBytes(b, end)
-	if limit > 0 {
-		b = protowire.AppendTag(b, 3, protowire.VarintType)
-		b = protowire.AppendVarint(b, uint64(limit))
-	}
-	if revision > 0 {
-		b = protowire.AppendTag(b, 4, protowire.VarintType)
-		b = protowire.AppendVarint(b, uint64(revision))
-	}
-	return b
-}
-
-var errMalformed = errors.New("etcd sent a malformed RangeResponse")
-
-// decodeRangeResponse decodes etcdserverpb.RangeResponse{header=1 {revision=3},
-// kvs=2 repeated mvccpb.KeyValue {key=1, value=5}, more=3}. The KVs alias b.
-func decodeRangeResponse(b []byte) (Page, error) {
-	var p Page
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return Page{}, errMalformed
-		}
-		b = b[n:]
-		switch {
-		case num == 1 && typ == protowire.BytesType:
-			v, n := protowire.ConsumeBytes(b)
-			if n < 0 {
-				return Page{}, errMalformed
-			}
-			rev, err := fieldVarint(v, 3)
-			if err != nil {
-				return Page{}, err
-			}
-			p.Revision, b = int64(rev), b[n:]
-		case num == 2 && typ == protowire.BytesType:
-			v, n := protowire.ConsumeBytes(b)
-			if n < 0 {
-				return Page{}, errMalformed
-			}
-			kv, err := decodeKeyValue(v)
-			if err != nil {
-				return Page{}, err
-			}
-			p.KVs, b = append(p.KVs, kv), b[n:]
-		case num == 3 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return Page{}, errMalformed
-			}
-			p.More, b = v != 0, b[n:]
-		default:
-			n := protowire.ConsumeFieldValue(num, typ, b)
-			if n < 0 {
-				return Page{}, errMalformed
-			}
-			b = b[n:]
-		}
+	p := Page{More: resp.More, Revision: resp.Header.Revision, KVs: make([]KV, len(resp.Kvs))}
+	for i, kv := range resp.Kvs {
+		p.KVs[i] = KV{Key: kv.Key, Value: kv.Value}
 	}
 	return p, nil
 }
 
-func decodeKeyValue(b []byte) (KV, error) {
-	var kv KV
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return KV{}, errMalformed
-		}
-		b = b[n:]
-		if (num == 1 || num == 5) && typ == protowire.BytesType {
-			v, n := protowire.ConsumeBytes(b)
-			if n < 0 {
-				return KV{}, errMalformed
-			}
-			if num == 1 {
-				kv.Key = v
-			} else {
-				kv.Value = v
-			}
-			b = b[n:]
-			continue
-		}
-		n = protowire.ConsumeFieldValue(num, typ, b)
-		if n < 0 {
-			return KV{}, errMalformed
-		}
-		b = b[n:]
-	}
-	return kv, nil
-}
+const checkFlags = "check --etcd-servers, and --etcd-cafile/--etcd-certfile/--etcd-keyfile for https"
 
-// fieldVarint returns varint field num of message b (0 if absent).
-func fieldVarint(b []byte, num protowire.Number) (uint64, error) {
-	var out uint64
-	for len(b) > 0 {
-		n0, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return 0, errMalformed
-		}
-		b = b[n:]
-		if n0 == num && typ == protowire.VarintType {
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return 0, errMalformed
-			}
-			out, b = v, b[n:]
-			continue
-		}
-		n = protowire.ConsumeFieldValue(n0, typ, b)
-		if n < 0 {
-			return 0, errMalformed
-		}
-		b = b[n:]
+func (e *EtcdClient) rangeError(ctx context.Context, err error, revision int64) error {
+	var server rpctypes.EtcdError
+	isServer := errors.As(err, &server)
+	switch {
+	case ctx.Err() != nil: // the caller's own cancellation or deadline
+		return fmt.Errorf("etcd %s: %w", e.endpoints, ctx.Err())
+	case errors.Is(err, rpctypes.ErrCompacted):
+		return fmt.Errorf("etcd %s compacted revision %d during the audit (the walk took longer than kube-apiserver's compaction interval): run it again: %w", e.endpoints, revision, err)
+	case !isServer && status.Code(err) == codes.ResourceExhausted:
+		return fmt.Errorf("%w: %v", ErrTooLarge, err)
+	case !isServer && status.Code(err) == codes.Unavailable:
+		return fmt.Errorf("no etcd endpoint answered (%s): %s: %w", checkFlags, e.endpoints, err)
+	case errors.Is(err, context.DeadlineExceeded), !isServer && status.Code(err) == codes.DeadlineExceeded:
+		return fmt.Errorf("no answer from etcd %s within --etcd-request-timeout %s (%s): %w", e.endpoints, e.timeout, checkFlags, err)
 	}
-	return out, nil
+	return fmt.Errorf("etcd %s: %w", e.endpoints, err)
 }

@@ -24,15 +24,3 @@ func FuzzClassify(f *testing.F) {
 		}
 	})
 }
-
-// FuzzDecodeRangeResponse: no answer from a (hostile) etcd makes the decoder panic.
-func FuzzDecodeRangeResponse(f *testing.F) {
-	f.Add([]byte{0x12, 0x04, 0x0a, 0x02, '/', 'k'})
-	f.Add([]byte{0x0a, 0x02, 0x18, 0x05, 0x18, 0x01})
-	f.Fuzz(func(t *testing.T, b []byte) {
-		p, err := decodeRangeResponse(b)
-		if err != nil && len(p.KVs) != 0 {
-			t.Fatal("KVs with an error")
-		}
-	})
-}
