@@ -28,7 +28,10 @@
 // (Auth.Authenticate), no version check (Maintenance.Status), no lease, watch or
 // keepalive. The tests run whole audits against an in-process etcd gRPC server that
 // records every method it receives and fail on any but KV/Range. The client's logger is
-// zap.NewNop: it logs nothing, so no key or value can reach a log through it.
+// zap.NewNop: it logs nothing, so no key or value can reach a log through it. (Only if
+// the operator sets ETCD_CLIENT_DEBUG in the environment does the client package send
+// gRPC's own connection logs to stderr: connection states and addresses, never a
+// message.)
 //
 // Each Range has its own deadline (--etcd-request-timeout) and fails fast when no
 // connection is ready, so an unreachable endpoint or a refused certificate gives gRPC's
