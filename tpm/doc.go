@@ -8,7 +8,8 @@
 // SRK and the checks of it and of the KEK before anything is salted to them
 // (srkpin.go), creating, loading, probing and destroying the KEK (keys.go,
 // blobfile.go), sealing and unsealing (seal.go, body.go, fastpath.go), the KEK of
-// kind hmac (hmac.go), admission control (admission.go), the salted sessions, the
+// kind hmac (hmac.go), the reflection-free commands of every Decrypt (fastcmd.go),
+// admission control (admission.go), the salted sessions, the
 // optional PCR policy (policy.go; volatile PCRs refused, volatile.go), handle hygiene
 // (handles.go), the shared connection on a TPM
 // without a resource manager (line.go), recovery after the TPM or swtpm restarts,
@@ -309,6 +310,17 @@
 // Unwrap recognises the one body form Wrap makes without a PCR policy by its bytes
 // (fastpath.go) instead of unmarshalling it by reflection; any other body goes the
 // general way, which decides the same (TestFastPathAgrees).
+//
+// The commands of every Decrypt - TPM2_HMAC (kind hmac), TPM2_Load, TPM2_Unseal with
+// the auth value, TPM2_FlushContext - are framed by fastcmd.go rather than by go-tpm's
+// reflection, which was about two thirds of the client's CPU per TPM2_HMAC, spent
+// while the KEK holds the TPM. The session arithmetic (nonces, cpHash and the command
+// HMAC, rpHash and the response HMAC compared in constant time, the response
+// parameter's AES-CFB) stays go-tpm's, through its exported tpm2.Session methods,
+// called in go-tpm's order. Responses are parsed strictly; one flipped bit anywhere
+// in a response is an error (TestFastTamperedResponse), and each command agrees with
+// go-tpm's on the same session (TestFastCommandsAgree). Wrap's TPM2_Create, the PCR
+// policy unseal and the rare commands stay on go-tpm.
 //
 // When the KEK is live it holds at most: the KEK (transient, blob form only), the
 // two HMAC sessions, the policy session (PCR mode, after the first PCR unseal), and

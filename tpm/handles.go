@@ -42,7 +42,7 @@ func (k *KEK) flush(h tpm2.TPMHandle) {
 }
 
 func flushHandle(c *conn, h tpm2.TPMHandle) error {
-	if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(c); err != nil {
+	if err := flushFast(c, h); err != nil {
 		return fmt.Errorf("TPM2_FlushContext(0x%08x): %w", uint32(h), err)
 	}
 	return nil

@@ -87,19 +87,15 @@ func (k *KEK) deriveKey(ctx context.Context, op string, nonce, aad []byte) ([]by
 	in := hmacKDFInput(nonce, aad)
 	var key []byte
 	err := k.do(ctx, op, func() error {
-		rsp, err := tpm2.Hmac{
-			Handle:  tpm2.AuthHandle{Handle: k.kek, Name: tpm2.TPM2BName{Buffer: k.name}, Auth: k.sOut},
-			Buffer:  tpm2.TPM2BMaxBuffer{Buffer: in},
-			HashAlg: tpm2.TPMAlgSHA256,
-		}.Execute(k.c)
+		out, err := hmacFast(k.c, k.sOut, k.kek, k.name, in)
 		if err != nil {
 			return fmt.Errorf("tpm: %s: TPM2_HMAC: %w: %w", op, kek.ErrUnavailable, tpmCall(err))
 		}
-		if len(rsp.OutHMAC.Buffer) != sha256.Size {
+		if len(out) != sha256.Size {
 			k.needReset = true
-			return fmt.Errorf("tpm: %s: TPM2_HMAC returned %d bytes: %w", op, len(rsp.OutHMAC.Buffer), kek.ErrUnavailable)
+			return fmt.Errorf("tpm: %s: TPM2_HMAC returned %d bytes: %w", op, len(out), kek.ErrUnavailable)
 		}
-		key = rsp.OutHMAC.Buffer
+		key = out
 		return nil
 	})
 	return key, err

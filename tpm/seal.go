@@ -127,11 +127,7 @@ func (k *KEK) parseBody(body []byte) (pubBytes, priv, name []byte, userWithAuth 
 }
 
 func (k *KEK) unwrapLocked(userWithAuth bool, pubBytes, priv, name []byte) ([]byte, error) {
-	lr, err := tpm2.Load{
-		ParentHandle: tpm2.AuthHandle{Handle: k.kek, Name: tpm2.TPM2BName{Buffer: k.name}, Auth: k.sOut},
-		InPrivate:    tpm2.TPM2BPrivate{Buffer: priv},
-		InPublic:     tpm2.BytesAs2B[tpm2.TPMTPublic](pubBytes),
-	}.Execute(k.c)
+	obj, loadedName, err := loadFast(k.c, k.sOut, k.kek, k.name, priv, pubBytes)
 	if err != nil {
 		err = tpmCall(err)
 		if loadRejectsBody(err) {
@@ -139,17 +135,20 @@ func (k *KEK) unwrapLocked(userWithAuth bool, pubBytes, priv, name []byte) ([]by
 		}
 		return nil, fmt.Errorf("tpm: unwrap: TPM2_Load: %w: %w", kek.ErrUnavailable, err)
 	}
-	defer k.flush(lr.ObjectHandle)
-	if !bytes.Equal(lr.Name.Buffer, name) {
+	defer k.flush(obj)
+	if !bytes.Equal(loadedName, name) {
 		k.needReset = true
 		return nil, fmt.Errorf("tpm: unwrap: TPM2_Load returned an unexpected Name: %w", kek.ErrUnavailable)
 	}
 	item := tpm2.TPM2BName{Buffer: name}
-	var rsp *tpm2.UnsealResponse
+	var data []byte
 	if userWithAuth {
-		rsp, err = tpm2.Unseal{ItemHandle: tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: item, Auth: k.sOut}}.Execute(k.c)
+		data, err = unsealFast(k.c, k.sOut, obj, name)
 	} else {
-		rsp, err = k.unsealPolicy(lr.ObjectHandle, item)
+		var rsp *tpm2.UnsealResponse
+		if rsp, err = k.unsealPolicy(obj, item); err == nil {
+			data = rsp.OutData.Buffer
+		}
 	}
 	if err != nil {
 		err = tpmCall(err)
@@ -162,7 +161,7 @@ func (k *KEK) unwrapLocked(userWithAuth bool, pubBytes, priv, name []byte) ([]by
 		}
 		return nil, fmt.Errorf("tpm: unwrap: TPM2_Unseal: %w: %w", kek.ErrUnavailable, err)
 	}
-	return rsp.OutData.Buffer, nil
+	return data, nil
 }
 
 // loadRejectsBody reports whether a TPM2_Load error is about the object given
