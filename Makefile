@@ -42,7 +42,7 @@ test-api:
 # Each fuzz target, run for FUZZTIME (go test -fuzz takes one target per run). Seed
 # corpora live in <pkg>/testdata/fuzz/<FuzzName>/ and also run in test-unit.
 FUZZTIME ?= 10s
-FUZZ_TARGETS = ./plugin:FuzzParseFrame ./plugin:FuzzDecrypt ./plugin/config:FuzzParse ./hsm:FuzzUnwrap ./tpm:FuzzDecodeObject ./tpm:FuzzParseImportBlob ./plugin/audit:FuzzClassify
+FUZZ_TARGETS = ./plugin:FuzzParseFrame ./plugin:FuzzDecrypt ./plugin/config:FuzzParse ./hsm:FuzzUnwrap ./tpm:FuzzDecodeObject ./tpm:FuzzParseImportBlob ./plugin/audit:FuzzClassify ./tpm:FuzzExecFastResponse
 
 ## fuzz-short: run every fuzzer for FUZZTIME (10 s each)
 fuzz-short:

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hwkms/hwkms/plugin/audit"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // storageFlags are kube-apiserver's etcd and encryption flags, shared by "storage audit"
@@ -139,7 +140,7 @@ func printAudit(w io.Writer, r *audit.Result) error {
 	if len(t.KeyIDs) > 0 {
 		fmt.Fprintln(tw, "  KMS V2 KEY_ID\tOBJECTS\tKEY_ID_HASH (kube-apiserver metrics)")
 		for _, c := range sortedKeyIDs(t.KeyIDs) {
-			fmt.Fprintf(tw, "  %s\t%d\t%s\n", quoteKeyID(c.KeyID), c.Objects, audit.KeyIDHash(c.KeyID))
+			fmt.Fprintf(tw, "  %s\t%d\t%s\n", quoteKeyID(c.KeyID), c.Objects, kek.APIServerKeyIDHash(c.KeyID))
 		}
 	}
 	return tw.Flush()

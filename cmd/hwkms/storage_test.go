@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/hwkms/hwkms/plugin/audit"
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 func TestStorageAuditFlagErrors(t *testing.T) {
@@ -50,7 +51,7 @@ func TestPrintAudit(t *testing.T) {
 	}
 	out := b.String()
 	for _, s := range []string{"secrets (/registry/secrets/): 8 objects", "p11:a", `"evil\x1b[2J"`, "not in the configuration",
-		"unreadable", "TOTAL: 8 objects, 2 unencrypted", audit.KeyIDHash("p11:a")} {
+		"unreadable", "TOTAL: 8 objects, 2 unencrypted", kek.APIServerKeyIDHash("p11:a")} {
 		if !strings.Contains(out, s) {
 			t.Errorf("output lacks %q:\n%s", s, out)
 		}

@@ -2,13 +2,13 @@ package audit
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"path"
 	"sort"
 	"strings"
+
+	"github.com/hwkms/hwkms/plugin/kek"
 )
 
 // KV is one key and value a Range returned. Both alias the page buffer: copy what you
@@ -105,17 +105,6 @@ type Totals struct {
 	Unreadable     int64            `json:"unreadable"`
 	Untracked      int64            `json:"untracked"`
 	KeyIDs         map[string]int64 `json:"key_ids"` // KMS v2 objects per key_id, all providers and resources
-}
-
-// KeyIDHash is the label kube-apiserver's envelope metrics use for a key_id
-// (apiserver_envelope_encryption_key_id_hash_*{key_id_hash=...}): "sha256:" and the
-// lowercase hex SHA-256 of the key_id; "" for an empty key_id.
-func KeyIDHash(keyID string) string {
-	if keyID == "" {
-		return ""
-	}
-	sum := sha256.Sum256([]byte(keyID))
-	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
 type countKey struct {
@@ -301,7 +290,7 @@ func (w *walker) result() *Result {
 		res.Prefix = rc.prefix
 		for k, n := range rc.counts {
 			res.Counts = append(res.Counts, Count{
-				Kind: k.kind, Name: k.name, KeyID: k.keyID, KeyIDHash: KeyIDHash(k.keyID),
+				Kind: k.kind, Name: k.name, KeyID: k.keyID, KeyIDHash: kek.APIServerKeyIDHash(k.keyID),
 				Objects: n, Configured: rc.providers[Provider{Kind: k.kind, Name: k.name}],
 			})
 			if k.kind == KindKMSv2 {

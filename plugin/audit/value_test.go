@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/hwkms/hwkms/plugin/kek"
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
@@ -156,10 +157,10 @@ func TestClassifyEveryTruncation(t *testing.T) {
 
 func TestKeyIDHash(t *testing.T) {
 	// printf %s 'p11:abc' | sha256sum
-	if got, want := KeyIDHash("p11:abc"), "sha256:9db7cb80b6df5f1eefea8517353823d76e2c5904cb912254efc0543b2d1f3c9d"; got != want {
+	if got, want := kek.APIServerKeyIDHash("p11:abc"), "sha256:9db7cb80b6df5f1eefea8517353823d76e2c5904cb912254efc0543b2d1f3c9d"; got != want {
 		t.Errorf("KeyIDHash = %s, want %s", got, want)
 	}
-	if KeyIDHash("") != "" {
+	if kek.APIServerKeyIDHash("") != "" {
 		t.Error("KeyIDHash of the empty key_id is not empty, unlike kube-apiserver's getHash")
 	}
 }

@@ -2,6 +2,8 @@ package kek
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 )
 
@@ -98,3 +100,16 @@ const (
 	// object holds at most 128 bytes, of which the TPM backend uses 32 for the aad digest.
 	MaxPlaintext = 96
 )
+
+// APIServerKeyIDHash is the label kube-apiserver's envelope metrics use for a key_id
+// (apiserver_envelope_encryption_key_id_hash_*{key_id_hash=...}; k8s.io/apiserver's
+// envelope metrics): "sha256:" and the lowercase hex SHA-256 of the key_id; "" for an
+// empty key_id. hwkms's metrics and `hwkms storage audit` print it, so a query can
+// join what the plugin serves, what every apiserver uses and what etcd holds.
+func APIServerKeyIDHash(keyID string) string {
+	if keyID == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(keyID))
+	return "sha256:" + hex.EncodeToString(sum[:])
+}

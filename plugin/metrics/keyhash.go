@@ -1,9 +1,8 @@
 package metrics
 
 import (
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/hwkms/hwkms/plugin/audit"
 )
 
 // descAPIServerKeyHash maps each serving key to the label kube-apiserver's envelope
@@ -44,6 +43,6 @@ func (c apiserverKeyHash) Collect(ch chan<- prometheus.Metric) {
 		if i == 0 {
 			role = "primary"
 		}
-		ch <- prometheus.MustNewConstMetric(descAPIServerKeyHash, prometheus.GaugeValue, 1, audit.KeyIDHash(id), KeyIDHash(id), role)
+		ch <- prometheus.MustNewConstMetric(descAPIServerKeyHash, prometheus.GaugeValue, 1, kek.APIServerKeyIDHash(id), KeyIDHash(id), role)
 	}
 }

@@ -6,7 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/hwkms/hwkms/plugin"
-	"github.com/hwkms/hwkms/plugin/audit"
+	"github.com/hwkms/hwkms/plugin/kek"
 	"github.com/hwkms/hwkms/plugin/kek/kektest"
 	"github.com/hwkms/hwkms/plugin/metrics"
 )
@@ -35,8 +35,8 @@ func TestAPIServerKeyHashCollector(t *testing.T) {
 		got[l["role"]] = [3]string{l["key_id_hash"], l["hwkms_key_id_hash"]}
 	}
 	want := map[string][3]string{
-		"primary": {audit.KeyIDHash("p11:new"), metrics.KeyIDHash("p11:new")},
-		"decrypt": {audit.KeyIDHash("p11:old"), metrics.KeyIDHash("p11:old")},
+		"primary": {kek.APIServerKeyIDHash("p11:new"), metrics.KeyIDHash("p11:new")},
+		"decrypt": {kek.APIServerKeyIDHash("p11:old"), metrics.KeyIDHash("p11:old")},
 	}
 	if got["primary"] != want["primary"] || got["decrypt"] != want["decrypt"] {
 		t.Errorf("labels %v, want %v", got, want)
@@ -81,7 +81,7 @@ func TestRegisterAPIServerKeyHash(t *testing.T) {
 			roles[l["key_id_hash"]] = l["role"]
 		}
 	}
-	if roles[audit.KeyIDHash("p11:primary")] != "primary" || roles[audit.KeyIDHash("p11:old")] != "decrypt" || len(roles) != 2 {
+	if roles[kek.APIServerKeyIDHash("p11:primary")] != "primary" || roles[kek.APIServerKeyIDHash("p11:old")] != "decrypt" || len(roles) != 2 {
 		t.Fatalf("roles by key_id_hash: %v", roles)
 	}
 }
