@@ -59,7 +59,7 @@ func runStorageMigrate(ctx context.Context, args []string, stdout, stderr io.Wri
 	var s storageFlags
 	s.register(fs)
 	fs.StringVar(&s.resources, "resource", "", "comma-separated resources to migrate (default: every resource the configuration lists)")
-	var k kubectl
+	k := kubectl{warn: stderr}
 	fs.StringVar(&k.path, "kubectl", "kubectl", "the kubectl binary to run")
 	fs.StringVar(&k.kubeconfig, "kubeconfig", "", "kubeconfig passed to kubectl (default: kubectl's own: $KUBECONFIG, ~/.kube/config)")
 	var o migrateOptions
@@ -350,6 +350,9 @@ func printLeftovers(w io.Writer, res *audit.Result, primary string, left []lefto
 // other through a pipe and are never read, logged or printed here.
 type kubectl struct {
 	path, kubeconfig string
+	// warn receives the warnings kube-apiserver sent kubectl replace ("Warning: ..."
+	// lines of its stderr); nil drops them.
+	warn io.Writer
 }
 
 // check fails clearly when the kubectl binary cannot be found.
@@ -542,6 +545,10 @@ func (k *kubectl) replaceAll(ctx context.Context, gr audit.GroupResource) (repla
 	for _, l := range strings.Split(repErr.String(), "\n") {
 		switch {
 		case strings.TrimSpace(l) == "":
+		case strings.HasPrefix(l, "Warning: "):
+			if k.warn != nil {
+				fmt.Fprintf(k.warn, "storage migrate: %s: kubectl replace: %s\n", gr, l)
+			}
 		case strings.Contains(l, "no objects passed to replace"):
 			empty = true
 		case strings.Contains(l, "(Conflict)"), strings.Contains(l, "(NotFound)"):

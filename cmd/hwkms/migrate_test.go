@@ -202,8 +202,9 @@ func TestStorageMigrateReplace(t *testing.T) {
 			f := newFakeKubectl(t, map[string]string{
 				"api-versions": tt.apiVersions, "get-json": secretList,
 				"replace-out": "secret/a replaced\nsecret/b replaced\n",
-				"replace-err": `Error from server (Conflict): error when replacing "STDIN": Operation cannot be fulfilled on secrets "c": the object has been modified; please apply your changes to the latest version and try again` + "\n",
-				"replace-rc":  "1",
+				"replace-err": `Error from server (Conflict): error when replacing "STDIN": Operation cannot be fulfilled on secrets "c": the object has been modified; please apply your changes to the latest version and try again` + "\n" +
+					"Warning: this API is deprecated\n",
+				"replace-rc": "1",
 			})
 			enc := writeEncryptionConfig(t, "secrets")
 			out, errOut, err := runMigrateCmd(t, append([]string{"--encryption-provider-config", enc, "--kubectl", f.path}, tt.args...)...)
@@ -224,6 +225,9 @@ func TestStorageMigrateReplace(t *testing.T) {
 			}
 			if f.read("created") != "" {
 				t.Errorf("a StorageVersionMigration was created: %s", f.read("created"))
+			}
+			if !strings.Contains(errOut, "secrets: kubectl replace: Warning: this API is deprecated") {
+				t.Errorf("kube-apiserver's warning did not reach stderr:\n%s", errOut)
 			}
 			if tt.apiVersions == svmNotServed && !strings.Contains(errOut, "does not serve storagemigration.k8s.io/v1") {
 				t.Errorf("the fallback to kubectl replace is not explained:\n%s", errOut)
