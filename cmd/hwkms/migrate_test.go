@@ -12,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hwkms/hwkms/hsm"
 	"github.com/hwkms/hwkms/plugin/audit"
+	"github.com/hwkms/hwkms/plugin/config"
+	"github.com/hwkms/hwkms/softhsm/softhsmtest"
 )
 
 // fakeKubectl is a kubectl stand-in: a shell script that answers from files in dir and
@@ -388,5 +391,36 @@ func TestStorageMigrateAudit(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestKeyRotatePrintsMigrate: key rotate, printing or applying, ends with the storage
+// migrate command of docs/rotation.md step 4 for the key it created.
+func TestKeyRotatePrintsMigrate(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := softhsmtest.NewToken(t, fx)
+	dir := shortDir(t)
+	path := filepath.Join(dir, "hwkms.yaml")
+	key := hsm.Config{Module: fx.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, KeyLabel: "kek-a"}
+	if _, err := hsm.CreateKey(context.Background(), key); err != nil {
+		t.Fatal(err)
+	}
+	writeYAML(t, path, &config.Config{Socket: config.Socket{Path: filepath.Join(dir, "kms.sock")}, Keys: []config.Key{{PKCS11: &key}}})
+	for _, args := range [][]string{nil, {"--apply"}} {
+		var out, errb bytes.Buffer
+		if err := run(context.Background(), append([]string{"key", "rotate", "--config", path}, args...), strings.NewReader(""), &out, &errb); err != nil {
+			t.Fatalf("key rotate %v: %v\n%s", args, err, errb.String())
+		}
+		_, rest, ok := strings.Cut(errb.String(), "created new primary key_id ")
+		id, _, _ := strings.Cut(rest, ";")
+		if !ok || id == "" {
+			t.Fatalf("key rotate %v named no new key_id:\n%s", args, errb.String())
+		}
+		if want := "hwkms storage migrate --encryption-provider-config <kube-apiserver's file> --key-id " + id; !strings.Contains(errb.String(), want) {
+			t.Errorf("key rotate %v does not print %q:\n%s", args, want, errb.String())
+		}
+		if strings.Contains(out.String(), "storage migrate") {
+			t.Errorf("key rotate %v printed the hint on stdout (the config or the key_id):\n%s", args, out.String())
+		}
 	}
 }
