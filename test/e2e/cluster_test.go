@@ -52,7 +52,8 @@ type clusterOptions struct {
 
 // newCluster creates KEK 1 on a fresh device of the backend with `hwkms key create`,
 // starts `hwkms serve` with it as the only key, then etcd and a kube-apiserver that
-// encrypts Secrets with it. Everything is stopped in t.Cleanup, in reverse order.
+// encrypts Secrets with it (and, with opts.ControllerManager, a kube-controller-manager).
+// Everything is stopped in t.Cleanup, in reverse order.
 func newCluster(t testing.TB, backend string, opts clusterOptions) *cluster {
 	t.Helper()
 	began := time.Now()
