@@ -66,7 +66,8 @@ func table() *command {
 					run: func(ctx context.Context, c cmdIO, args []string) error {
 						return cmdKeyList(ctx, args, c.stdout, c.stderr)
 					}},
-				{name: "rotate", args: "--config FILE [--apply]", summary: "create a new primary key on the primary's device; print or write the config",
+				{name: "rotate", args: "--config FILE [--apply]", summary: "create a new primary key on the primary's device; print or write the config,\n" +
+					"then print the storage migrate command that moves stored objects to it",
 					run: func(ctx context.Context, c cmdIO, args []string) error {
 						return cmdKeyRotate(ctx, args, c.stdout, c.stderr)
 					}},
@@ -123,11 +124,19 @@ func table() *command {
 				run: func(ctx context.Context, c cmdIO, args []string) error {
 					return cmdClusterCheck(ctx, args, c.stdout, c.stderr)
 				}},
-			{name: "storage", summary: "what etcd holds under each provider and key_id (read only)", sub: []*command{
+			{name: "storage", summary: "what etcd holds under each provider and key_id (read only), and its migration to the current key", sub: []*command{
 				{name: "audit", args: "--encryption-provider-config FILE --etcd-servers URLS [--etcd-cafile F --etcd-certfile F --etcd-keyfile F] [--etcd-prefix /registry] [--resource R,...] [--json]",
 					summary: "count the objects stored per resource, provider and KMS v2 key_id (Range requests only)",
 					run: func(ctx context.Context, c cmdIO, args []string) error {
 						return runStorageAudit(ctx, args, c.stdout, c.stderr)
+					}},
+				{name: "migrate", args: "--encryption-provider-config FILE [--kubectl PATH] [--kubeconfig F] [--method auto|svm|replace] [--resource R,...]\n" +
+					"[--etcd-servers URLS [--etcd-*] (--key-id ID | --socket PATH) [--retries N]] [--timeout D]",
+					summary: "rewrite every object of every configured resource under the current key: a StorageVersionMigration per\n" +
+						"resource where the API server serves storagemigration.k8s.io/v1, else kubectl get -o json | kubectl replace;\n" +
+						"then audit etcd and report what is still under other key_ids (docs/rotation.md step 4)",
+					run: func(ctx context.Context, c cmdIO, args []string) error {
+						return runStorageMigrate(ctx, args, c.stdout, c.stderr)
 					}},
 			}},
 			{name: "version", summary: "print the version, commit, Go version and the modules built in", noFlags: true,

@@ -57,15 +57,29 @@ func cmdKeyRotate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fmt.Fprintf(stderr, "created new primary key_id %s; the previous primary %s stays as decrypt-only\n", keyID, describeID(ctx, primary))
 	if !*apply {
 		fmt.Fprintf(stderr, "new config (write it to %s, or rerun with --apply):\n", *path)
-		_, err := stdout.Write(data)
-		return err
+		if _, err := stdout.Write(data); err != nil {
+			return err
+		}
+		printMigrateHint(stderr, keyID)
+		return nil
 	}
 	if err := writeFileAtomic(*path, data); err != nil {
 		return fmt.Errorf("key rotate: %w", err)
 	}
 	fmt.Fprintf(stderr, "wrote %s; a running hwkms reloads it on its own (or send SIGHUP). Next: docs/rotation.md step 3.\n", *path)
+	printMigrateHint(stderr, keyID)
 	fmt.Fprintln(stdout, keyID)
 	return nil
+}
+
+// printMigrateHint prints the command that finishes a rotation: once every node serves
+// keyID and every kube-apiserver writes with it (docs/rotation.md step 3), storage
+// migrate rewrites the stored objects under it and audits. key rotate does not run it
+// itself: it acts on one node's device, while the migration is cluster-wide and must
+// wait until every node has rotated and every kube-apiserver polled Status again.
+func printMigrateHint(w io.Writer, keyID string) {
+	fmt.Fprintf(w, "When every kube-apiserver writes with key_id %s (docs/rotation.md step 3), rewrite the stored objects under it and audit (step 4):\n"+
+		"  hwkms storage migrate --encryption-provider-config <kube-apiserver's file> --key-id %s --etcd-servers <kube-apiserver's --etcd-servers and --etcd-* flags>\n", keyID, keyID)
 }
 
 // configuredAs reports whether the configured key k is (or, for a label that several

@@ -52,6 +52,8 @@ type apiServerOptions struct {
 	// QPS and Burst of the test's client (client-go defaults when 0).
 	QPS   float32
 	Burst int
+	// ExtraArgs are added to kube-apiserver's flags (e.g. --runtime-config).
+	ExtraArgs []string
 }
 
 // startAPIServer writes the key material kube-apiserver needs into opts.Dir, starts
@@ -92,6 +94,7 @@ func startAPIServer(t testing.TB, opts apiServerOptions) *apiServer {
 		"--profiling=false",
 		"--v", "1",
 	}
+	a.args = append(a.args, opts.ExtraArgs...)
 	a.Config = &rest.Config{
 		BearerToken:     token,
 		TLSClientConfig: rest.TLSClientConfig{CAData: caPEM},

@@ -31,6 +31,7 @@ type cluster struct {
 	kms     *hwkms
 	etcd    *etcdServer
 	api     *apiServer
+	kcm     *controllerManager // nil unless clusterOptions.ControllerManager
 	// KeyID is the key_id hwkms reported at start.
 	KeyID string
 }
@@ -42,11 +43,17 @@ type clusterOptions struct {
 	// Device, if set, makes the device instead of newDevice (a pkcs11 token other
 	// than SoftHSM2: opencryptoki_test.go).
 	Device func(t testing.TB, dir string) *device
+	// ControllerManager starts a kube-controller-manager running the
+	// storage-version-migrator controller (controllermanager_test.go).
+	ControllerManager bool
+	// APIServerArgs are added to kube-apiserver's flags.
+	APIServerArgs []string
 }
 
 // newCluster creates KEK 1 on a fresh device of the backend with `hwkms key create`,
 // starts `hwkms serve` with it as the only key, then etcd and a kube-apiserver that
-// encrypts Secrets with it. Everything is stopped in t.Cleanup, in reverse order.
+// encrypts Secrets with it (and, with opts.ControllerManager, a kube-controller-manager).
+// Everything is stopped in t.Cleanup, in reverse order.
 func newCluster(t testing.TB, backend string, opts clusterOptions) *cluster {
 	t.Helper()
 	began := time.Now()
@@ -75,7 +82,11 @@ func newCluster(t testing.TB, backend string, opts clusterOptions) *cluster {
 		EncryptionConfig: encCfg,
 		QPS:              opts.QPS,
 		Burst:            opts.Burst,
+		ExtraArgs:        opts.APIServerArgs,
 	})
+	if opts.ControllerManager {
+		c.kcm = startControllerManager(t, c.api)
+	}
 	t.Logf("%s cluster up in %s; hwkms key_id %s", backend, time.Since(began).Round(10*time.Millisecond), c.KeyID)
 	return c
 }

@@ -9,12 +9,15 @@
 //	E2E_KUBE_VERSION    that version, which the server must report
 //	E2E_ETCD            etcd built from the go.etcd.io/etcd/server/v3 version in go.mod
 //	E2E_KUBECTL         kubectl built from the same k8s.io/kubernetes version
+//	E2E_KUBE_CONTROLLER_MANAGER
+//	                    kube-controller-manager from the same version; the rotation
+//	                    test runs its storage-version-migrator controller
 //
 // This directory is its own Go module, so kube-apiserver's dependency tree stays out
 // of the plugin's go.mod. Its go.mod is also the wrapper module that builds the two
-// servers and kubectl: it requires k8s.io/kubernetes and replaces every staging module
-// that k8s.io/kubernetes requires at v0.0.0 with the matching v0.x release, and lists
-// the three as tool packages.
+// servers, kubectl and kube-controller-manager: it requires k8s.io/kubernetes and
+// replaces every staging module that k8s.io/kubernetes requires at v0.0.0 with the
+// matching v0.x release, and lists the four as tool packages.
 //
 // Every test starts its own etcd, hwkms and kube-apiserver on loopback, with ports
 // chosen at run time and state under a temporary directory, and stops each process by

@@ -156,8 +156,14 @@ func (h *hwkms) writeConfigBytes(b []byte) {
 }
 
 // dropOldKeys rewrites the config file with only its first (primary) key, as an
-// operator does after the storage migration (docs/rotation.md step 5).
+// operator does after the storage migration (docs/rotation.md step 6).
 func (h *hwkms) dropOldKeys() {
+	h.t.Helper()
+	h.writeConfigBytes(h.primaryOnlyConfig())
+}
+
+// primaryOnlyConfig returns the config file with only its first (primary) key.
+func (h *hwkms) primaryOnlyConfig() []byte {
 	t := h.t
 	t.Helper()
 	b, err := os.ReadFile(h.Config)
@@ -176,7 +182,7 @@ func (h *hwkms) dropOldKeys() {
 	if b, err = yaml.Marshal(cfg); err != nil {
 		t.Fatal(err)
 	}
-	h.writeConfigBytes(b)
+	return b
 }
 
 // rotate runs `hwkms key rotate --config FILE` with args (such as --apply), as

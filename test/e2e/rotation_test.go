@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,10 +18,20 @@ import (
 // Scenario 4: KEK rotation with kube-apiserver, following docs/rotation.md: `hwkms
 // key rotate` creates the new key and puts it first in the config, the running hwkms
 // sees the file change and reloads, kube-apiserver picks up the new key_id on its
-// Status poll (up to 60 s), old Secrets read as stale and migrate with `kubectl get
-// secrets -A -o json | kubectl replace -f -`, etcd holds only the new key_id, the old
-// key is dropped from the config and everything still reads, after a kube-apiserver
-// restart so every seed goes through hwkms.
+// Status poll (up to 60 s), old Secrets read as stale, the storage audit counts them
+// under the old key_id and key destroy refuses to destroy it, `hwkms storage migrate`
+// rewrites them, etcd holds only the new key_id, the old key is dropped from the config
+// and everything still reads, after a kube-apiserver restart so every seed goes through
+// hwkms.
+//
+// The migration runs both ways storage migrate knows. On pkcs11 the cluster has a
+// kube-controller-manager running the storage-version-migrator controller, so storage
+// migrate finds storagemigration.k8s.io/v1 served and creates a StorageVersionMigration
+// that the real controller runs. On tpm kube-apiserver runs with
+// --runtime-config=storagemigration.k8s.io/v1=false, so storage migrate falls back to
+// kubectl get -o json | kubectl replace. (The backend does not matter to the migration,
+// which only talks to kube-apiserver; it only splits the two cases over the two
+// parallel clusters.)
 //
 // Both keys live in one device and no step restarts hwkms for the rotation itself.
 // On swtpm, which serves one connection at a time (as /dev/tpm0 does), `hwkms key
@@ -31,7 +42,11 @@ import (
 // one's TPM connection.
 func TestKeyRotation(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, backend string) {
-		c := newCluster(t, backend, clusterOptions{})
+		opts := clusterOptions{ControllerManager: true}
+		if backend == "tpm" {
+			opts = clusterOptions{APIServerArgs: []string{"--runtime-config", "storagemigration.k8s.io/v1=false"}}
+		}
+		c := newCluster(t, backend, opts)
 		oldKey := c.KeyID
 		const n = 10
 		want := map[string]map[string][]byte{}
@@ -100,31 +115,74 @@ func TestKeyRotation(t *testing.T) {
 
 		// The audit sees what is left to migrate: objects under the old key_id.
 		encCfg := filepath.Join(c.dir, "encryption.yaml")
-		if got := c.auditKeyIDs(encCfg); got[oldKey] == 0 || got[newKey] == 0 {
-			t.Fatalf("storage audit before migration: key_ids %v, want objects under both the old %s and the new %s", got, oldKey, newKey)
+		before := c.auditKeyIDs(encCfg)
+		if before[oldKey] == 0 || before[newKey] == 0 {
+			t.Fatalf("storage audit before migration: key_ids %v, want objects under both the old %s and the new %s", before, oldKey, newKey)
+		}
+		// key destroy, given etcd, refuses while they are there, even with the old key
+		// out of the config it is given (pkcs11: see step 8).
+		destroy := func(config string) (string, error) {
+			out, errOut, err := runHwkms(t, c.dev.env, "key", "destroy", "--config", config, "--key-id", oldKey, "--confirm", oldKey,
+				"--etcd-servers", c.etcd.URL, "--encryption-provider-config", encCfg)
+			return out + errOut, err
+		}
+		if backend != "tpm" {
+			newOnly := filepath.Join(c.dir, "hwkms-new-key-only.yaml")
+			if err := os.WriteFile(newOnly, c.kms.primaryOnlyConfig(), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			want := fmt.Sprintf("%d object(s) stored under key_id %s", before[oldKey], oldKey)
+			if out, err := destroy(newOnly); err == nil || !strings.Contains(out, want) {
+				t.Fatalf("key destroy before migration: %v, want a refusal with %q\n%s", err, want, out)
+			}
+			t.Logf("before migration key destroy refuses: %s", want)
 		}
 
-		// 5. Migrate everything, as docs/rotation.md step 4 says.
-		secrets := c.api.kubectl(nil, "get", "secrets", "--all-namespaces", "-o", "json")
-		replaced := c.api.kubectl(secrets, "replace", "-f", "-")
-		nReplaced := strings.Count(string(replaced), " replaced\n")
-		if nReplaced < len(want) {
-			t.Fatalf("kubectl replace reported %d Secrets replaced, want at least the test's %d:\n%s", nReplaced, len(want), replaced)
+		// 5. Migrate everything, as docs/rotation.md step 4 says: hwkms storage migrate.
+		began = time.Now()
+		out, errOut, err := runHwkms(t, []string{"HOME=" + c.dir}, "storage", "migrate",
+			"--encryption-provider-config", encCfg, "--kubectl", binaryPath(t, "E2E_KUBECTL"), "--kubeconfig", c.api.Kubeconfig,
+			"--etcd-servers", c.etcd.URL, "--socket", c.kms.Socket)
+		if err != nil {
+			t.Fatalf("hwkms storage migrate: %v\nstdout:\n%s\nstderr:\n%s", err, out, errOut)
+		}
+		t.Logf("hwkms storage migrate took %s\nstdout:\n%s\nstderr:\n%s", time.Since(began).Round(100*time.Millisecond), out, errOut)
+		for _, data := range want {
+			if strings.Contains(out+errOut, string(data["value"])) {
+				t.Fatalf("hwkms storage migrate printed a Secret's plaintext")
+			}
+		}
+		if backend == "tpm" {
+			if !strings.Contains(errOut, "does not serve storagemigration.k8s.io/v1; rewriting the objects with kubectl replace") {
+				t.Errorf("storage migrate did not say it fell back to kubectl replace:\n%s", errOut)
+			}
+			var n int
+			if _, err := fmt.Sscanf(out[strings.Index(out, "secrets: kubectl replace rewrote ")+len("secrets: kubectl replace rewrote "):], "%d", &n); err != nil || n < len(want) {
+				t.Fatalf("storage migrate reported %d Secrets replaced (%v), want at least the test's %d:\n%s", n, err, len(want), out)
+			}
+		} else {
+			if !strings.Contains(out, "secrets: StorageVersionMigration hwkms-secrets-") || !strings.Contains(out, " succeeded (") {
+				t.Fatalf("storage migrate did not report a StorageVersionMigration for secrets that succeeded:\n%s", out)
+			}
+			c.checkSVMSucceeded("secrets")
+		}
+		if !strings.Contains(out, "no object is stored under any other KMS v2 key_id") {
+			t.Errorf("storage migrate's audit does not say the old key_id is empty:\n%s", out)
 		}
 		ids := c.storedKeyIDs()
 		if len(ids) != 1 || ids[newKey] == 0 {
-			t.Fatalf("after kubectl replaced %d Secrets etcd holds key_ids %v, want only the new %s", nReplaced, ids, newKey)
+			t.Fatalf("after storage migrate etcd holds key_ids %v, want only the new %s", ids, newKey)
 		}
-		t.Logf("kubectl replaced %d Secrets; etcd key_ids: %v", nReplaced, ids)
+		t.Logf("after storage migrate etcd key_ids: %v", ids)
 		if got := c.auditKeyIDs(encCfg); got[oldKey] != 0 || got[newKey] != int64(ids[newKey]) {
 			t.Fatalf("storage audit after migration: key_ids %v, want none under the old %s and %d under the new", got, oldKey, ids[newKey])
 		}
 
 		// 6. Drop the old key (hwkms reloads the file), restart kube-apiserver so nothing
 		// is cached, read all.
-		before := len(c.kms.reloadResults())
+		reloads := len(c.kms.reloadResults())
 		c.kms.dropOldKeys()
-		c.kms.waitReload(before, 2*time.Minute, "dropping the old key from the config")
+		c.kms.waitReload(reloads, 2*time.Minute, "dropping the old key from the config")
 		if got, err := c.kms.status(); err != nil || got != newKey {
 			t.Fatalf("after removing the old key hwkms Status reports %q (%v), want %q", got, err, newKey)
 		}
@@ -164,18 +222,13 @@ func TestKeyRotation(t *testing.T) {
 		if backend == "tpm" {
 			return
 		}
-		destroy := func() (string, error) {
-			out, errOut, err := runHwkms(t, c.dev.env, "key", "destroy", "--config", c.kms.Config, "--key-id", oldKey, "--confirm", oldKey,
-				"--etcd-servers", c.etcd.URL, "--encryption-provider-config", encCfg)
-			return out + errOut, err
-		}
-		if out, err := destroy(); err == nil || !strings.Contains(out, "1 object(s) stored under key_id "+oldKey) {
+		if out, err := destroy(c.kms.Config); err == nil || !strings.Contains(out, "1 object(s) stored under key_id "+oldKey) {
 			t.Fatalf("key destroy with the relic under the old key: %v\n%s", err, out)
 		}
 		if _, err := c.etcd.Client.Delete(c.ctx(), secretKey("default", "s4-2")); err != nil {
 			t.Fatal(err)
 		}
-		if out, err := destroy(); err != nil || !strings.Contains(out, "destroyed key_id "+oldKey) {
+		if out, err := destroy(c.kms.Config); err != nil || !strings.Contains(out, "destroyed key_id "+oldKey) {
 			t.Fatalf("key destroy with nothing under the old key: %v\n%s", err, out)
 		}
 		t.Logf("key destroy refused while 1 object was under %s, destroyed it once none was", oldKey)
@@ -196,6 +249,40 @@ func (c *cluster) auditKeyIDs(encCfg string) map[string]int64 {
 	}
 	c.t.Logf("storage audit: %v", res.Totals.KeyIDs)
 	return res.Totals.KeyIDs
+}
+
+// checkSVMSucceeded checks, through kube-apiserver, that a StorageVersionMigration
+// hwkms created (label app.kubernetes.io/managed-by=hwkms) for resource exists and has
+// its Succeeded condition: the controller ran it.
+func (c *cluster) checkSVMSucceeded(resource string) {
+	c.t.Helper()
+	b := c.api.kubectl(nil, "get", "storageversionmigrations.storagemigration.k8s.io", "-l", "app.kubernetes.io/managed-by=hwkms", "-o", "json")
+	var list struct {
+		Items []struct {
+			Metadata struct{ Name string } `json:"metadata"`
+			Spec     struct {
+				Resource struct{ Group, Resource string } `json:"resource"`
+			} `json:"spec"`
+			Status struct {
+				Conditions []struct{ Type, Status, Message string } `json:"conditions"`
+			} `json:"status"`
+		} `json:"items"`
+	}
+	if err := json.Unmarshal(b, &list); err != nil {
+		c.t.Fatalf("kubectl get storageversionmigrations: %v", err)
+	}
+	for _, it := range list.Items {
+		if it.Spec.Resource.Group != "" || it.Spec.Resource.Resource != resource {
+			continue
+		}
+		for _, cond := range it.Status.Conditions {
+			if cond.Type == "Succeeded" && cond.Status == "True" {
+				c.t.Logf("StorageVersionMigration %s: Succeeded (%s); conditions %+v", it.Metadata.Name, cond.Message, it.Status.Conditions)
+				return
+			}
+		}
+	}
+	c.t.Fatalf("no StorageVersionMigration of hwkms for %s has Succeeded: %+v", resource, list.Items)
 }
 
 // replaceSecret runs `kubectl get secret NAME -o json | kubectl replace -f -` on
