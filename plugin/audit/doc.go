@@ -8,13 +8,14 @@
 // classifying one stored value by its envelope prefix (KMS v2 with the key_id read from
 // the clear EncryptedObject, KMS v1, aescbc, aesgcm, secretbox, unencrypted, or
 // unreadable), walking etcd with paged Range requests into per-resource counters in
-// bounded memory, the guard that key destroy runs (CheckDestroy), the key_id hash in kek.APIServerKeyIDHash form (how
-// kube-apiserver's envelope metrics label a key_id), and EtcdClient, its read-only
-// view of etcd.
+// bounded memory, the guard that key destroy runs (CheckDestroy), each key_id's
+// hash in the form kube-apiserver's envelope metrics label it with
+// (kek.APIServerKeyIDHash), and EtcdClient, its read-only view of etcd.
 //
 // It does not own decryption (it never decrypts, and never prints or logs a stored
 // value), any device, the etcd protocol, or the command line (cmd/hwkms "storage
-// audit").
+// audit", "key destroy" and "storage migrate", which rewrites objects through
+// kubectl and then audits what is left).
 //
 // # Reading etcd
 //
