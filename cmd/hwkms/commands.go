@@ -66,8 +66,8 @@ func table() *command {
 					run: func(ctx context.Context, c cmdIO, args []string) error {
 						return cmdKeyList(ctx, args, c.stdout, c.stderr)
 					}},
-				{name: "rotate", args: "--config FILE [--apply]", summary: "create a new primary key on the primary's device; print or write the config,\n" +
-					"then print the storage migrate command that moves stored objects to it",
+				{name: "rotate", args: "--config FILE [--apply [--migrate [-- STORAGE-MIGRATE-FLAGS]]]", summary: "create a new primary key on the primary's device; print or write the config,\n" +
+					"then print (or, with --migrate, run) the storage migrate that moves stored objects to it",
 					run: func(ctx context.Context, c cmdIO, args []string) error {
 						return cmdKeyRotate(ctx, args, c.stdout, c.stderr)
 					}},

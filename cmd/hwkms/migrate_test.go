@@ -424,3 +424,88 @@ func TestKeyRotatePrintsMigrate(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyRotateMigrate: key rotate --apply --migrate writes the config, waits until the
+// running hwkms serves the new key, then runs storage migrate with the flags after --
+// (here forced to kubectl replace). Without a serving hwkms it stops before migrating,
+// says so and prints the command; --migrate without --apply is refused.
+func TestKeyRotateMigrate(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := softhsmtest.NewToken(t, fx)
+	dir := shortDir(t)
+	path := filepath.Join(dir, "hwkms.yaml")
+	key := hsm.Config{Module: fx.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, KeyLabel: "kek-a"}
+	infoA, err := hsm.CreateKey(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeYAML(t, path, &config.Config{Socket: config.Socket{Path: filepath.Join(dir, "kms.sock")}, Keys: []config.Key{{PKCS11: &key}}})
+	enc := writeEncryptionConfig(t, "secrets")
+	rotate := func(extra ...string) (string, string, error) {
+		var out, errb bytes.Buffer
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		err := run(ctx, append([]string{"key", "rotate", "--config", path}, extra...), strings.NewReader(""), &out, &errb)
+		return out.String(), errb.String(), err
+	}
+
+	if _, _, err := rotate("--migrate"); err == nil || !strings.Contains(err.Error(), "--migrate needs --apply") {
+		t.Fatalf("--migrate without --apply: %v", err)
+	}
+	if _, _, err := rotate("--apply", "--", "--method", "replace"); err == nil || !strings.Contains(err.Error(), "unexpected arguments") {
+		t.Fatalf("migrate flags without --migrate: %v", err)
+	}
+
+	// Nothing serves the socket: the config is written, nothing is migrated.
+	f := newFakeKubectl(t, map[string]string{"api-versions": svmNotServed, "get-json": secretList, "replace-out": "secret/a replaced\nsecret/b replaced\n"})
+	out, errOut, err := rotate("--apply", "--migrate", "--reload-timeout", "1s", "--", "--encryption-provider-config", enc, "--kubectl", f.path)
+	if err == nil || !strings.Contains(err.Error(), "storage was not migrated") || !strings.Contains(errOut, "hwkms storage migrate") {
+		t.Fatalf("rotate --migrate without a server: %v\n%s", err, errOut)
+	}
+	if f.read("replaced") != "" {
+		t.Fatal("objects were rewritten before hwkms served the new key")
+	}
+	firstNew := strings.TrimSpace(out)
+
+	client := startServe(t, path)
+	waitKeyID(t, client, firstNew)
+	out, errOut, err = rotate("--apply", "--migrate", "--", "--encryption-provider-config", enc, "--kubectl", f.path, "--method", "replace")
+	if err != nil {
+		t.Fatalf("rotate --apply --migrate: %v\n%s", err, errOut)
+	}
+	newID, rest, _ := strings.Cut(out, "\n")
+	if newID == "" || newID == firstNew || newID == infoA.KeyID {
+		t.Fatalf("stdout does not start with a new key_id:\n%s", out)
+	}
+	waitKeyID(t, client, newID)
+	if !strings.Contains(errOut, "serves key_id "+newID) {
+		t.Errorf("rotate did not wait for the new key to be served:\n%s", errOut)
+	}
+	if got := f.read("replaced"); got != secretList {
+		t.Errorf("kubectl replace received %q, want kubectl get's output", got)
+	}
+	if !strings.Contains(rest, "secrets: kubectl replace rewrote 2 object(s)") {
+		t.Errorf("the migration's report is missing:\n%s", out)
+	}
+	if strings.Contains(out+errOut, secretMarker) {
+		t.Errorf("object contents reached the output:\n%s\n%s", out, errOut)
+	}
+}
+
+// TestMigrateArgs: key rotate --migrate passes the new key_id and 5 retries unless the
+// operator set --retries.
+func TestMigrateArgs(t *testing.T) {
+	for _, tt := range []struct {
+		extra []string
+		want  string
+	}{
+		{nil, "--key-id K --retries 5"},
+		{[]string{"--method", "svm"}, "--key-id K --retries 5 --method svm"},
+		{[]string{"--retries", "0"}, "--key-id K --retries 0"},
+		{[]string{"--retries=2"}, "--key-id K --retries=2"},
+	} {
+		if got := strings.Join(migrateArgs("K", tt.extra), " "); got != tt.want {
+			t.Errorf("migrateArgs(%q) = %q, want %q", tt.extra, got, tt.want)
+		}
+	}
+}

@@ -25,8 +25,17 @@ func cmdKeyRotate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	blob := fs.String("blob-file", "", "tpm: blob file of the new key (default kek-<UTC timestamp>-<random>.blob beside the current one)")
 	handle := fs.String("persistent-handle", "", "tpm: persistent handle of the new key (required when the primary uses a persistent handle)")
 	apply := fs.Bool("apply", false, "write the new config to --config (atomically; comments are not kept) instead of printing it")
-	if err := parseFlags(fs, args); err != nil {
+	migrateNow := fs.Bool("migrate", false, "with --apply: once the running hwkms serves the new key, run storage migrate with the flags after -- (its --key-id is the new key's; --retries defaults to 5): the whole rotation on a single control plane, or on the last node of several")
+	socket := fs.String("socket", "", "with --migrate: hwkms's KMS v2 socket, whose Status must report the new key_id before migrating (default: the config's socket.path)")
+	reloadTimeout := fs.Duration("reload-timeout", 2*time.Minute, "with --migrate: how long to wait for the running hwkms to serve the new key")
+	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *migrateNow && !*apply {
+		return errors.New("key rotate: --migrate needs --apply (the running hwkms must serve the new key before objects are rewritten under it)")
+	}
+	if !*migrateNow && fs.NArg() > 0 {
+		return fmt.Errorf("key rotate: unexpected arguments %q (storage migrate flags go after -- with --migrate)", fs.Args())
 	}
 	cfg, err := loadFor("key rotate", *path)
 	if err != nil {
@@ -67,9 +76,65 @@ func cmdKeyRotate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return fmt.Errorf("key rotate: %w", err)
 	}
 	fmt.Fprintf(stderr, "wrote %s; a running hwkms reloads it on its own (or send SIGHUP). Next: docs/rotation.md step 3.\n", *path)
-	printMigrateHint(stderr, keyID)
+	if !*migrateNow {
+		printMigrateHint(stderr, keyID)
+		fmt.Fprintln(stdout, keyID)
+		return nil
+	}
 	fmt.Fprintln(stdout, keyID)
+	sock := *socket
+	if sock == "" {
+		sock = rotated.Socket.Path
+	}
+	if err := waitServing(ctx, sock, keyID, *reloadTimeout); err != nil {
+		printMigrateHint(stderr, keyID)
+		return fmt.Errorf("key rotate: the config is written, but storage was not migrated: %w", err)
+	}
+	fmt.Fprintf(stderr, "hwkms on %s serves key_id %s; kube-apiserver switches at its next Status poll (within 60 s): objects it writes before that are found by the audit and migrated again (--retries)\n", sock, keyID)
+	if err := runStorageMigrate(ctx, migrateArgs(keyID, fs.Args()), stdout, stderr); err != nil {
+		return fmt.Errorf("key rotate: the new key is primary, migration not finished (re-run storage migrate): %w", err)
+	}
 	return nil
+}
+
+// migrateArgs are the storage migrate arguments key rotate --migrate passes: the new
+// key_id, 5 retries unless the operator chose, then the operator's flags.
+func migrateArgs(keyID string, extra []string) []string {
+	args := []string{"--key-id", keyID}
+	retries := false
+	for _, a := range extra {
+		if a == "--retries" || a == "-retries" || strings.HasPrefix(a, "--retries=") || strings.HasPrefix(a, "-retries=") {
+			retries = true
+		}
+	}
+	if !retries {
+		args = append(args, "--retries", "5")
+	}
+	return append(args, extra...)
+}
+
+// waitServing polls Status on socket until it reports keyID (the running hwkms has
+// reloaded the rotated config), at most timeout.
+func waitServing(ctx context.Context, socket, keyID string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	last := ""
+	for {
+		id, err := statusKeyID(ctx, socket)
+		if err == nil && id == keyID {
+			return nil
+		}
+		if err != nil {
+			last = err.Error()
+		} else {
+			last = "it serves key_id " + id
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("hwkms on %s did not serve key_id %s within %v (%s)", socket, keyID, timeout, last)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 // printMigrateHint prints the command that finishes a rotation: once every node serves
