@@ -81,9 +81,10 @@ func readGoldenMech(t *testing.T, file string, in goldenMech) goldenMech {
 	return g
 }
 
-func writeGoldenMech(t *testing.T, file string, g goldenMech) {
+// writeGolden writes v as indented JSON to file (a golden file being regenerated).
+func writeGolden(t *testing.T, file string, v any) {
 	t.Helper()
-	out, err := json.MarshalIndent(g, "", "  ")
+	out, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,6 +95,18 @@ func writeGoldenMech(t *testing.T, file string, g goldenMech) {
 		t.Fatal(err)
 	}
 	t.Logf("wrote %s", file)
+}
+
+// encryptGolden sets g's frame, key_id and AAD from svc.Encrypt of g.Plaintext and
+// writes g to file (a golden file being regenerated).
+func encryptGolden(ctx context.Context, t *testing.T, svc *plugin.Service, file string, g *goldenMech) {
+	t.Helper()
+	resp, err := svc.Encrypt(ctx, "golden", g.Plaintext)
+	if err != nil {
+		t.Fatalf("Encrypt: %v", err)
+	}
+	g.KeyID, g.Frame, g.AAD = resp.KeyID, resp.Ciphertext, goldenFrameAAD(resp.KeyID)
+	writeGolden(t, file, *g)
 }
 
 // createObject imports a key object with C_CreateObject.
@@ -149,19 +162,7 @@ func importRSAKeys(t *testing.T, cfg Config, priv *rsa.PrivateKey, label string,
 	t.Helper()
 	priv.Precompute()
 	n, e := priv.N.Bytes(), bigEndianInt(priv.E)
-	createObject(t, cfg, "RSA private key", []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	createObject(t, cfg, "RSA private key", append(rsaPrivateTemplate(label, id),
 		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, n),
 		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, e),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE_EXPONENT, priv.D.Bytes()),
@@ -170,20 +171,12 @@ func importRSAKeys(t *testing.T, cfg Config, priv *rsa.PrivateKey, label string,
 		pkcs11.NewAttribute(pkcs11.CKA_EXPONENT_1, priv.Precomputed.Dp.Bytes()),
 		pkcs11.NewAttribute(pkcs11.CKA_EXPONENT_2, priv.Precomputed.Dq.Bytes()),
 		pkcs11.NewAttribute(pkcs11.CKA_COEFFICIENT, priv.Precomputed.Qinv.Bytes()),
-	})
-	createObject(t, cfg, "RSA public key", []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+	))
+	createObject(t, cfg, "RSA public key", append(rsaPublicTemplate(label, id),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
 		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, n),
 		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, e),
-	})
+	))
 }
 
 // checkImported asserts that the token kept the attributes the golden key objects were
@@ -317,7 +310,7 @@ func TestGoldenPKCS11BodyV2(t *testing.T) {
 		body = append(body, in.IV...)
 		body = gcm.Seal(body, in.IV, in.Plaintext, g.AAD)
 		g.Frame = append([]byte{0x01, 0x01}, body...)
-		writeGoldenMech(t, goldenBodyV2File, g)
+		writeGolden(t, goldenBodyV2File, g)
 	} else {
 		g = readGoldenMech(t, goldenBodyV2File, in)
 	}
@@ -409,12 +402,7 @@ func TestGoldenPKCS11BodyV3(t *testing.T) {
 	}
 	svc := goldenService(t, k)
 	if updatingGolden() {
-		resp, err := svc.Encrypt(ctx, "golden", in.Plaintext)
-		if err != nil {
-			t.Fatalf("Encrypt: %v", err)
-		}
-		g.KeyID, g.Frame, g.AAD = resp.KeyID, resp.Ciphertext, goldenFrameAAD(resp.KeyID)
-		writeGoldenMech(t, goldenBodyV3File, g)
+		encryptGolden(ctx, t, svc, goldenBodyV3File, &g)
 	}
 
 	// The layout, checked without PKCS#11 (doc.go, "Version 0x03").
@@ -523,12 +511,7 @@ func TestGoldenPKCS11BodyV4(t *testing.T) {
 	}
 	svc := goldenService(t, k)
 	if updatingGolden() {
-		resp, err := svc.Encrypt(ctx, "golden", in.Plaintext)
-		if err != nil {
-			t.Fatalf("Encrypt: %v", err)
-		}
-		g.KeyID, g.Frame, g.AAD = resp.KeyID, resp.Ciphertext, goldenFrameAAD(resp.KeyID)
-		writeGoldenMech(t, goldenBodyV4File, g)
+		encryptGolden(ctx, t, svc, goldenBodyV4File, &g)
 	}
 
 	// The layout, checked without PKCS#11 (doc.go, "Version 0x04").

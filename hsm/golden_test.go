@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/miekg/pkcs11"
@@ -151,17 +150,7 @@ func TestGoldenPKCS11(t *testing.T) {
 		g.KeyID = resp.KeyID
 		g.Frame = resp.Ciphertext
 		g.AAD = append(append([]byte("hwkms\x00"), plugin.FrameV1, 0x01), resp.KeyID...)
-		out, err := json.MarshalIndent(g, "", "  ")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.MkdirAll(filepath.Dir(goldenPKCS11File), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(goldenPKCS11File, append(out, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("wrote %s", goldenPKCS11File)
+		writeGolden(t, goldenPKCS11File, g)
 	}
 
 	// (c) key_id: the documented derivation, the package's KeyID and the open key agree.

@@ -118,37 +118,49 @@ func selectRSAKeys(c p11, sh pkcs11.SessionHandle, tokenLabel, label string, cka
 	return hs[0], ps[0], ki, id, nil
 }
 
-// generateRSAPair makes the RSA-3072 key pair of an rsa-oaep key with C_GenerateKeyPair
-// (CKM_RSA_PKCS_KEY_PAIR_GEN): a public key that can only encrypt and a private key
-// (CKA_PRIVATE, CKA_SENSITIVE true, CKA_EXTRACTABLE false) that can only decrypt,
-// both with label and id.
-func generateRSAPair(t *token, sh pkcs11.SessionHandle, label string, id []byte) error {
-	pubT, privT := []*pkcs11.Attribute{
+// rsaPublicTemplate is what an rsa-oaep key's public key is made with, whether
+// generated or imported: a token object that can only encrypt, with label and id.
+func rsaPublicTemplate(label string, id []byte) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
 		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, rsaBits),
-		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-	},
-		[]*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-		}
+	}
+}
+
+// rsaPrivateTemplate is what an rsa-oaep key's private key is made with: a private,
+// sensitive, non-extractable token object that can only decrypt, with label and id.
+func rsaPrivateTemplate(label string, id []byte) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+}
+
+// generateRSAPair makes the RSA-3072 key pair of an rsa-oaep key with C_GenerateKeyPair
+// (CKM_RSA_PKCS_KEY_PAIR_GEN): a public key that can only encrypt and a private key
+// (CKA_PRIVATE, CKA_SENSITIVE true, CKA_EXTRACTABLE false) that can only decrypt,
+// both with label and id.
+func generateRSAPair(t *token, sh pkcs11.SessionHandle, label string, id []byte) error {
+	pubT := append(rsaPublicTemplate(label, id),
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, rsaBits),
+		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+	privT := rsaPrivateTemplate(label, id)
 	var pub, priv pkcs11.ObjectHandle
 	err := withLocks(func(lock []*pkcs11.Attribute) error { // CKA_MODIFIABLE, CKA_COPYABLE false (keys.go)
 		var err error
