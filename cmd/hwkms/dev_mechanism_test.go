@@ -17,25 +17,6 @@ import (
 	"github.com/hwkms/hwkms/softhsm/softhsmtest"
 )
 
-// TestDevMechanismRefused: --dev-mechanism needs --backend pkcs11, a known name, and
-// not aes-gcm-token-iv (SoftHSM2 leaves a token-generated IV zero).
-func TestDevMechanismRefused(t *testing.T) {
-	for _, c := range []struct {
-		args []string
-		want string
-	}{
-		{[]string{"--backend", "tpm", "--dev-mechanism", "aes-gcm"}, "needs --backend pkcs11"},
-		{[]string{"--backend", "pkcs11", "--dev-mechanism", "aes-ctr"}, "supported: auto, aes-gcm, aes-cbc-hmac, rsa-oaep"},
-		{[]string{"--backend", "pkcs11", "--dev-mechanism", "aes-gcm-token-iv"}, "BenchmarkMechanism"},
-	} {
-		var stdout, stderr lockedBuffer
-		err := run(context.Background(), append([]string{"dev", "--socket", filepath.Join(shortDir(t), "s")}, c.args...), strings.NewReader(""), &stdout, &stderr)
-		if err == nil || !strings.Contains(err.Error(), c.want) {
-			t.Errorf("dev %v = %v, want an error with %q", c.args, err, c.want)
-		}
-	}
-}
-
 // TestDevMechanismServes serves a throwaway SoftHSM2 key of each mechanism the flag
 // accepts: Status answers with a key_id, Encrypt answers a PKCS#11 frame around a
 // body of that mechanism's version, and Decrypt opens it.

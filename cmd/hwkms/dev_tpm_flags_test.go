@@ -13,9 +13,9 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 )
 
-// TestDevTPMFlagsRefused: the dev-only TPM flags need --backend tpm and a known
-// latency profile.
-func TestDevTPMFlagsRefused(t *testing.T) {
+// TestDevFlagsRefused: the dev-only TPM flags need --backend tpm and a known latency
+// profile; --dev-mechanism needs --backend pkcs11 and a mechanism SoftHSM2 can serve.
+func TestDevFlagsRefused(t *testing.T) {
 	for _, c := range []struct {
 		args []string
 		want string
@@ -24,6 +24,11 @@ func TestDevTPMFlagsRefused(t *testing.T) {
 		{[]string{"--backend", "pkcs11", "--dev-tpm-kind", "hmac"}, "need --backend tpm"},
 		{[]string{"--backend", "pkcs11", "--dev-tpm-no-admission"}, "need --backend tpm"},
 		{[]string{"--backend", "tpm", "--dev-tpm-latency", "fast"}, "known profiles"},
+		// --dev-mechanism needs --backend pkcs11, a known name, and not aes-gcm-token-iv
+		// (SoftHSM2 leaves a token-generated IV zero).
+		{[]string{"--backend", "tpm", "--dev-mechanism", "aes-gcm"}, "needs --backend pkcs11"},
+		{[]string{"--backend", "pkcs11", "--dev-mechanism", "aes-ctr"}, "supported: auto, aes-gcm, aes-cbc-hmac, rsa-oaep"},
+		{[]string{"--backend", "pkcs11", "--dev-mechanism", "aes-gcm-token-iv"}, "BenchmarkMechanism"},
 	} {
 		var stdout, stderr lockedBuffer
 		err := run(context.Background(), append([]string{"dev", "--socket", filepath.Join(shortDir(t), "s")}, c.args...), strings.NewReader(""), &stdout, &stderr)
