@@ -340,18 +340,31 @@ func readBack(c *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) str
 	return strings.Join(out, " ")
 }
 
+// gcmEncryptInit starts what hwkmsGCM and gcmMultiPart encrypt: the probe plaintext
+// and AAD under CKM_AES_GCM with a fresh 12-byte IV and a 128-bit tag. free releases
+// the mechanism parameters after the operation; msg is the failure, "" when started.
+func gcmEncryptInit(c *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (iv, pt, aad []byte, free func(), msg string) {
+	free = func() {}
+	iv = make([]byte, 12)
+	if _, err := rand.Read(iv); err != nil {
+		return nil, nil, nil, free, err.Error()
+	}
+	pt, aad = []byte("hwkms interop probe plaintext"), []byte("aad")
+	p := pkcs11.NewGCMParams(iv, aad, 128)
+	free = p.Free
+	if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, h); err != nil {
+		return nil, nil, nil, free, "C_EncryptInit " + rvName(err)
+	}
+	return iv, pt, aad, free, ""
+}
+
 // hwkmsGCM runs what hsm's Wrap and Unwrap do: CKM_AES_GCM with a 12-byte IV chosen
 // by the caller, AAD and a 128-bit tag, then decrypts and compares.
 func hwkmsGCM(c *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) string {
-	iv := make([]byte, 12)
-	if _, err := rand.Read(iv); err != nil {
-		return err.Error()
-	}
-	pt, aad := []byte("hwkms interop probe plaintext"), []byte("aad")
-	p := pkcs11.NewGCMParams(iv, aad, 128)
-	defer p.Free()
-	if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, h); err != nil {
-		return "C_EncryptInit " + rvName(err)
+	iv, pt, aad, free, msg := gcmEncryptInit(c, sh, h)
+	defer free()
+	if msg != "" {
+		return msg
 	}
 	ct, err := c.Encrypt(sh, pt)
 	if err != nil {
@@ -518,15 +531,10 @@ func renderTable(rs []*report) string {
 // gcmMultiPart encrypts as hwkmsGCM does but with C_EncryptUpdate and
 // C_EncryptFinal, whose output-length queries differ from C_Encrypt's.
 func gcmMultiPart(c *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) string {
-	iv := make([]byte, 12)
-	if _, err := rand.Read(iv); err != nil {
-		return err.Error()
-	}
-	pt, aad := []byte("hwkms interop probe plaintext"), []byte("aad")
-	p := pkcs11.NewGCMParams(iv, aad, 128)
-	defer p.Free()
-	if err := c.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, h); err != nil {
-		return "C_EncryptInit " + rvName(err)
+	_, pt, _, free, msg := gcmEncryptInit(c, sh, h)
+	defer free()
+	if msg != "" {
+		return msg
 	}
 	ct, err := c.EncryptUpdate(sh, pt)
 	if err != nil {
