@@ -66,26 +66,7 @@ func (p *rcProxy) set(rc tpm2.TPMRC, once int) {
 	p.rc, p.once = rc, once
 }
 
-func (p *rcProxy) serve() {
-	defer p.wg.Done()
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			defer c.Close()
-			up, err := net.Dial("unix", p.target)
-			if err != nil {
-				return
-			}
-			defer up.Close()
-			p.pump(c, up)
-		}()
-	}
-}
+func (p *rcProxy) serve() { serveProxy(p.ln, &p.wg, p.target, p.pump) }
 
 func (p *rcProxy) pump(c, up net.Conn) {
 	for {

@@ -3,9 +3,11 @@ package tpm
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -183,4 +185,28 @@ func writeFile(t testing.TB, data string) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// serveProxy accepts connections on ln until it is closed and joins each to a new
+// connection to the unix socket target through pump, counting its goroutines in wg
+// (the caller added one for serveProxy itself).
+func serveProxy(ln net.Listener, wg *sync.WaitGroup, target string, pump func(c, up net.Conn)) {
+	defer wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			up, err := net.Dial("unix", target)
+			if err != nil {
+				return
+			}
+			defer up.Close()
+			pump(c, up)
+		}()
+	}
 }

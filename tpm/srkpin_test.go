@@ -82,26 +82,7 @@ func (p *interposer) seenAfter() (int, []tpm2.TPMCC) {
 	return p.substituted, slices.Clone(p.after)
 }
 
-func (p *interposer) serve() {
-	defer p.wg.Done()
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			defer c.Close()
-			up, err := net.Dial("unix", p.target)
-			if err != nil {
-				return
-			}
-			defer up.Close()
-			p.pump(c, up)
-		}()
-	}
-}
+func (p *interposer) serve() { serveProxy(p.ln, &p.wg, p.target, p.pump) }
 
 // rawTPM is go-tpm's transport over the upstream socket, keeping the raw answer.
 type rawTPM struct {
