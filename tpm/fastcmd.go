@@ -53,15 +53,17 @@ const (
 
 func sessionAttrsByte(a tpm2.TPMASession) byte {
 	var b byte
-	for _, f := range []struct {
-		set bool
-		bit byte
-	}{{a.ContinueSession, sessContinue}, {a.AuditExclusive, sessAuditExcl}, {a.AuditReset, sessAuditReset},
-		{a.Decrypt, sessDecrypt}, {a.Encrypt, sessEncrypt}, {a.Audit, sessAudit}} {
-		if f.set {
-			b |= f.bit
+	set := func(on bool, bit byte) {
+		if on {
+			b |= bit
 		}
 	}
+	set(a.ContinueSession, sessContinue)
+	set(a.AuditExclusive, sessAuditExcl)
+	set(a.AuditReset, sessAuditReset)
+	set(a.Decrypt, sessDecrypt)
+	set(a.Encrypt, sessEncrypt)
+	set(a.Audit, sessAudit)
 	return b
 }
 
@@ -103,9 +105,13 @@ func execFast(t transport.TPM, sess tpm2.Session, cmd fastCmd) ([]tpm2.TPMHandle
 		}
 	}
 
+	authLen := 0 // the TPMS_AUTH_COMMAND, after the area's 4-byte size
+	if auth != nil {
+		authLen = 4 + 2 + len(auth.Nonce.Buffer) + 1 + 2 + len(auth.Authorization.Buffer)
+	}
 	size := 10 + 4*len(cmd.handles) + len(cmd.params)
 	if auth != nil {
-		size += 4 + 4 + 2 + len(auth.Nonce.Buffer) + 1 + 2 + len(auth.Authorization.Buffer)
+		size += 4 + authLen
 	}
 	b := make([]byte, 0, size)
 	tag := tpm2.TPMSTNoSessions
@@ -119,7 +125,7 @@ func execFast(t transport.TPM, sess tpm2.Session, cmd fastCmd) ([]tpm2.TPMHandle
 		b = binary.BigEndian.AppendUint32(b, uint32(h))
 	}
 	if auth != nil {
-		b = binary.BigEndian.AppendUint32(b, uint32(4+2+len(auth.Nonce.Buffer)+1+2+len(auth.Authorization.Buffer)))
+		b = binary.BigEndian.AppendUint32(b, uint32(authLen))
 		b = binary.BigEndian.AppendUint32(b, uint32(auth.Handle))
 		b = append2B(b, auth.Nonce.Buffer)
 		b = append(b, sessionAttrsByte(auth.Attributes))
